@@ -1,0 +1,222 @@
+"""Read a diffusers-layout Helios checkpoint folder: validated, memory-mapped safetensors.
+
+Everything is checked before any weight is handed to a model (file presence, headers, shard sizes,
+keys, shapes), so a failed load raises with the file or key named and never leaves a half-built
+model behind. Only safetensors are read: pickle formats (.bin, .pt, .ckpt) can execute code when
+loaded, and a runtime that users point at downloaded folders must not do that.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def find_component(root: str | Path, component: str) -> Path:
+    """The folder of one component (`transformer`, `vae`, ...) of a checkpoint.
+
+    `root` may be the checkpoint folder (with model_index.json) or the component folder itself.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint path {root} does not exist")
+    if (root / "config.json").exists() and not (root / "model_index.json").exists():
+        return root
+    if not (root / "model_index.json").exists():
+        raise CheckpointError(
+            f"{root} is not a Helios checkpoint: it has no model_index.json (and no config.json of a single "
+            "component); point at the folder that holds model_index.json, transformer/, vae/, ..."
+        )
+    folder = root / component
+    if not folder.is_dir():
+        raise CheckpointError(f"{root} has no {component}/ folder; the checkpoint is incomplete")
+    return folder
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); re-download it") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a component, from its shard index when there is one."""
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    singles = sorted(folder.glob("*.safetensors"))
+    if not indexes and not singles:
+        if pickles:
+            raise CheckpointError(
+                f"{folder} holds only pickle weights ({', '.join(pickles)}); helios_rt loads safetensors only, "
+                "because unpickling can run arbitrary code. Convert them with safetensors.torch.save_file."
+            )
+        raise CheckpointError(f"{folder} has no *.safetensors weights")
+    if len(indexes) > 1:
+        raise CheckpointError(f"{folder} has several shard indexes {[p.name for p in indexes]}; keep one")
+    if not indexes:
+        if len(singles) > 1:
+            raise CheckpointError(f"{folder} has several safetensors files but no *.safetensors.index.json")
+        return singles
+    index = read_json(indexes[0])
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{indexes[0]} has no weight_map; re-download it")
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{folder} is missing shards named in {indexes[0].name}: {missing}")
+    return files
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header; a truncated or corrupt file raises naming the file."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        raw_len = fh.read(8)
+        if len(raw_len) < 8:
+            raise CheckpointError(f"{path} is truncated ({size} bytes): not a safetensors file; re-download it")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > size - 8:
+            raise CheckpointError(f"{path} is truncated or corrupt (header of {header_len} bytes in a "
+                                  f"{size}-byte file); re-download it")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} has a corrupt safetensors header; re-download it") from None
+    infos: dict[str, TensorInfo] = {}
+    data_end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        numel = 1
+        for s in meta["shape"]:
+            numel *= s
+        if meta["dtype"] in _SAFETENSORS_DTYPES and end - begin != numel * _SAFETENSORS_DTYPES[meta["dtype"]]:
+            raise CheckpointError(f"{path} is corrupt: tensor {name!r} has {end - begin} bytes for shape "
+                                  f"{meta['shape']}; re-download it")
+        data_end = max(data_end, end)
+        infos[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]))
+    if 8 + header_len + data_end != size:
+        raise CheckpointError(f"{path} is truncated or corrupt: its header describes "
+                              f"{8 + header_len + data_end} bytes but the file has {size}; re-download it")
+    return infos
+
+
+def index_tensors(files: Iterable[Path]) -> dict[str, TensorInfo]:
+    """Every tensor's file, dtype and shape across the shards; duplicates are an error."""
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        for name, info in read_header(path).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {path}")
+            tensors[name] = info
+    return tensors
+
+
+def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, TensorInfo], where: str) -> None:
+    """Raise one error naming every missing, unexpected and wrongly shaped key."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {list(found[k].shape)} vs model {list(expected[k])}"
+        for k in set(expected) & set(found)
+        if tuple(found[k].shape) != tuple(expected[k])
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_clip(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_clip(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches {_clip(mismatched)}")
+    if problems:
+        raise CheckpointError(
+            f"{where} does not match the model built from its config.json: " + "; ".join(problems)
+            + ". The weights and config.json belong to different models, or the download is incomplete."
+        )
+
+
+def _clip(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)} in all)"
+
+
+def load_state_dict(
+    folder: Path,
+    expected: dict[str, tuple[int, ...]],
+    dtype_of: Callable[[str], torch.dtype],
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Validate a component folder against `expected` shapes, then read its tensors.
+
+    Tensors come from memory-mapped files and are cast to `dtype_of(name)` (a model keeps a few
+    parameters in float32 whatever its dtype). Validation runs before the first read.
+    """
+    tensors = index_tensors(weight_files(folder))
+    check_keys(expected, tensors, str(folder))
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, info in tensors.items():
+        by_file.setdefault(info.file, []).append(name)
+    for path, names in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                for name in names:
+                    state[name] = fh.get_tensor(name).to(device=device, dtype=dtype_of(name))
+        except Exception as err:  # safetensors raises its own error types; name the file and re-raise
+            raise CheckpointError(f"reading {path} failed ({err}); the file is corrupt, re-download it") from err
+    return state
+
+
+def load_module(
+    build: Callable[[], torch.nn.Module],
+    folder: Path,
+    dtype_of: Callable[[str], torch.dtype],
+    device: torch.device | str = "cpu",
+) -> torch.nn.Module:
+    """Build a module on the meta device (no memory), validate `folder` against it, then assign weights.
+
+    The module is returned only when every tensor was read; on any error nothing is returned, so a
+    caller can never hold a half-loaded model.
+    """
+    with torch.device("meta"):
+        module = build()
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    state = load_state_dict(folder, expected, dtype_of, device)
+    module.load_state_dict(state, strict=True, assign=True)
+    _materialize_buffers(module, device)
+    return module.eval()
+
+
+def _materialize_buffers(module: torch.nn.Module, device: torch.device | str) -> None:
+    """Non-persistent buffers stay on meta after `assign=True`; such buffers must be recomputed by their owner."""
+    for name, buf in module.named_buffers():
+        if buf.is_meta:
+            raise CheckpointError(f"buffer {name!r} was not restored by the checkpoint; the model must compute it")

@@ -1,0 +1,142 @@
+"""Typed, validated configuration: `ModelConfig` mirrors a checkpoint's `transformer/config.json`.
+
+Every value of the checkpoint's config is honoured; a key we do not know is rejected rather than
+dropped, because an ignored flag would silently compute a different model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Keys that diffusers writes for its own bookkeeping; they do not change the math.
+_BOOKKEEPING_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
+
+
+def _fail(field_name: str, value: Any, constraint: str) -> None:
+    raise ValueError(f"ModelConfig.{field_name}={value!r}: {constraint}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Helios transformer's architecture (diffusers `HeliosTransformer3DModel` config names)."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    added_kv_proj_dim: int | None = None
+    rope_dim: tuple[int, int, int] = (44, 42, 42)
+    rope_theta: float = 10000.0
+    guidance_cross_attn: bool = True
+    zero_history_timestep: bool = True
+    has_multi_term_memory_patch: bool = True
+    is_amplify_history: bool = False
+    history_scale_mode: str = "per_head"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        object.__setattr__(self, "rope_dim", tuple(int(r) for r in self.rope_dim))
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("num_attention_heads", "attention_head_dim", "in_channels", "text_dim", "freq_dim",
+                     "ffn_dim", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                _fail(name, value, "must be a positive integer")
+        if self.out_channels is not None and self.out_channels <= 0:
+            _fail("out_channels", self.out_channels, "must be a positive integer")
+        if len(self.patch_size) != 3 or min(self.patch_size) <= 0:
+            _fail("patch_size", self.patch_size, "must be three positive integers (t, h, w)")
+        if len(self.rope_dim) != 3 or sum(self.rope_dim) != self.attention_head_dim:
+            _fail("rope_dim", self.rope_dim,
+                  f"must be three sizes (t, y, x) summing to attention_head_dim={self.attention_head_dim}")
+        if any(r % 2 for r in self.rope_dim):
+            _fail("rope_dim", self.rope_dim, "each axis must be even (RoPE rotates pairs)")
+        if self.qk_norm != "rms_norm_across_heads":
+            _fail("qk_norm", self.qk_norm, "Helios checkpoints use 'rms_norm_across_heads'; no other is supported")
+        if self.added_kv_proj_dim is not None:
+            _fail("added_kv_proj_dim", self.added_kv_proj_dim,
+                  "image K/V projections are not part of Helios; expected null")
+        if self.history_scale_mode not in ("per_head", "scalar"):
+            _fail("history_scale_mode", self.history_scale_mode, "must be 'per_head' or 'scalar'")
+        if not self.eps > 0:
+            _fail("eps", self.eps, "must be positive")
+        if not self.has_multi_term_memory_patch:
+            _fail("has_multi_term_memory_patch", False,
+                  "Helios checkpoints carry the short/mid/long memory patches; a model without them is not supported")
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_channels or self.in_channels
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in raw if k not in known and k not in _BOOKKEEPING_KEYS)
+        if unknown:
+            raise ValueError(
+                f"transformer config has unknown keys {unknown}: this helios_rt does not know what they change; "
+                "upgrade helios_rt or remove them if they are not part of Helios"
+            )
+        values = {k: v for k, v in raw.items() if k in known}
+        for key in ("patch_size", "rope_dim"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is missing: a Helios transformer folder needs its config.json") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); re-download the checkpoint") from None
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        d["rope_dim"] = list(self.rope_dim)
+        return d
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# The released Helios checkpoints (Distilled, Mid, Base) share this architecture.
+HELIOS_14B = ModelConfig(is_amplify_history=True)
+
+# Small presets for tests and the built-in demo model: same structure, tiny sizes.
+TINY = ModelConfig(num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32, ffn_dim=64,
+                   num_layers=2, rope_dim=(4, 6, 6), is_amplify_history=True)
+
+PRESETS: dict[str, ModelConfig] = {
+    "helios-14b": HELIOS_14B,
+    "tiny": TINY,
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or pass a path") from None

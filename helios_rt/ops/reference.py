@@ -1,0 +1,142 @@
+"""PyTorch references of every fused op: each function here is the spec its kernels are tested against.
+
+Conventions shared by all ops:
+- activations are `[B, L, D]` with the token order `[history | noisy]`; `n_hist` is the number of
+  history tokens (0 when the op sees noisy tokens only);
+- per-token modulation comes as two segments, `[B, 2, D]` float32: row 0 applies to history tokens
+  (the timestep-0 embedding), row 1 to noisy tokens (the current timestep);
+- statistics and modulation are computed in float32 and the result is cast to the activation dtype,
+  which is what the Helios reference does in every precision;
+- `out=` (optional) receives the result, so that a caller-owned (planned) buffer can be used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .registry import register_reference
+
+Tensor = torch.Tensor
+
+
+def _write(result: Tensor, out: Tensor | None) -> Tensor:
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def _segmented(table: Tensor, n_tokens: int, n_hist: int) -> Tensor:
+    """Expand a `[B, 2, D]` two-segment table to `[B, L, D]` (history rows, then noisy rows)."""
+    b, _, d = table.shape
+    hist = table[:, 0:1, :].expand(b, n_hist, d)
+    noisy = table[:, 1:2, :].expand(b, n_tokens - n_hist, d)
+    return torch.cat([hist, noisy], dim=1)
+
+
+@register_reference("modulate_layernorm")
+def modulate_layernorm(
+    x: Tensor, shift: Tensor, scale: Tensor, n_hist: int, eps: float, out: Tensor | None = None
+) -> Tensor:
+    """`LayerNorm(x) * (1 + scale) + shift` with a two-segment shift/scale.
+
+    x: `[B, L, D]`; shift, scale: `[B, 2, D]` float32; returns `[B, L, D]` in x.dtype.
+    """
+    y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    n = x.shape[1]
+    y = y * (1 + _segmented(scale, n, n_hist)) + _segmented(shift, n, n_hist)
+    return _write(y.to(x.dtype), out)
+
+
+@register_reference("layernorm")
+def layernorm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out: Tensor | None = None
+) -> Tensor:
+    """LayerNorm computed in float32 (optional float32 affine), cast back to x.dtype."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    y = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+    return _write(y.to(x.dtype), out)
+
+
+@register_reference("gate_residual")
+def gate_residual(x: Tensor, y: Tensor, gate: Tensor, n_hist: int, out: Tensor | None = None) -> Tensor:
+    """`x + y * gate` in float32 with a two-segment gate; `out` may alias `x` (in-place residual).
+
+    x, y: `[B, L, D]`; gate: `[B, 2, D]` float32; returns `[B, L, D]` in x.dtype.
+    """
+    r = x.float() + y.float() * _segmented(gate, x.shape[1], n_hist)
+    return _write(r.to(x.dtype), out)
+
+
+@register_reference("rmsnorm")
+def rmsnorm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> Tensor:
+    """RMSNorm over the last dim (all heads together), float32 statistics, cast back to x.dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return _write(y.to(x.dtype), out)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs `(x[2i], x[2i+1])` of `[B, L, H, Dh]` by `[L, Dh/2]` cos/sin tables."""
+    xe, xo = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c = cos[None, :, None, :]
+    s = sin[None, :, None, :]
+    return torch.stack([xe * c - xo * s, xe * s + xo * c], dim=-1).flatten(-2)
+
+
+@register_reference("qk_norm_rope")
+def qk_norm_rope(
+    q: Tensor,
+    k: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    heads: int,
+    eps: float,
+    key_scale: Tensor | None,
+    n_hist: int,
+) -> tuple[Tensor, Tensor]:
+    """The compressed-context attention prologue: Q/K RMSNorm across heads, 3-axis RoPE, history-key scale.
+
+    q, k: `[B, L, H*Dh]` (projection outputs); cos, sin: `[L, Dh/2]` float32 (one value per rotated pair,
+    pooled for history tokens); key_scale: `[H]` float32 multiplier for the keys of the first `n_hist`
+    tokens, or None. Returns q, k as `[B, L, H, Dh]` in q.dtype.
+    """
+    qn = rmsnorm(q, q_weight, eps).unflatten(-1, (heads, -1))
+    kn = rmsnorm(k, k_weight, eps).unflatten(-1, (heads, -1))
+    qr = _rope(qn, cos, sin)
+    kr = _rope(kn, cos, sin)
+    if key_scale is not None and n_hist > 0:
+        scale = torch.ones(kr.shape[1], heads, device=kr.device, dtype=torch.float32)
+        scale[:n_hist] = key_scale.float()
+        kr = kr * scale[None, :, :, None]
+    return qr.to(q.dtype), kr.to(q.dtype)
+
+
+@register_reference("attention")
+def attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
+    """Full bidirectional softmax attention, scale 1/sqrt(Dh).
+
+    q: `[B, Lq, H, Dh]`; k, v: `[B, Lk, H, Dh]`; returns `[B, Lq, H, Dh]` in q.dtype.
+    """
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return _write(o.transpose(1, 2), out)
+
+
+@register_reference("gelu_tanh")
+def gelu_tanh(x: Tensor, out: Tensor | None = None) -> Tensor:
+    return _write(F.gelu(x, approximate="tanh"), out)
+
+
+def attention_flops(b: int, lq: int, lk: int, heads: int, head_dim: int) -> int:
+    """FLOPs of the attention core (QK^T and PV), for cost models and benchmarks."""
+    return 4 * b * lq * lk * heads * head_dim
+
+
+def softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

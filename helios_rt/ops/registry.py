@@ -1,0 +1,138 @@
+"""One table of fused ops: name -> PyTorch reference (the spec) and optional fast backends.
+
+The model never calls a kernel directly. It asks an `OpSet` (built once per engine from the device
+and `EngineConfig.kernels`) for an op by name, so that adding a Triton or CUDA implementation, or
+an FP8 variant later, changes one registration and nothing in the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Backend = Literal["reference", "triton", "cuda"]
+KernelChoice = Literal["auto", "reference", "triton"]
+BACKENDS: tuple[str, ...] = ("reference", "triton", "cuda")
+
+
+@dataclass
+class OpEntry:
+    """One op: its reference and the backends that implement the same contract."""
+
+    name: str
+    reference: Callable
+    impls: dict[str, Callable] = field(default_factory=dict)
+
+
+_TABLE: dict[str, OpEntry] = {}
+# Modules that register fast backends on import; a failed import is remembered, not swallowed.
+_BACKEND_MODULES: dict[str, str] = {"triton": "helios_rt.kernels"}
+_IMPORT_ERRORS: dict[str, BaseException] = {}
+
+
+def register_reference(name: str) -> Callable[[Callable], Callable]:
+    """Declare `fn` as the reference (the spec) of op `name`."""
+
+    def wrap(fn: Callable) -> Callable:
+        if name in _TABLE:
+            raise ValueError(f"op {name!r} already has a reference ({_TABLE[name].reference.__qualname__})")
+        _TABLE[name] = OpEntry(name, fn)
+        return fn
+
+    return wrap
+
+
+def register_impl(name: str, backend: Backend) -> Callable[[Callable], Callable]:
+    """Register a backend implementation of op `name`; the reference must exist first."""
+    if backend not in BACKENDS or backend == "reference":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+
+    def wrap(fn: Callable) -> Callable:
+        if name not in _TABLE:
+            raise KeyError(f"op {name!r} has no reference; register the reference before a {backend} impl")
+        _TABLE[name].impls[backend] = fn
+        return fn
+
+    return wrap
+
+
+def op_names() -> list[str]:
+    return sorted(_TABLE)
+
+
+def entry(name: str) -> OpEntry:
+    _ensure_references()
+    if name not in _TABLE:
+        raise KeyError(f"unknown op {name!r}; known ops: {', '.join(op_names())}")
+    return _TABLE[name]
+
+
+def _ensure_references() -> None:
+    importlib.import_module("helios_rt.ops.reference")
+
+
+def _load_backend(backend: str) -> None:
+    """Import the module that registers `backend`; re-raise its failure with a fix when asked for."""
+    module = _BACKEND_MODULES.get(backend)
+    if module is None:
+        return
+    if backend in _IMPORT_ERRORS:
+        err = _IMPORT_ERRORS[backend]
+        raise RuntimeError(
+            f"kernels={backend!r} was requested but {module} failed to import ({err!r}); "
+            f"install a working {backend} or use kernels='reference'"
+        ) from err
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        _IMPORT_ERRORS[backend] = err
+        _load_backend(backend)
+
+
+def _triton_usable(device: torch.device) -> bool:
+    import os
+
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class OpSet:
+    """The ops resolved for one device and kernel choice; attribute access returns the callable.
+
+    `kernels="auto"` takes the fastest registered backend that runs on `device` (Triton on CUDA,
+    the reference elsewhere); `"triton"` demands Triton for every op that has it and fails loudly
+    where Triton cannot run; `"reference"` runs the spec everywhere.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", kernels: KernelChoice = "auto") -> None:
+        if kernels not in ("auto", "reference", "triton"):
+            raise ValueError(f"kernels must be 'auto', 'reference' or 'triton', got {kernels!r}")
+        _ensure_references()
+        self.device = torch.device(device)
+        self.kernels = kernels
+        self._resolved: dict[str, Callable] = {}
+        self._chosen: dict[str, str] = {}
+        use_triton = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda")
+        if use_triton:
+            if not _triton_usable(self.device):
+                raise ValueError(
+                    f"kernels='triton' needs a CUDA device or TRITON_INTERPRET=1; device is {self.device}"
+                )
+            _load_backend("triton")
+        for name, op in _TABLE.items():
+            impl = op.impls.get("triton") if use_triton else None
+            self._resolved[name] = impl or op.reference
+            self._chosen[name] = "triton" if impl else "reference"
+
+    def __getattr__(self, name: str) -> Callable:
+        resolved = self.__dict__.get("_resolved", {})
+        if name in resolved:
+            return resolved[name]
+        raise AttributeError(f"unknown op {name!r}; known ops: {', '.join(sorted(resolved))}")
+
+    def backend_of(self, name: str) -> str:
+        """Which backend runs op `name` (for reports and tests)."""
+        return self._chosen[name]

@@ -1,0 +1,1 @@
+"""Triton kernels of helios_rt (installed as helios_rt.kernels)."""
