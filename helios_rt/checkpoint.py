@@ -19,8 +19,21 @@ from safetensors import safe_open
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SAFETENSORS_DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
 
 
@@ -103,8 +116,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path} is truncated ({size} bytes): not a safetensors file; re-download it")
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len > size - 8:
-            raise CheckpointError(f"{path} is truncated or corrupt (header of {header_len} bytes in a "
-                                  f"{size}-byte file); re-download it")
+            raise CheckpointError(
+                f"{path} is truncated or corrupt (header of {header_len} bytes in a {size}-byte file); re-download it"
+            )
         try:
             header = json.loads(fh.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -119,13 +133,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         for s in meta["shape"]:
             numel *= s
         if meta["dtype"] in _SAFETENSORS_DTYPES and end - begin != numel * _SAFETENSORS_DTYPES[meta["dtype"]]:
-            raise CheckpointError(f"{path} is corrupt: tensor {name!r} has {end - begin} bytes for shape "
-                                  f"{meta['shape']}; re-download it")
+            raise CheckpointError(
+                f"{path} is corrupt: tensor {name!r} has {end - begin} bytes for shape {meta['shape']}; re-download it"
+            )
         data_end = max(data_end, end)
         infos[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]))
     if 8 + header_len + data_end != size:
-        raise CheckpointError(f"{path} is truncated or corrupt: its header describes "
-                              f"{8 + header_len + data_end} bytes but the file has {size}; re-download it")
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: its header describes "
+            f"{8 + header_len + data_end} bytes but the file has {size}; re-download it"
+        )
     return infos
 
 
@@ -158,7 +175,8 @@ def check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, TensorInfo
         problems.append(f"shape mismatches {_clip(mismatched)}")
     if problems:
         raise CheckpointError(
-            f"{where} does not match the model built from its config.json: " + "; ".join(problems)
+            f"{where} does not match the model built from its config.json: "
+            + "; ".join(problems)
             + ". The weights and config.json belong to different models, or the download is incomplete."
         )
 

@@ -51,8 +51,15 @@ class ModelConfig:
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("num_attention_heads", "attention_head_dim", "in_channels", "text_dim", "freq_dim",
-                     "ffn_dim", "num_layers"):
+        for name in (
+            "num_attention_heads",
+            "attention_head_dim",
+            "in_channels",
+            "text_dim",
+            "freq_dim",
+            "ffn_dim",
+            "num_layers",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 _fail(name, value, "must be a positive integer")
@@ -61,22 +68,31 @@ class ModelConfig:
         if len(self.patch_size) != 3 or min(self.patch_size) <= 0:
             _fail("patch_size", self.patch_size, "must be three positive integers (t, h, w)")
         if len(self.rope_dim) != 3 or sum(self.rope_dim) != self.attention_head_dim:
-            _fail("rope_dim", self.rope_dim,
-                  f"must be three sizes (t, y, x) summing to attention_head_dim={self.attention_head_dim}")
+            _fail(
+                "rope_dim",
+                self.rope_dim,
+                f"must be three sizes (t, y, x) summing to attention_head_dim={self.attention_head_dim}",
+            )
         if any(r % 2 for r in self.rope_dim):
             _fail("rope_dim", self.rope_dim, "each axis must be even (RoPE rotates pairs)")
         if self.qk_norm != "rms_norm_across_heads":
             _fail("qk_norm", self.qk_norm, "Helios checkpoints use 'rms_norm_across_heads'; no other is supported")
         if self.added_kv_proj_dim is not None:
-            _fail("added_kv_proj_dim", self.added_kv_proj_dim,
-                  "image K/V projections are not part of Helios; expected null")
+            _fail(
+                "added_kv_proj_dim",
+                self.added_kv_proj_dim,
+                "image K/V projections are not part of Helios; expected null",
+            )
         if self.history_scale_mode not in ("per_head", "scalar"):
             _fail("history_scale_mode", self.history_scale_mode, "must be 'per_head' or 'scalar'")
         if not self.eps > 0:
             _fail("eps", self.eps, "must be positive")
         if not self.has_multi_term_memory_patch:
-            _fail("has_multi_term_memory_patch", False,
-                  "Helios checkpoints carry the short/mid/long memory patches; a model without them is not supported")
+            _fail(
+                "has_multi_term_memory_patch",
+                False,
+                "Helios checkpoints carry the short/mid/long memory patches; a model without them is not supported",
+            )
 
     @property
     def dim(self) -> int:
@@ -126,8 +142,16 @@ class ModelConfig:
 HELIOS_14B = ModelConfig(is_amplify_history=True)
 
 # Small presets for tests and the built-in demo model: same structure, tiny sizes.
-TINY = ModelConfig(num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32, ffn_dim=64,
-                   num_layers=2, rope_dim=(4, 6, 6), is_amplify_history=True)
+TINY = ModelConfig(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
+    rope_dim=(4, 6, 6),
+    is_amplify_history=True,
+)
 
 PRESETS: dict[str, ModelConfig] = {
     "helios-14b": HELIOS_14B,

@@ -80,8 +80,10 @@ def build_layout(
     pt, ph, pw = config.patch_size
     t, h, w = noisy_latent_shape
     if t % pt or h % ph or w % pw:
-        raise ValueError(f"noisy latents of shape (T, H, W)={noisy_latent_shape} are not divisible by the "
-                         f"patch size {config.patch_size}")
+        raise ValueError(
+            f"noisy latents of shape (T, H, W)={noisy_latent_shape} are not divisible by the "
+            f"patch size {config.patch_size}"
+        )
     if noisy_frame_indices is None:
         noisy_frame_indices = tuple(range(t // pt))
     if len(noisy_frame_indices) != t // pt:
@@ -109,8 +111,7 @@ def build_layout(
                     f"of size {history_latent_hw} must be divisible by the patch size {config.patch_size}"
                 )
             segments.append(HistorySegment(name, mult, tuple(frames), grid))
-    return TokenLayout(tuple(noisy_frame_indices), (t // pt, h // ph, w // pw),
-                       history_latent_hw, tuple(segments))
+    return TokenLayout(tuple(noisy_frame_indices), (t // pt, h // ph, w // pw), history_latent_hw, tuple(segments))
 
 
 def rope_tables(config: ModelConfig, layout: TokenLayout, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
@@ -120,8 +121,9 @@ def rope_tables(config: ModelConfig, layout: TokenLayout, device: torch.device |
         hh, hw = layout.history_latent_hw
         short_h, short_w = hh // config.patch_size[1], hw // config.patch_size[2]
         for seg in layout.history:
-            c, s = segment_tables(torch.tensor(seg.frame_indices), short_h, short_w, seg.pool,
-                                  config.rope_dim, config.rope_theta)
+            c, s = segment_tables(
+                torch.tensor(seg.frame_indices), short_h, short_w, seg.pool, config.rope_dim, config.rope_theta
+            )
             cos_parts.append(c)
             sin_parts.append(s)
     _, nh, nw = layout.noisy_grid

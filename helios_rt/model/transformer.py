@@ -156,8 +156,16 @@ class Block(nn.Module):
         k = ops.rmsnorm(a.to_k(text), a.norm_k.weight, a.eps).unflatten(-1, (a.heads, -1))
         return k, a.to_v(text).unflatten(-1, (a.heads, -1))
 
-    def forward(self, x: Tensor, mod: Tensor, rope: tuple[Tensor, Tensor], text_k: Tensor, text_v: Tensor,
-                n_hist: int, ops: OpSet) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        mod: Tensor,
+        rope: tuple[Tensor, Tensor],
+        text_k: Tensor,
+        text_v: Tensor,
+        n_hist: int,
+        ops: OpSet,
+    ) -> Tensor:
         """x: `[B, L, D]`; mod: `[B, 2, 6, D]` float32 two-segment modulation (history, noisy)."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.float()[:, None] + mod).unbind(2)
         x = self._residual_self_attention(x, shift, scale, gate, rope, n_hist, ops)
@@ -165,12 +173,30 @@ class Block(nn.Module):
         h = ops.modulate_layernorm(x, c_shift, c_scale, n_hist, self.eps)
         return ops.gate_residual(x, self.ffn(h, ops), c_gate, n_hist)
 
-    def _residual_self_attention(self, x: Tensor, shift: Tensor, scale: Tensor, gate: Tensor,
-                                 rope: tuple[Tensor, Tensor], n_hist: int, ops: OpSet) -> Tensor:
+    def _residual_self_attention(
+        self,
+        x: Tensor,
+        shift: Tensor,
+        scale: Tensor,
+        gate: Tensor,
+        rope: tuple[Tensor, Tensor],
+        n_hist: int,
+        ops: OpSet,
+    ) -> Tensor:
         a = self.attn1
         h = ops.modulate_layernorm(x, shift, scale, n_hist, self.eps)
-        q, k = ops.qk_norm_rope(a.to_q(h), a.to_k(h), a.norm_q.weight, a.norm_k.weight, rope[0], rope[1],
-                                a.heads, a.eps, a.key_scale(), n_hist)
+        q, k = ops.qk_norm_rope(
+            a.to_q(h),
+            a.to_k(h),
+            a.norm_q.weight,
+            a.norm_k.weight,
+            rope[0],
+            rope[1],
+            a.heads,
+            a.eps,
+            a.key_scale(),
+            n_hist,
+        )
         v = a.to_v(h).unflatten(-1, (a.heads, -1))
         o = a.to_out[0](ops.attention(q, k, v).flatten(2))
         return ops.gate_residual(x, o, gate, n_hist)
@@ -240,8 +266,9 @@ class HeliosTransformer(nn.Module):
 
     # ---- per call --------------------------------------------------------------------------------
     @torch.no_grad()
-    def embed_history(self, layout: TokenLayout, short: Tensor | None, mid: Tensor | None,
-                      long: Tensor | None) -> HistoryTokens | None:
+    def embed_history(
+        self, layout: TokenLayout, short: Tensor | None, mid: Tensor | None, long: Tensor | None
+    ) -> HistoryTokens | None:
         """Patch-embed the history latents `[B, C, T, H, W]` into `[B, n_hist, D]` (long, mid, short)."""
         latents = {"short": short, "mid": mid, "long": long}
         parts = []
@@ -258,9 +285,17 @@ class HeliosTransformer(nn.Module):
         return HistoryTokens(torch.cat(parts, dim=1)) if parts else None
 
     @torch.no_grad()
-    def forward(self, latents: Tensor, timestep: Tensor, text: TextContext, layout: TokenLayout,
-                rope: tuple[Tensor, Tensor], history: HistoryTokens | None = None,
-                history_mod: Tensor | None = None, unpatchify: bool = True) -> Tensor:
+    def forward(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text: TextContext,
+        layout: TokenLayout,
+        rope: tuple[Tensor, Tensor],
+        history: HistoryTokens | None = None,
+        history_mod: Tensor | None = None,
+        unpatchify: bool = True,
+    ) -> Tensor:
         """Predict the flow of noisy latents `[B, C, T, H, W]` at `timestep` `[B]`.
 
         Returns `[B, C_out, T, H, W]`, or the patch-layout `[B, N, C_out*pt*ph*pw]` when
@@ -311,8 +346,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_transformer(path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                     ops: OpSet | None = None) -> HeliosTransformer:
+def load_transformer(
+    path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", ops: OpSet | None = None
+) -> HeliosTransformer:
     """Load the transformer of a diffusers-layout checkpoint (or a `transformer/` folder itself).
 
     Weights are cast to `dtype` except the float32-kept parameters (see `FP32_PARAM_PATTERNS`).

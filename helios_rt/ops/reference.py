@@ -52,9 +52,7 @@ def modulate_layernorm(
 
 
 @register_reference("layernorm")
-def layernorm(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out: Tensor | None = None
-) -> Tensor:
+def layernorm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out: Tensor | None = None) -> Tensor:
     """LayerNorm computed in float32 (optional float32 affine), cast back to x.dtype."""
     w = None if weight is None else weight.float()
     b = None if bias is None else bias.float()

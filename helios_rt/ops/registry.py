@@ -118,9 +118,7 @@ class OpSet:
         use_triton = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda")
         if use_triton:
             if not _triton_usable(self.device):
-                raise ValueError(
-                    f"kernels='triton' needs a CUDA device or TRITON_INTERPRET=1; device is {self.device}"
-                )
+                raise ValueError(f"kernels='triton' needs a CUDA device or TRITON_INTERPRET=1; device is {self.device}")
             _load_backend("triton")
         for name, op in _TABLE.items():
             impl = op.impls.get("triton") if use_triton else None

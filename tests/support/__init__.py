@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: building small reference models with diffusers and saving them."""

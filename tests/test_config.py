@@ -1,0 +1,60 @@
+"""ModelConfig validation and the 14B preset's size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helios_rt.config import HELIOS_14B, ModelConfig
+from helios_rt.model.transformer import HeliosTransformer, count_parameters
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(rope_dim=(44, 42, 40)), r"ModelConfig\.rope_dim=\(44, 42, 40\): must be three sizes .* summing to"),
+        (dict(rope_dim=(43, 43, 42)), r"ModelConfig\.rope_dim=.*each axis must be even"),
+        (dict(num_attention_heads=0), r"ModelConfig\.num_attention_heads=0: must be a positive integer"),
+        (dict(history_scale_mode="per_token"), r"ModelConfig\.history_scale_mode='per_token'"),
+        (dict(qk_norm="layer_norm"), r"ModelConfig\.qk_norm='layer_norm'"),
+        (dict(added_kv_proj_dim=64), r"ModelConfig\.added_kv_proj_dim=64"),
+        (dict(patch_size=(1, 2)), r"ModelConfig\.patch_size"),
+        (dict(eps=0.0), r"ModelConfig\.eps=0\.0: must be positive"),
+    ],
+)
+def test_invalid_values_name_the_field(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        HELIOS_14B.replace(**changes)
+
+
+def test_heads_times_head_dim_must_match_rope() -> None:
+    """A head dim that the RoPE split does not cover is rejected by name."""
+    with pytest.raises(ValueError, match=r"attention_head_dim=64"):
+        ModelConfig(attention_head_dim=64)
+
+
+def test_unknown_keys_are_rejected_and_bookkeeping_ignored() -> None:
+    raw = HELIOS_14B.to_dict() | {"_class_name": "HeliosTransformer3DModel", "_diffusers_version": "0.42.1"}
+    assert ModelConfig.from_dict(raw) == HELIOS_14B
+    with pytest.raises(ValueError, match=r"unknown keys \['window_size'\]"):
+        ModelConfig.from_dict(raw | {"window_size": [-1, -1]})
+
+
+def test_14b_preset_has_14_point_3_billion_parameters() -> None:
+    with torch.device("meta"):
+        model = HeliosTransformer(HELIOS_14B)
+    n = count_parameters(model)
+    assert 14.0e9 <= n <= 14.5e9, n
+
+
+@pytest.mark.oracle
+def test_14b_parameter_count_equals_diffusers() -> None:
+    from diffusers import HeliosTransformer3DModel
+
+    with torch.device("meta"):
+        ours = HeliosTransformer(HELIOS_14B)
+        reference = HeliosTransformer3DModel(**{k: v for k, v in HELIOS_14B.to_dict().items()})
+    assert count_parameters(ours) == count_parameters(reference)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()
+    }
