@@ -55,9 +55,7 @@ def flow_step(
 
 
 @register_reference("stage_transition")
-def stage_transition(
-    x: Tensor, block_noise: Tensor, alpha: float, beta: float, out: Tensor | None = None
-) -> Tensor:
+def stage_transition(x: Tensor, block_noise: Tensor, alpha: float, beta: float, out: Tensor | None = None) -> Tensor:
     """Pyramid stage change: nearest 2x spatial upsample, then `alpha * up + beta * block_noise`.
 
     x: `[B, C, T, H, W]`; block_noise: `[B, C, T, 2H, 2W]`; float32 math, result in x.dtype.

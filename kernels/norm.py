@@ -1,0 +1,70 @@
+"""LayerNorm + two-segment adaLN modulation: one program per token row, the whole row in registers.
+
+D up to 8192 fits a single power-of-two block (16 fp32 values per thread at 16 warps), so the row
+is read once; the segment (history or noisy) is picked per row, so the boundary may fall anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from helios_rt.ops.registry import register_impl
+
+from ._common import FLOAT_DTYPES, Tensor, check, check_out, check_tensor, next_pow2, row_warps
+
+MAX_D = 8192
+
+
+@triton.jit
+def _modulate_layernorm_kernel(
+    x_ptr, shift_ptr, scale_ptr, out_ptr,
+    L, D, n_hist, eps,
+    sxb, sxl, sob, sol,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    b = row // L
+    l_idx = row - b * L
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + b * sxb + l_idx * sxl + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    seg = (l_idx >= n_hist).to(tl.int32)
+    tbl = b * 2 * D + seg * D + cols
+    sc = tl.load(scale_ptr + tbl, mask=mask, other=0.0)
+    sh = tl.load(shift_ptr + tbl, mask=mask, other=0.0)
+    y = xc * rstd * (1.0 + sc) + sh
+    tl.store(out_ptr + b * sob + l_idx * sol + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_config(d: int) -> dict:
+    block = next_pow2(d)
+    return {"BLOCK_D": block, "num_warps": row_warps(block)}
+
+
+@register_impl("modulate_layernorm", "triton")
+def modulate_layernorm(
+    x: Tensor, shift: Tensor, scale: Tensor, n_hist: int, eps: float, out: Tensor | None = None
+) -> Tensor:
+    """Triton `modulate_layernorm`. x: `[B, L, D]` (unit stride in D); shift, scale: `[B, 2, D]`
+    float32 contiguous; out: `[B, L, D]` in x.dtype (unit stride in D), allocated if None."""
+    check_tensor("x", x, dtype=FLOAT_DTYPES, inner_contiguous=True)
+    check(x.dim() == 3, f"x must be [B, L, D], got shape {tuple(x.shape)}")
+    b, n, d = x.shape
+    check(d <= MAX_D, f"x: D={d} exceeds the single-block limit {MAX_D}")
+    check(0 <= n_hist <= n, f"n_hist must be in [0, L={n}], got {n_hist}")
+    for name, t in (("shift", shift), ("scale", scale)):
+        check_tensor(name, t, (b, 2, d), torch.float32, contiguous=True, device=x.device)
+    out = check_out(out, (b, n, d), x.dtype, x.device, inner_contiguous=True)
+    if x.numel():
+        cfg = launch_config(d)
+        _modulate_layernorm_kernel[(b * n,)](
+            x, shift, scale, out, n, d, n_hist, float(eps),
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1), **cfg,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,67 @@
+"""Error bounds for kernel tests (FlashAttention-3's `attention_ref` idea, Liger's verbose allclose).
+
+A kernel's output in dtype `d` is compared with the float32 reference `ref32` computed from the same
+(already rounded) inputs. It passes when `|out - ref32| <= 2 * max|naive - ref32| + floor`, where
+`naive` is the same computation done plainly in `d` (so the bound scales with what that precision
+can deliver) and `floor` is the rounding floor: a few units in the last place of the largest
+reference value (16 ulps in float32 for reduction-order differences over the short test rows; 2 ulps
+in 16-bit types, because the CPU interpreter of triton 3.9 rounds float32 -> bfloat16 toward zero
+while GPUs round to nearest even, which costs one more ulp than the reference's own rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+_FLOOR_ULPS = {torch.float32: 16.0, torch.bfloat16: 2.0, torch.float16: 2.0}
+
+
+def upcast(obj):
+    """float32 copies of every floating tensor in a (nested) argument structure."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(upcast(o) for o in obj)
+    return obj
+
+
+def error_bound(ref32: Tensor, naive: Tensor, dtype: torch.dtype) -> float:
+    scale = max(1.0, ref32.abs().max().item()) if ref32.numel() else 1.0
+    floor = _FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * scale
+    return 2.0 * (naive.float() - ref32).abs().max().item() + floor
+
+
+def assert_within(out: Tensor, ref32: Tensor, bound: float, name: str) -> None:
+    """Fail with the count and first positions of the elements farther than `bound` from `ref32`."""
+    assert out.shape == ref32.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref32.shape)}"
+    err = (out.float() - ref32).abs()
+    bad = ~(err <= bound)  # NaN counts as bad
+    n_bad = int(bad.sum())
+    if n_bad:
+        idx = bad.nonzero()[:5].tolist()
+        worst = err.nan_to_num(float("inf")).argmax().item()
+        worst_idx = list(torch.unravel_index(torch.tensor(worst), err.shape))
+        raise AssertionError(
+            f"{name}: {n_bad}/{err.numel()} elements differ by more than {bound:.3g} "
+            f"(max {err.max().item():.3g} at {[int(i) for i in worst_idx]}); first at {idx}; "
+            f"out={out.flatten()[worst].item():.6g} ref={ref32.flatten()[worst].item():.6g}"
+        )
+
+
+def check_op(name: str, out: Tensor, ref32: Tensor, naive: Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == dtype, f"{name}: output dtype {out.dtype}, expected {dtype}"
+    assert_within(out, ref32, error_bound(ref32, naive, dtype), name)
+
+
+def require_interpreter() -> None:
+    """Fail clearly when the kernels were decorated before TRITON_INTERPRET=1 was set (import order)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from . import norm
+
+    if not isinstance(norm._modulate_layernorm_kernel, InterpretedFunction):
+        raise RuntimeError(
+            "helios_rt.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels target a "
+            "GPU; set the variable before anything imports triton (e.g. in tests/conftest.py)"
+        )

@@ -1,0 +1,118 @@
+"""Triton qk_norm_rope, attention and compressed_context_attention against references (CPU interpreter)."""
+
+import math
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: kernels are decorated at import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helios_rt.kernels import attention as K  # noqa: E402
+from helios_rt.kernels.testing import check_op, require_interpreter, upcast  # noqa: E402
+
+from helios_rt.ops import fused_attention as F  # noqa: E402
+from helios_rt.ops import reference as R  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interp():
+    require_interpreter()
+
+
+def naive_attention(q, k, v):
+    """Attention done plainly in q.dtype (scores and probabilities rounded to it), as FA3's attention_ref."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    s = (qt @ kt.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    return (p @ vt).transpose(1, 2)
+
+
+def _prologue_inputs(b, n, heads, dh, dtype, g, strided=False):
+    hd = heads * dh
+    if strided:  # q, k as slices of a fused QKV projection output [B, L, 3*H*Dh]
+        qkv = torch.randn(b, n, 3 * hd, generator=g).to(dtype)
+        q, k = qkv[..., :hd], qkv[..., hd : 2 * hd]
+    else:
+        q, k = (torch.randn(b, n, hd, generator=g).to(dtype) for _ in range(2))
+    qw, kw = (torch.rand(hd, generator=g) + 0.5 for _ in range(2))
+    ang = torch.rand(n, dh // 2, generator=g) * 2 * math.pi
+    ks = 1 + torch.rand(heads, generator=g) * 9  # 1 + sigmoid(s) * (10 - 1)
+    return q, k, qw, kw, ang.cos(), ang.sin(), ks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,n,heads,dh,n_hist", [(1, 45, 2, 32, 20), (2, 113, 3, 16, 0), (1, 7, 5, 64, 7)])
+def test_qk_norm_rope(b, n, heads, dh, n_hist, dtype):
+    g = torch.Generator().manual_seed(n * heads)
+    q, k, qw, kw, cos, sin, ks = _prologue_inputs(b, n, heads, dh, dtype, g, strided=n == 45)
+    args = (qw, kw, cos, sin, heads, 1e-6, ks, n_hist)
+    qo, ko = K.qk_norm_rope(q, k, *args)
+    ref32 = R.qk_norm_rope(*upcast((q, k)), *args)
+    naive = R.qk_norm_rope(q, k, *args)
+    check_op("qk_norm_rope(q)", qo, ref32[0], naive[0], dtype)
+    check_op("qk_norm_rope(k)", ko, ref32[1], naive[1], dtype)
+
+
+def test_qk_norm_rope_validates():
+    q, k, qw, kw, cos, sin, ks = _prologue_inputs(1, 8, 2, 16, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="cos"):
+        K.qk_norm_rope(q, k, qw, kw, cos[:-1], sin, 2, 1e-6, ks, 3)
+    with pytest.raises(ValueError, match="key_scale"):
+        K.qk_norm_rope(q, k, qw, kw, cos, sin, 2, 1e-6, ks[:1], 3)
+    with pytest.raises(ValueError, match="heads"):
+        K.qk_norm_rope(q, k, qw, kw, cos, sin, 3, 1e-6, ks, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,lq,lk,heads,dh", [(1, 45, 113, 2, 32), (2, 70, 33, 1, 64), (1, 1, 77, 3, 16)])
+def test_attention(b, lq, lk, heads, dh, dtype):
+    g = torch.Generator().manual_seed(lq + lk)
+    q = torch.randn(b, lq, heads, dh, generator=g).to(dtype)
+    kv = torch.randn(b, lk, 2, heads, dh, generator=g).to(dtype)  # cached text K/V: strided views
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    out = K.attention(q, k, v)
+    ref32 = R.attention(*upcast((q, k, v)))
+    check_op("attention", out, ref32, naive_attention(q, k, v), dtype)
+
+
+def test_attention_out_view():
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 37, 2, 16, generator=g) for _ in range(3))
+    buf = torch.zeros(1, 37, 4, 16)
+    out = buf[:, :, 1:3]  # a non-contiguous view of a planned buffer
+    assert K.attention(q, k, v, out=out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, R.attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert (buf[:, :, 0] == 0).all() and (buf[:, :, 3] == 0).all()
+
+
+def test_attention_validates():
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="k must have dtype"):
+        K.attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="head dim"):
+        K.attention(q[..., :12], q[..., :12], q[..., :12])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,n,heads,dh,n_hist", [(1, 75, 2, 32, 33), (2, 40, 1, 64, 0), (1, 50, 3, 16, 50)])
+def test_compressed_context_attention(b, n, heads, dh, n_hist, dtype):
+    g = torch.Generator().manual_seed(n + dh)
+    q, k, qw, kw, cos, sin, ks = _prologue_inputs(b, n, heads, dh, dtype, g, strided=n == 75)
+    v = torch.randn(b, n, heads, dh, generator=g).to(dtype)
+    args = (qw, kw, cos, sin, heads, 1e-6, ks, n_hist)
+    out = K.compressed_context_attention(q, k, v, *args)
+    ref32 = F.compressed_context_attention(*upcast((q, k, v)), *args)
+    naive = naive_attention(*R.qk_norm_rope(q, k, *args), v)
+    check_op("compressed_context_attention", out, ref32, naive, dtype)
+
+
+def test_compressed_context_attention_out_and_no_key_scale():
+    g = torch.Generator().manual_seed(2)
+    q, k, qw, kw, cos, sin, _ = _prologue_inputs(1, 33, 2, 16, torch.float32, g)
+    v = torch.randn(1, 33, 2, 16, generator=g)
+    out = torch.empty(1, 33, 2, 16)
+    args = (qw, kw, cos, sin, 2, 1e-6, None, 10)
+    assert K.compressed_context_attention(q, k, v, *args, out=out) is out
+    torch.testing.assert_close(out, F.compressed_context_attention(q, k, v, *args), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,99 @@
+"""Triton modulate_layernorm and gate_residual against their references (CPU interpreter)."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: kernels are decorated at import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helios_rt.kernels import norm, residual  # noqa: E402
+from helios_rt.kernels.testing import check_op, require_interpreter, upcast  # noqa: E402
+
+from helios_rt.ops import OpSet, reference  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (B, L, D, n_hist): awkward D (113, 203), boundary inside a row block, all-history, all-noisy.
+SHAPES = [(1, 7, 113, 3), (2, 37, 203, 13), (1, 5, 256, 0), (2, 9, 64, 9)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interp():
+    require_interpreter()
+
+
+def _mod_inputs(b, n, d, dtype, g):
+    x = (torch.randn(b, n, d, generator=g) * 3 + 0.5).to(dtype)
+    shift = torch.randn(b, 2, d, generator=g)
+    scale = torch.randn(b, 2, d, generator=g) * 0.5
+    return x, shift, scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_modulate_layernorm(shape, dtype):
+    b, n, d, n_hist = shape
+    g = torch.Generator().manual_seed(n * d)
+    x, shift, scale = _mod_inputs(b, n, d, dtype, g)
+    out = norm.modulate_layernorm(x, shift, scale, n_hist, 1e-6)
+    ref32 = reference.modulate_layernorm(*upcast((x, shift, scale)), n_hist, 1e-6)
+    naive = reference.modulate_layernorm(x, shift, scale, n_hist, 1e-6)
+    check_op("modulate_layernorm", out, ref32, naive, dtype)
+
+
+def test_modulate_layernorm_out_and_strided_input():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(2, 40, 2 * 203, generator=g, dtype=torch.bfloat16)
+    x = base[:, 3:, 203:]  # row stride 406: a slice of a wider activation
+    _, shift, scale = _mod_inputs(2, 37, 203, torch.bfloat16, g)
+    out_full = torch.zeros(2, 37, 300, dtype=torch.bfloat16)
+    out = out_full[:, :, :203]
+    res = norm.modulate_layernorm(x, shift, scale, 17, 1e-6, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    assert (out_full[:, :, 203:] == 0).all(), "kernel wrote outside the out view"
+    ref32 = reference.modulate_layernorm(*upcast((x, shift, scale)), 17, 1e-6)
+    check_op("modulate_layernorm", out, ref32, reference.modulate_layernorm(x, shift, scale, 17, 1e-6), x.dtype)
+
+
+def test_modulate_layernorm_validates():
+    x = torch.randn(1, 4, 32)
+    shift = torch.zeros(1, 2, 32)
+    with pytest.raises(ValueError, match="scale"):
+        norm.modulate_layernorm(x, shift, torch.zeros(1, 2, 32, dtype=torch.bfloat16), 1, 1e-6)
+    with pytest.raises(ValueError, match="n_hist"):
+        norm.modulate_layernorm(x, shift, shift, 5, 1e-6)
+    with pytest.raises(ValueError, match="x must have unit stride"):
+        norm.modulate_layernorm(x.transpose(1, 2).contiguous().transpose(1, 2), shift, shift, 1, 1e-6)
+    with pytest.raises(ValueError, match="out"):
+        norm.modulate_layernorm(x, shift, shift, 1, 1e-6, out=torch.empty(1, 4, 32, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gate_residual(shape, dtype):
+    b, n, d, n_hist = shape
+    g = torch.Generator().manual_seed(n + d)
+    x = torch.randn(b, n, d, generator=g).to(dtype)
+    y = torch.randn(b, n, d, generator=g).to(dtype)
+    gate = torch.randn(b, 2, d, generator=g)
+    out = residual.gate_residual(x, y, gate, n_hist)
+    ref32 = reference.gate_residual(*upcast((x, y, gate)), n_hist)
+    check_op("gate_residual", out, ref32, reference.gate_residual(x, y, gate, n_hist), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_residual_in_place_and_mixed_dtypes(dtype):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 37, 203, generator=g).to(dtype)
+    y = torch.randn(2, 37, 203, generator=g).to(torch.bfloat16)  # GEMM output in bf16, fp32 residual
+    gate = torch.randn(2, 2, 203, generator=g)
+    expected32 = reference.gate_residual(x.float(), y.float(), gate, 13)
+    naive = reference.gate_residual(x, y, gate, 13)
+    res = residual.gate_residual(x, y, gate, 13, out=x)
+    assert res.data_ptr() == x.data_ptr()
+    check_op("gate_residual(out=x)", x, expected32, naive, dtype)
+
+
+def test_opset_picks_triton():
+    ops = OpSet("cpu", kernels="triton")
+    assert ops.backend_of("modulate_layernorm") == "triton"
+    assert ops.gate_residual is residual.gate_residual
