@@ -164,3 +164,90 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or pass a path") from None
+
+
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an engine runs: resolution, precision, device, kernels, and sampling overrides.
+
+    Sampling values left as None take the checkpoint's defaults (distilled: one step per pyramid
+    stage, no guidance, doubled steps on the first chunk; base/mid: CFG 5.0).
+    """
+
+    height: int = 384
+    width: int = 640
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"
+    dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
+    vae_dtype: str = "auto"  # "auto" follows dtype
+    kernels: str = "auto"  # "auto", "reference", "triton"
+    pyramid_steps: tuple[int, ...] | None = None  # steps per stage, e.g. (1, 1, 1) or (2, 2, 2)
+    num_inference_steps: int | None = None  # base (non-pyramid) checkpoints
+    guidance_scale: float | None = None
+    amplify_first_chunk: bool | None = None
+    history_sizes: tuple[int, int, int] = (16, 2, 1)  # long, mid, short latent frames
+    latent_frames_per_chunk: int = 9
+    keep_first_frame: bool = True
+    zero_init_steps: int = 1  # CFG-Zero*: steps at the start of stage 0 whose prediction is zeroed
+    prompt_blend_chunks: int = 3  # chunks over which a new prompt's embedding is interpolated
+    fps: int = 24
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"EngineConfig.{name}={value!r}: must be a positive integer")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"EngineConfig.device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        for name in ("dtype", "vae_dtype"):
+            value = getattr(self, name)
+            if value != "auto" and value not in _DTYPES:
+                raise ValueError(f"EngineConfig.{name}={value!r}: use 'auto' or one of {sorted(set(_DTYPES))}")
+        if self.kernels not in ("auto", "reference", "triton"):
+            raise ValueError(f"EngineConfig.kernels={self.kernels!r}: use 'auto', 'reference' or 'triton'")
+        if self.pyramid_steps is not None:
+            object.__setattr__(self, "pyramid_steps", tuple(self.pyramid_steps))
+            if not self.pyramid_steps or any(not isinstance(s, int) or s < 1 for s in self.pyramid_steps):
+                raise ValueError(f"EngineConfig.pyramid_steps={self.pyramid_steps!r}: one step count >= 1 per stage")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ValueError(f"EngineConfig.num_inference_steps={self.num_inference_steps}: must be >= 1")
+        if self.guidance_scale is not None and not self.guidance_scale >= 1.0:
+            raise ValueError(f"EngineConfig.guidance_scale={self.guidance_scale}: must be >= 1.0 (1.0 disables CFG)")
+        object.__setattr__(self, "history_sizes", tuple(self.history_sizes))
+        if len(self.history_sizes) != 3 or any(s < 1 for s in self.history_sizes):
+            raise ValueError(f"EngineConfig.history_sizes={self.history_sizes}: three sizes >= 1 (long, mid, short)")
+        if self.latent_frames_per_chunk < 1:
+            raise ValueError(f"EngineConfig.latent_frames_per_chunk={self.latent_frames_per_chunk}: must be >= 1")
+        if self.prompt_blend_chunks < 1 or self.fps < 1 or self.zero_init_steps < 0:
+            raise ValueError("EngineConfig.prompt_blend_chunks and fps must be >= 1, zero_init_steps >= 0")
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self, which: str = "dtype"):
+        import torch
+
+        value = getattr(self, which)
+        if value == "auto":
+            value = (
+                self.dtype
+                if which == "vae_dtype" and self.dtype != "auto"
+                else ("bfloat16" if self.resolved_device().startswith("cuda") else "float32")
+            )
+        return getattr(torch, _DTYPES[value])
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,341 @@
+"""The public API: `Engine`, `Stream`, `Chunk`, and the autoregressive chunk loop.
+
+An engine holds the loaded networks and everything that is constant for a resolution; a stream
+holds one generation's state (history memory, prompt, generator), so an engine can serve several
+streams one after another and a stream never grows: its history is a fixed-size buffer updated in
+place and every chunk's frames are handed to the caller as soon as they are decoded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, find_component, read_json
+from .config import EngineConfig
+from .model.text import PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
+from .model.transformer import HeliosTransformer, load_transformer
+from .model.vae import WanVAE
+from .ops import OpSet
+from .profiling import nvtx_range
+from .sampling.chunk import ChunkSampler, Conditioning, SamplingSpec
+from .sampling.history import HistoryLayout, HistoryMemory, augment_image_latents, augment_video_latents
+from .video import Video
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Chunk:
+    """One decoded chunk: `frames` uint8 `[T, H, W, 3]` (33 for Helios), and where it sits in the video."""
+
+    index: int
+    first_frame: int
+    frames: np.ndarray
+    latents: Tensor  # the chunk's clean (normalised) latents `[1, C, 9, h, w]`, float32, on the CPU
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    """A loaded Helios model at one resolution. Build with `Engine.from_pretrained`."""
+
+    def __init__(
+        self,
+        transformer: HeliosTransformer,
+        vae: WanVAE,
+        prompts: PromptEncoder | None,
+        spec: SamplingSpec,
+        config: EngineConfig,
+    ) -> None:
+        self.transformer = transformer
+        self.vae = vae
+        self.spec = spec
+        self.config = config
+        self.device = transformer.proj_out.weight.device
+        self._prompts = PromptCache(prompts) if prompts is not None else None
+        self._check_resolution()
+        self.latent_hw = (config.height // vae.config.spatial_ratio, config.width // vae.config.spatial_ratio)
+        self.history_layout = HistoryLayout(
+            config.history_sizes, config.latent_frames_per_chunk, config.keep_first_frame
+        )
+        self.sampler = ChunkSampler(transformer, spec, self.history_layout, self.latent_hw, self.device)
+        self._history_mod = transformer.history_modulation()
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> Engine:
+        """Load a diffusers-layout Helios checkpoint folder, or `"demo"` for the built-in untrained model."""
+        config = config or EngineConfig()
+        if str(path) == "demo":
+            from .demo import build_demo_engine
+
+            return build_demo_engine(config)
+        root = Path(path)
+        if not (root / "model_index.json").exists():
+            raise CheckpointError(
+                f"{root} is not a Helios checkpoint folder (no model_index.json); pass the folder "
+                "that holds model_index.json, transformer/, vae/, scheduler/, or 'demo'"
+            )
+        device = torch.device(config.resolved_device())
+        ops = OpSet(device, config.kernels)
+        transformer = load_transformer(root, config.resolved_dtype(), device, ops)
+        vae = WanVAE.from_pretrained(root, config.resolved_dtype("vae_dtype"), device)
+        scheduler = read_json(find_component(root, "scheduler") / "scheduler_config.json")
+        spec = SamplingSpec.from_checkpoint(read_json(root / "model_index.json"), scheduler, config)
+        prompts = None
+        if (root / "text_encoder").is_dir():
+            prompts = UMT5PromptEncoder.from_pretrained(root, torch.float32, device)
+        return cls(transformer, vae, prompts, spec, config)
+
+    def _check_resolution(self) -> None:
+        """Height and width must survive the VAE (x8), the patch (x2) and the pyramid's halvings."""
+        stages = self.spec.schedule.stages if self.spec.pyramid else 1
+        unit = self.vae.config.spatial_ratio * self.transformer.config.patch_size[1] * 2 ** (stages - 1)
+        for name in ("height", "width"):
+            value = getattr(self.config, name)
+            if value % unit:
+                lower, upper = value // unit * unit, (value // unit + 1) * unit
+                raise ValueError(
+                    f"{name}={value} is not a multiple of {unit} (VAE x{self.vae.config.spatial_ratio}, "
+                    f"patch x{self.transformer.config.patch_size[1]}, {stages} pyramid stages); "
+                    f"use {lower or upper} or {upper}"
+                )
+
+    # ---- generation ------------------------------------------------------------------------------
+    def generate_stream(
+        self,
+        prompt: str | None = None,
+        *,
+        image: np.ndarray | Tensor | None = None,
+        video: np.ndarray | Tensor | None = None,
+        num_frames: int | None = None,
+        seed: int = 0,
+        negative_prompt: str | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+    ) -> Stream:
+        """Stream chunks of a video. `num_frames=None` streams until the caller stops.
+
+        image: uint8 `[H, W, 3]` (image-to-video); video: uint8 `[T, H, W, 3]` (video-to-video).
+        prompt_embeds: precomputed `[1, S, text_dim]` embeddings instead of `prompt`.
+        """
+        if num_frames is not None and (not isinstance(num_frames, int) or num_frames <= 0):
+            raise ValueError(f"num_frames must be a positive integer or None (endless), got {num_frames!r}")
+        if image is not None and video is not None:
+            raise ValueError("pass image (image-to-video) or video (video-to-video), not both")
+        if not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        cond = self._embed(prompt, prompt_embeds, "prompt")
+        uncond = None
+        if self.spec.uses_cfg:
+            uncond = self._embed(negative_prompt or "", negative_prompt_embeds, "negative_prompt", allow_empty=True)
+        return Stream(self, cond, uncond, image, video, num_frames, seed)
+
+    def generate(self, prompt: str | None = None, **kwargs) -> Video:
+        """Generate a whole video (all chunks collected): `engine.generate(...).save("out.mp4")`."""
+        num_frames = kwargs.pop("num_frames", 132)
+        with self.generate_stream(prompt, num_frames=num_frames, **kwargs) as stream:
+            frames = [chunk.frames for chunk in stream]
+        return Video(np.concatenate(frames), fps=self.config.fps)
+
+    def _embed(self, text: str | None, embeds: Tensor | None, what: str, allow_empty: bool = False) -> Tensor:
+        if embeds is not None:
+            if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[-1] != self.transformer.config.text_dim:
+                raise ValueError(
+                    f"{what}_embeds must be [1, S, {self.transformer.config.text_dim}], got {list(embeds.shape)}"
+                )
+            return embeds.float().to(self.device)
+        if text is None:
+            raise ValueError(f"pass {what} (text) or {what}_embeds")
+        if self._prompts is None:
+            raise ValueError(f"this checkpoint has no text_encoder/; pass {what}_embeds instead of text")
+        if allow_empty and text == "":
+            return self._prompts.encoder.encode([""]).to(self.device)
+        return self._prompts.get(validate_prompt(text, what)).to(self.device)
+
+    def encode_pixels(self, frames: np.ndarray | Tensor, generator: torch.Generator) -> Tensor:
+        """uint8 `[T, H, W, 3]` (or float `[T, 3, H, W]` in [-1, 1]) -> posterior sample, normalised."""
+        return self.vae.encode(self._pixels(frames), generator=generator, normalize=True).float()
+
+    def _pixels(self, frames: np.ndarray | Tensor) -> Tensor:
+        """Caller frames -> `[1, 3, T, H, W]` in [-1, 1] at the engine's resolution."""
+        x = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, Tensor) else frames
+        if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+            raise ValueError(
+                f"frames must be uint8 [T, H, W, 3] (an image is [H, W, 3]), got {x.dtype} {list(x.shape)}"
+            )
+        h, w = x.shape[1:3]
+        if (h, w) != (self.config.height, self.config.width):
+            raise ValueError(
+                f"input frames are {h}x{w} but the engine runs at {self.config.height}x"
+                f"{self.config.width}; resize them or build the engine at their resolution"
+            )
+        x = x.to(self.device).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+        return x.unsqueeze(0).to(self.vae.dtype)
+
+
+class Stream:
+    """An iterator of `Chunk`s; `set_prompt` changes the prompt from the next chunk; `close` frees it."""
+
+    def __init__(
+        self, engine: Engine, cond: Tensor, uncond: Tensor | None, image, video, num_frames: int | None, seed: int
+    ) -> None:
+        self.engine = engine
+        self.num_frames = num_frames
+        self._generator = torch.Generator("cpu").manual_seed(seed)
+        self._uncond = uncond
+        self._prompt = _PromptBlend(cond, engine.config.prompt_blend_chunks)
+        self._history = HistoryMemory(
+            engine.history_layout,
+            1,
+            engine.transformer.config.in_channels,
+            *engine.latent_hw,
+            torch.float32,
+            engine.device,
+        )
+        self._frames_per_chunk = engine.vae.config.num_frames(engine.config.latent_frames_per_chunk)
+        self._index = 0
+        self._closed = False
+        self._text, self._text_key = None, None
+        self._condition_on(image, video)
+        self._iterator = self._chunks()
+
+    def _condition_on(self, image, video) -> None:
+        """Fill the history from an image (I2V) or a video (V2V), with the reference's noise augmentation."""
+        engine, g = self.engine, self._generator
+        if image is not None:
+            img = torch.as_tensor(np.asarray(image)) if not isinstance(image, Tensor) else image
+            if img.ndim != 3:
+                raise ValueError(f"image must be uint8 [H, W, 3], got {list(img.shape)}")
+            latent = engine.encode_pixels(img[None], g)
+            window = img[None].expand(engine.vae.config.num_frames(engine.config.latent_frames_per_chunk), -1, -1, -1)
+            fake = engine.encode_pixels(window, g)[:, :, -1:]
+            latent, fake = augment_image_latents(latent, fake, g)
+            self._history.init_image(latent, fake)
+        elif video is not None:
+            self._history.init_video(*self._video_latents(video))
+
+    def _video_latents(self, video) -> tuple[Tensor, Tensor]:
+        engine, g = self.engine, self._generator
+        frames = torch.as_tensor(np.asarray(video)) if not isinstance(video, Tensor) else video
+        window = engine.vae.config.num_frames(engine.config.latent_frames_per_chunk)
+        if frames.ndim != 4 or frames.shape[0] < window:
+            raise ValueError(
+                f"video must be uint8 [T, H, W, 3] with at least {window} frames, got {list(frames.shape)}"
+            )
+        usable = frames.shape[0] // window * window
+        first = engine.encode_pixels(frames[:1], g)
+        start = frames.shape[0] - usable
+        chunks = [engine.encode_pixels(frames[start + i : start + i + window], g) for i in range(0, usable, window)]
+        return augment_video_latents(first, torch.cat(chunks, dim=2), g, engine.config.latent_frames_per_chunk)
+
+    # ---- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Chunk]:
+        return self
+
+    def __next__(self) -> Chunk:
+        if self._closed:
+            raise StopIteration
+        return next(self._iterator)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the stream's buffers; iteration ends."""
+        self._closed = True
+        self._iterator.close()
+        self._history = None
+        self._prompt = None
+        self._uncond = None
+        self._text, self._text_key = None, None
+
+    def set_prompt(self, prompt: str | None = None, *, prompt_embeds: Tensor | None = None) -> None:
+        """Switch to a new prompt from the next chunk, blending embeddings over `prompt_blend_chunks` chunks."""
+        self._prompt.switch(self.engine._embed(prompt, prompt_embeds, "prompt"))
+
+    @property
+    def chunks_total(self) -> int | None:
+        if self.num_frames is None:
+            return None
+        return -(-self.num_frames // self._frames_per_chunk)
+
+    def _chunks(self) -> Iterator[Chunk]:
+        while self.chunks_total is None or self._index < self.chunks_total:
+            yield self._next_chunk()
+
+    def _next_chunk(self) -> Chunk:
+        engine, k = self.engine, self._index
+        with nvtx_range(f"chunk {k}"):
+            t0 = time.perf_counter()
+            cond = self._conditioning()
+            latents = engine.sampler.sample(cond, 1, self._generator, first_chunk=(k == 0))
+            t1 = time.perf_counter()
+            self._history.push(latents)
+            with nvtx_range("decode"):
+                frames = engine.vae.decode_frames(latents, normalized=True)
+            t2 = time.perf_counter()
+        self._index += 1
+        return Chunk(
+            k,
+            k * self._frames_per_chunk,
+            frames.cpu().numpy(),
+            latents.cpu(),
+            {"transformer_s": t1 - t0, "decode_s": t2 - t1},
+        )
+
+    def _conditioning(self) -> Conditioning:
+        engine = self.engine
+        embeds = self._prompt.next()
+        if embeds is not self._text_key:  # text K/V are computed once per prompt (and per blend chunk)
+            both = embeds if self._uncond is None else _pad_cat(embeds, self._uncond)
+            self._text, self._text_key = engine.transformer.encode_text(both), embeds
+        short, mid, long = self._history.windows()
+        return Conditioning(self._text, engine.sampler.embed_history(short, mid, long), engine._history_mod)
+
+
+class _PromptBlend:
+    """The current prompt embedding; after a switch, a linear blend from old to new over `chunks` chunks."""
+
+    def __init__(self, embeds: Tensor, chunks: int) -> None:
+        self.current = embeds
+        self.target = embeds
+        self.chunks = chunks
+        self.step = chunks
+
+    def switch(self, embeds: Tensor) -> None:
+        self.current, self.target, self.step = self.next_value(), embeds, 0
+
+    def next_value(self) -> Tensor:
+        if self.step >= self.chunks:
+            return self.target
+        w = (self.step + 1) / self.chunks
+        a, b = _pad_pair(self.current, self.target)
+        return torch.lerp(a, b, w)
+
+    def next(self) -> Tensor:
+        value = self.next_value()
+        if self.step < self.chunks:
+            self.step += 1
+            if self.step == self.chunks:
+                self.current = self.target
+        return value
+
+
+def _pad_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero-pad two `[1, S, D]` embeddings to the same length (zeros are the reference's padding)."""
+    s = max(a.shape[1], b.shape[1])
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, s - x.shape[1]))  # noqa: E731
+    return pad(a), pad(b)
+
+
+def _pad_cat(a: Tensor, b: Tensor) -> Tensor:
+    return torch.cat(_pad_pair(a, b))

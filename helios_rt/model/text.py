@@ -1,0 +1,146 @@
+"""Prompt encoders: the checkpoint's umT5 (through `transformers`) and the demo model's hashed embedder.
+
+Helios conditions on umT5-XXL's last hidden state for a prompt padded to 512 tokens; positions
+past the prompt's own tokens are zero (not the encoder's output for padding), and the transformer
+sees all 512 rows without a mask. Numerics depend on both, so both are reproduced here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..checkpoint import CheckpointError, find_component, index_tensors, load_state_dict, weight_files
+
+Tensor = torch.Tensor
+MAX_TEXT_TOKENS = 512
+
+
+def clean_prompt(text: str) -> str:
+    """Unescape HTML entities (twice, as the reference does) and collapse whitespace."""
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def validate_prompt(text: object, what: str = "prompt") -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    if not clean_prompt(text):
+        raise ValueError(f"{what} is empty; describe the video to generate (e.g. 'a tropical fish among corals')")
+    return text
+
+
+class PromptEncoder(Protocol):
+    text_dim: int
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        """`[B, 512, text_dim]` float32 embeddings, zero past each prompt's tokens."""
+        ...
+
+
+class UMT5PromptEncoder:
+    """umT5 encoder + tokenizer read from a checkpoint's `text_encoder/` and `tokenizer/` folders."""
+
+    def __init__(self, tokenizer, encoder: torch.nn.Module, device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.device = device
+        self.text_dim = encoder.config.d_model
+
+    @classmethod
+    def from_pretrained(
+        cls, root: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> UMT5PromptEncoder:
+        from transformers import AutoTokenizer
+
+        tokenizer_dir = find_component(root, "tokenizer")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        except Exception as err:  # transformers raises many types for a broken folder; name the folder
+            raise CheckpointError(f"cannot load the tokenizer from {tokenizer_dir}: {err}") from err
+        encoder = load_umt5_encoder(find_component(root, "text_encoder"), dtype, device)
+        return cls(tokenizer, encoder, torch.device(device))
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Tensor:
+        batch = self.tokenizer(
+            [clean_prompt(p) for p in prompts],
+            padding="max_length",
+            max_length=MAX_TEXT_TOKENS,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        hidden = self.encoder(ids, mask).last_hidden_state.float()
+        return hidden * mask[..., None].to(hidden.dtype)
+
+
+def load_umt5_encoder(folder: Path, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+    """Build `UMT5EncoderModel` from its config and our validated safetensors reader.
+
+    The released weights store the token embedding once, as `shared.weight`; the encoder's own
+    `embed_tokens` must be that tensor (tied), whatever `tie_word_embeddings` says, or every token
+    embeds to garbage and the video comes out grey.
+    """
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config.from_pretrained(str(folder))
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    tied = "encoder.embed_tokens.weight"
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != tied}
+    if tied in index_tensors(weight_files(folder)):  # some exports also store the tied copy
+        expected[tied] = expected["shared.weight"]
+    state = load_state_dict(folder, expected, lambda _: dtype, device)
+    state.pop(tied, None)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.encoder.embed_tokens.weight = model.shared.weight
+    return model.eval()
+
+
+class HashPromptEncoder:
+    """The demo model's prompt encoder: deterministic pseudo-embeddings, one per word.
+
+    It is not a language model. It exists so that the built-in demo runs end to end without a
+    download, and different prompts still give different videos.
+    """
+
+    def __init__(self, text_dim: int) -> None:
+        self.text_dim = text_dim
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        out = torch.zeros(len(prompts), MAX_TEXT_TOKENS, self.text_dim)
+        for i, prompt in enumerate(prompts):
+            for j, word in enumerate(clean_prompt(prompt).split(" ")[:MAX_TEXT_TOKENS]):
+                seed = int.from_bytes(hashlib.sha256(word.lower().encode()).digest()[:8], "little")
+                out[i, j] = torch.randn(self.text_dim, generator=torch.Generator().manual_seed(seed))
+        return out
+
+
+class PromptCache:
+    """Embeddings per prompt text, least recently used evicted: a stream re-uses its prompt every chunk."""
+
+    def __init__(self, encoder: PromptEncoder, capacity: int = 16) -> None:
+        self.encoder = encoder
+        self.capacity = capacity
+        self._store: OrderedDict[str, Tensor] = OrderedDict()
+
+    def get(self, prompt: str) -> Tensor:
+        """`[1, 512, text_dim]` float32 embeddings of one prompt."""
+        validate_prompt(prompt)
+        if prompt in self._store:
+            self._store.move_to_end(prompt)
+            return self._store[prompt]
+        emb = self.encoder.encode([prompt])
+        self._store[prompt] = emb
+        if len(self._store) > self.capacity:
+            self._store.popitem(last=False)
+        return emb

@@ -1,0 +1,324 @@
+"""The Wan 2.1 VAE of Helios: whole-chunk causal decode and encode, loaded from a checkpoint's `vae/`.
+
+A chunk's 9 latent frames decode in one pass into 33 frames (the first latent frame yields 1 frame,
+every other one 4), equal to the reference's frame-by-frame decode with its feature cache; see
+`vae_blocks` for why. Encoding takes 1 + 4k frames (a window, or one image as a 1-frame video).
+
+Latents leave the encoder and enter the decoder *raw*; the transformer works on *normalised*
+latents, `(z - latents_mean) / latents_std`. `normalize_latents` / `denormalize_latents` are the one
+place that converts, with the Helios pipelines' exact arithmetic (they multiply by `1 / std`).
+
+Shapes: pixels `[B, C, T, H, W]` in [-1, 1]; latents `[B, z_dim, T', H / 8, W / 8]` with
+`T = 1 + 4 (T' - 1)` for the Wan 2.1 layout. uint8 frames are `[T, H, W, 3]`, rounded as diffusers'
+`VideoProcessor` does for PIL output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import find_component, load_state_dict, read_json
+from .vae_blocks import CausalConv3d, Decoder, Encoder
+
+Tensor = torch.Tensor
+# The reference encodes the first frame, then groups of 4 frames (whatever the temporal ratio).
+ENCODE_GROUP = 4
+
+# Keys that diffusers writes for its own bookkeeping; they do not change the math.
+_BOOKKEEPING_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
+
+WAN21_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+
+def _fail(name: str, value: Any, constraint: str) -> None:
+    raise ValueError(f"VAEConfig.{name}={value!r}: {constraint}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        _fail(name, value, "must be a positive integer")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """diffusers `AutoencoderKLWan` config, key for key (including its `temperal_*` spelling)."""
+
+    base_dim: int = 96
+    decoder_base_dim: int | None = None
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0
+    latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+    is_residual: bool = False
+    in_channels: int = 3
+    out_channels: int = 3
+    patch_size: int | None = None
+    scale_factor_temporal: int | None = 4
+    scale_factor_spatial: int | None = 8
+
+    def __post_init__(self) -> None:
+        for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"):
+            _positive_int(name, getattr(self, name))
+        if self.decoder_base_dim is not None:
+            _positive_int("decoder_base_dim", self.decoder_base_dim)
+        if not self.dim_mult or any(not isinstance(m, int) or m <= 0 for m in self.dim_mult):
+            _fail("dim_mult", self.dim_mult, "must be a non-empty list of positive integers")
+        if len(self.temperal_downsample) < len(self.dim_mult) - 1:
+            _fail("temperal_downsample", self.temperal_downsample, f"needs {len(self.dim_mult) - 1} entries")
+        if self.temporal_stages > 2:
+            _fail(
+                "temperal_downsample",
+                self.temperal_downsample,
+                "at most 2 temporal stages: the reference encodes 4 frames per step",
+            )
+        if self.attn_scales:
+            _fail(
+                "attn_scales",
+                self.attn_scales,
+                "encoder attention is not supported (Wan 2.1 uses []; diffusers' own encoder cannot run it)",
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("dropout", self.dropout, "must be in [0, 1) (it is inactive at inference)")
+        for name in ("latents_mean", "latents_std"):
+            if len(getattr(self, name)) != self.z_dim:
+                _fail(name, getattr(self, name), f"must have z_dim={self.z_dim} entries")
+        if any(s == 0 for s in self.latents_std):
+            _fail("latents_std", self.latents_std, "entries must be non-zero")
+        if self.is_residual:
+            _fail("is_residual", True, "the residual (Wan 2.2) VAE is not supported; Helios uses the Wan 2.1 VAE")
+        if self.patch_size is not None:
+            _fail("patch_size", self.patch_size, "patchified (Wan 2.2) VAEs are not supported; expected null")
+        if self.scale_factor_temporal not in (None, self.temporal_ratio):
+            _fail("scale_factor_temporal", self.scale_factor_temporal, f"the layers give {self.temporal_ratio}")
+        if self.scale_factor_spatial not in (None, self.spatial_ratio):
+            _fail("scale_factor_spatial", self.scale_factor_spatial, f"the layers give {self.spatial_ratio}")
+
+    @property
+    def temporal_stages(self) -> int:
+        return sum(bool(t) for t in self.temperal_downsample[: len(self.dim_mult) - 1])
+
+    @property
+    def temporal_ratio(self) -> int:
+        return 2**self.temporal_stages
+
+    @property
+    def spatial_ratio(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    def num_frames(self, latent_frames: int) -> int:
+        """Pixel frames decoded from `latent_frames` latent frames (9 -> 33)."""
+        return 1 + self.temporal_ratio * (latent_frames - 1)
+
+    def num_latent_frames(self, frames: int) -> int:
+        """Latent frames encoded from `frames` = 1 + 4k pixel frames (33 -> 9)."""
+        return 1 + (frames - 1) // self.temporal_ratio
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in raw if k not in known and k not in _BOOKKEEPING_KEYS)
+        if unknown:
+            raise ValueError(
+                f"VAE config has unknown keys {unknown}: this helios_rt does not know what they change; "
+                "upgrade helios_rt or remove them if they are not part of the Wan VAE"
+            )
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass(frozen=True)
+class LatentPosterior:
+    """The encoder's diagonal Gaussian (diffusers `DiagonalGaussianDistribution`), raw latent space."""
+
+    mean: Tensor
+    logvar: Tensor  # clamped to [-30, 20]
+
+    @property
+    def std(self) -> Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """`mean + std * eps`, eps drawn as the reference does: on the generator's device, then moved."""
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+
+class WanVAE(nn.Module):
+    """Wan 2.1 VAE: `encoder`, `quant_conv`, `post_quant_conv`, `decoder` (diffusers key names)."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.encoder = Encoder(
+            c.in_channels, c.base_dim, c.z_dim * 2, c.dim_mult, c.num_res_blocks, c.temperal_downsample
+        )
+        self.quant_conv = CausalConv3d(c.z_dim * 2, c.z_dim * 2, 1)
+        self.post_quant_conv = CausalConv3d(c.z_dim, c.z_dim, 1)
+        self.decoder = Decoder(
+            c.decoder_base_dim or c.base_dim,
+            c.z_dim,
+            c.dim_mult,
+            c.num_res_blocks,
+            c.temperal_downsample[::-1],
+            c.out_channels,
+        )
+        self._init_latent_stats()
+
+    def _init_latent_stats(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        # Non-persistent: computed from the config, never read from the weights.
+        shape = (1, self.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.config.latents_mean, device=device).view(shape)
+        inv_std = 1.0 / torch.tensor(self.config.latents_std, device=device).view(shape)
+        self.register_buffer("latents_mean", mean.to(dtype or mean.dtype), persistent=False)
+        self.register_buffer("latents_inv_std", inv_std.to(dtype or inv_std.dtype), persistent=False)
+
+    @classmethod
+    def from_pretrained(
+        cls, root: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> WanVAE:
+        """Build on the meta device, validate the folder's tensors against it, then assign them."""
+        folder = find_component(root, "vae")
+        config = VAEConfig.from_dict(read_json(folder / "config.json"))
+        with torch.device("meta"):
+            module = cls(config)
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        state = load_state_dict(folder, expected, lambda _name: dtype, device)
+        module.load_state_dict(state, strict=True, assign=True)
+        module._init_latent_stats(device, dtype)
+        return module.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
+    # -- latent normalisation (the Helios pipelines' formula, in the VAE's dtype) --------------------
+    def normalize_latents(self, z: Tensor) -> Tensor:
+        """Raw (encoder) latents -> the transformer's latents: `(z - mean) * (1 / std)`."""
+        return (z.to(self.dtype) - self.latents_mean) * self.latents_inv_std
+
+    def denormalize_latents(self, z: Tensor) -> Tensor:
+        """The transformer's latents -> raw latents for the decoder: `z / (1 / std) + mean`."""
+        return z.to(self.dtype) / self.latents_inv_std + self.latents_mean
+
+    # -- decode ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: Tensor, *, normalized: bool = False) -> Tensor:
+        """`[B, z_dim, T, h, w]` latents -> `[B, out_channels, 1 + 4 (T - 1), 8h, 8w]` in [-1, 1].
+
+        `normalized=True` takes the transformer's latents (denormalised here first). The output is in
+        the VAE's dtype and clamped to [-1, 1], like the reference's `decode`.
+        """
+        self._check_latents(latents)
+        z = self.denormalize_latents(latents) if normalized else latents.to(self.dtype)
+        return self.decoder(self.post_quant_conv(z)).clamp_(-1.0, 1.0)
+
+    @torch.no_grad()
+    def decode_frames(self, latents: Tensor, *, normalized: bool = False, out: Tensor | None = None) -> Tensor:
+        """One video's latents `[z_dim, T, h, w]` (or `[1, z_dim, T, h, w]`) -> uint8 `[T', H, W, 3]`."""
+        if latents.dim() == 4:
+            latents = latents.unsqueeze(0)
+        if latents.dim() != 5 or latents.shape[0] != 1:
+            raise ValueError(
+                f"decode_frames takes one video's latents [z_dim, T, h, w] or [1, z_dim, T, h, w], got "
+                f"{list(latents.shape)}; use decode() for a batch"
+            )
+        return to_uint8_frames(self.decode(latents, normalized=normalized)[0], out=out)
+
+    def _check_latents(self, z: Tensor) -> None:
+        c = self.config.z_dim
+        if not isinstance(z, Tensor) or z.dim() != 5:
+            shape = list(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"latents must be a 5-D tensor [B, {c}, T, h, w], got {shape}")
+        if z.shape[1] != c:
+            raise ValueError(f"latents must have z_dim={c} channels (dim 1), got {list(z.shape)}")
+        if min(z.shape) == 0:
+            raise ValueError(f"latents have an empty dimension: {list(z.shape)}")
+        if not z.is_floating_point():
+            raise ValueError(f"latents must be floating point, got {z.dtype}")
+
+    # -- encode ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_posterior(self, video: Tensor) -> LatentPosterior:
+        """Pixels `[B, in_channels, 1 + 4k, H, W]` in [-1, 1] (H, W multiples of 8) -> the posterior.
+
+        One image is a 1-frame video: `image.unsqueeze(2)`.
+        """
+        self._check_pixels(video)
+        moments = self.quant_conv(self.encoder(video.to(self.dtype)))
+        mean, logvar = moments.chunk(2, dim=1)
+        return LatentPosterior(mean, logvar.clamp(-30.0, 20.0))
+
+    @torch.no_grad()
+    def encode(
+        self,
+        video: Tensor,
+        *,
+        sample: bool = True,
+        generator: torch.Generator | None = None,
+        normalize: bool = False,
+    ) -> Tensor:
+        """Latents of `video`: a posterior sample (`generator` makes it deterministic) or its mean.
+
+        `normalize=True` returns them in the transformer's normalised space.
+        """
+        posterior = self.encode_posterior(video)
+        z = posterior.sample(generator) if sample else posterior.mean
+        return self.normalize_latents(z) if normalize else z
+
+    def _check_pixels(self, x: Tensor) -> None:
+        c, s, r = self.config.in_channels, self.config.spatial_ratio, ENCODE_GROUP
+        if not isinstance(x, Tensor) or x.dim() != 5:
+            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"video must be a 5-D tensor [B, {c}, T, H, W], got {shape}; pass one image as image.unsqueeze(2)"
+            )
+        b, ch, t, h, w = x.shape
+        if ch != c:
+            raise ValueError(f"video must have {c} channels (dim 1), got {list(x.shape)}")
+        if b == 0 or t == 0:
+            raise ValueError(f"video has an empty dimension: {list(x.shape)}")
+        if (t - 1) % r:
+            raise ValueError(f"video has {t} frames; the encoder takes 1 + {r}k frames (1, {1 + r}, {1 + 2 * r}, ...)")
+        if h == 0 or w == 0 or h % s or w % s:
+            raise ValueError(f"pixel resolution {h}x{w} must be positive multiples of {s}")
+        if not x.is_floating_point():
+            raise ValueError(f"video must be floating point in [-1, 1], got {x.dtype}")
+
+
+def to_uint8_frames(video: Tensor, out: Tensor | None = None) -> Tensor:
+    """`[3, T, H, W]` in [-1, 1] -> uint8 `[T, H, W, 3]`: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
+
+    The arithmetic of diffusers' `VideoProcessor.postprocess_video` + `numpy_to_pil`, in float32,
+    with round-half-to-even as numpy rounds. `out` (uint8 `[T, H, W, 3]`) receives the frames.
+    """
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"video must be [3, T, H, W] to become RGB frames, got {list(video.shape)}")
+    x = (video.float() * 0.5 + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_().permute(1, 2, 3, 0)
+    if out is None:
+        return x.to(torch.uint8)
+    if out.dtype != torch.uint8 or out.shape != x.shape:
+        raise ValueError(f"out must be uint8 {list(x.shape)}, got {out.dtype} {list(out.shape)}")
+    return out.copy_(x)

@@ -1,0 +1,288 @@
+"""One chunk of Helios sampling: the pyramid (distilled or mid) or the single-resolution base loop.
+
+`SamplingSpec` is what a checkpoint and an `EngineConfig` decide together (steps, guidance, which
+pipeline); `ChunkSampler` turns noise and a history into a chunk's clean latents. Everything that
+depends on Python values (schedules, layouts, RoPE tables) is planned once per shape and cached;
+the step loop only runs tensors through the transformer and the step functions.
+
+The sampler math that has a fused kernel goes through the op table (`OpSet`, the transformer's by
+default), so `EngineConfig(kernels=...)` picks the backend: `flow_step` for DMD steps (it reads the
+transformer's patch-layout output, so DMD stages call the model with `unpatchify=False`),
+`stage_transition` for the pyramid's upsample + block noise (the noise itself is drawn here, on the
+generator), and `cfg_combine` for CFG and CFG-Zero* (a zero-init step is `cond * 0.0`, planned on
+the host). The op references round exactly as the functions of `schedules`/`pyramid`/`guidance`
+they replace. UniPC and Euler steps stay on those PyTorch functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..model.layout import TokenLayout, build_layout, rope_tables
+from ..model.transformer import HeliosTransformer, HistoryTokens, TextContext
+from ..ops import OpSet
+from .guidance import zero_init_steps
+from .history import HistoryLayout
+from .pyramid import PyramidPlan, chunk_noise, downsample_noise, plan_pyramid, sample_block_noise
+from .schedules import (
+    ScheduleConfig,
+    StagePlan,
+    UniPCState,
+    base_sigmas,
+    calculate_shift,
+    euler_step,
+    helios_stage_plan,
+    unipc_step,
+)
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How a checkpoint samples a chunk, after EngineConfig overrides."""
+
+    schedule: ScheduleConfig
+    pyramid: bool  # HeliosPyramidPipeline (distilled, mid) vs HeliosPipeline (base)
+    is_distilled: bool
+    cfg_zero_star: bool
+    steps: tuple[int, ...]  # per stage (pyramid) or (num_inference_steps,) (base)
+    guidance_scale: float
+    amplify_first_chunk: bool
+    zero_init_steps: int = 1
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @classmethod
+    def from_checkpoint(cls, model_index: dict[str, Any], scheduler: dict[str, Any], config) -> SamplingSpec:
+        """Defaults: distilled = one step per stage, no CFG, doubled first chunk; others CFG 5.0."""
+        pipeline = model_index.get("_class_name", "HeliosPyramidPipeline")
+        if pipeline not in ("HeliosPyramidPipeline", "HeliosPipeline"):
+            raise ValueError(
+                f"model_index.json names pipeline {pipeline!r}; helios_rt runs HeliosPyramidPipeline "
+                "and HeliosPipeline checkpoints"
+            )
+        schedule = ScheduleConfig.from_dict(scheduler)
+        pyramid = pipeline == "HeliosPyramidPipeline"
+        distilled = bool(model_index.get("is_distilled", False))
+        if pyramid:
+            default_steps = (1,) * schedule.stages if distilled else (20,) * schedule.stages
+            steps = config.pyramid_steps or default_steps
+            if len(steps) != schedule.stages:
+                raise ValueError(
+                    f"EngineConfig.pyramid_steps={steps} has {len(steps)} entries but the checkpoint's "
+                    f"scheduler has {schedule.stages} stages"
+                )
+        else:
+            if config.pyramid_steps is not None:
+                raise ValueError(
+                    "EngineConfig.pyramid_steps applies to pyramid checkpoints; this one is a "
+                    "HeliosPipeline (base): set num_inference_steps instead"
+                )
+            steps = (config.num_inference_steps or 50,)
+        guidance = config.guidance_scale if config.guidance_scale is not None else (1.0 if distilled else 5.0)
+        amplify = config.amplify_first_chunk if config.amplify_first_chunk is not None else distilled
+        return cls(
+            schedule,
+            pyramid,
+            distilled,
+            bool(model_index.get("is_cfg_zero_star", False)),
+            tuple(steps),
+            float(guidance),
+            bool(amplify and distilled and pyramid),
+            config.zero_init_steps,
+        )
+
+
+@dataclass
+class Conditioning:
+    """Per-chunk inputs of the transformer that stay fixed across its stages and steps."""
+
+    text: TextContext  # batch B, or 2B as [cond; uncond] with CFG
+    history: HistoryTokens | None
+    history_mod: Tensor
+
+
+class ChunkSampler:
+    """Runs one chunk's stages and steps; caches layouts, RoPE tables and schedule plans per shape.
+
+    ops: the op table of the sampler ops (default: the transformer's, so one `EngineConfig.kernels`
+    choice covers both).
+    """
+
+    def __init__(
+        self,
+        model: HeliosTransformer,
+        spec: SamplingSpec,
+        history_layout: HistoryLayout,
+        latent_hw: tuple[int, int],
+        device: torch.device,
+        ops: OpSet | None = None,
+    ) -> None:
+        self.model = model
+        self.ops = ops if ops is not None else model.ops
+        self.spec = spec
+        self.history_layout = history_layout
+        self.latent_hw = latent_hw
+        self.device = device
+        self.frames = history_layout.chunk_frames
+        idx = {k: tuple(v[0].tolist()) for k, v in history_layout.indices().items()}
+        self.noisy_indices = idx["indices_hidden_states"]
+        self.history_indices = {
+            "short": idx["indices_latents_history_short"],
+            "mid": idx["indices_latents_history_mid"],
+            "long": idx["indices_latents_history_long"],
+        }
+        self._layouts: dict[tuple[int, int], tuple[TokenLayout, tuple[Tensor, Tensor]]] = {}
+        self._plans: dict[bool, Any] = {}
+
+    # ---- constants -------------------------------------------------------------------------------
+    def layout(self, hw: tuple[int, int]) -> tuple[TokenLayout, tuple[Tensor, Tensor]]:
+        """Token layout and RoPE tables of a stage with noisy latents of size `hw` (cached)."""
+        if hw not in self._layouts:
+            layout = build_layout(
+                self.model.config, (self.frames, *hw), self.noisy_indices, self.latent_hw, self.history_indices
+            )
+            self._layouts[hw] = (layout, rope_tables(self.model.config, layout, self.device))
+        return self._layouts[hw]
+
+    def plan(self, first_chunk: bool) -> PyramidPlan | StagePlan:
+        """The chunk's schedule, its tables on the device (steps read their sigmas from there)."""
+        amplify = self.spec.amplify_first_chunk and first_chunk
+        if amplify not in self._plans:
+            h, w = self.latent_hw
+            if self.spec.pyramid:
+                plan = plan_pyramid(
+                    self.spec.schedule,
+                    self.spec.steps,
+                    self.frames,
+                    h,
+                    w,
+                    self.model.config.patch_size,
+                    amplify_first_chunk=amplify,
+                )
+                plan = replace(plan, stages=tuple(stage.to(self.device) for stage in plan.stages))
+            else:
+                p = self.model.config.patch_size
+                mu = calculate_shift(self.spec.schedule, self.frames * h * w // (p[0] * p[1] * p[2]))
+                # the base pipeline hands the transformer float timesteps (the pyramid truncates to int64)
+                plan = helios_stage_plan(
+                    self.spec.schedule,
+                    self.spec.steps[0],
+                    None,
+                    mu=mu,
+                    sigmas=base_sigmas(self.spec.steps[0]),
+                    int_model_timesteps=False,
+                ).to(self.device)
+            self._plans[amplify] = plan
+        return self._plans[amplify]
+
+    def embed_history(self, short: Tensor, mid: Tensor, long: Tensor) -> HistoryTokens | None:
+        layout, _ = self.layout(self.latent_hw)
+        return self.model.embed_history(layout, short, mid, long)
+
+    # ---- one chunk -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, cond: Conditioning, batch: int, generator: torch.Generator, first_chunk: bool) -> Tensor:
+        """Clean latents `[B, C, frames, H, W]` float32 of one chunk."""
+        c = self.model.config.in_channels
+        noise = chunk_noise(batch, c, self.frames, *self.latent_hw, generator, self.device)
+        if not self.spec.pyramid:
+            return self._base_loop(noise, cond, self.plan(first_chunk))
+        plan = self.plan(first_chunk)
+        # contiguous: it is also stage 0's start point, which the fused flow step reads densely
+        latents = downsample_noise(noise, len(plan.stages)).contiguous()
+        for s, stage in enumerate(plan.stages):
+            if s > 0:
+                latents = self._transition(latents, plan, s, generator)
+            start = latents
+            latents = self._stage_loop(latents, start, cond, stage, s, plan.hw[s])
+        return latents
+
+    def _transition(self, latents: Tensor, plan: PyramidPlan, s: int, generator: torch.Generator) -> Tensor:
+        alpha, beta = plan.alpha_beta[s]
+        b, c, t, h, w = latents.shape
+        noise = sample_block_noise(b, c, t, 2 * h, 2 * w, self.spec.schedule.gamma, plan.patch, generator, self.device)
+        # the reference rounds the block noise to the transformer dtype before mixing it in
+        return self.ops.stage_transition(latents, noise.to(self.model.dtype), alpha, beta)
+
+    def _stage_loop(
+        self, latents: Tensor, start: Tensor, cond: Conditioning, stage: StagePlan, s: int, hw: tuple[int, int]
+    ) -> Tensor:
+        layout, rope = self.layout(hw)
+        zeroed = zero_init_steps(s, stage.num_steps, self.spec.zero_init_steps) if self.spec.cfg_zero_star else None
+        unipc = (
+            UniPCState(self.spec.schedule.solver_order, tuple(latents.shape), latents.dtype, self.device)
+            if stage.kind == "unipc"
+            else None
+        )
+        patch_layout = stage.kind == "dmd"  # flow_step unpatchifies as it loads
+        for i in range(stage.num_steps):
+            flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, zeroed, i, patch_layout)
+            latents = self._step(stage, i, flow, latents, start, unipc)
+        return latents
+
+    def _base_loop(self, latents: Tensor, cond: Conditioning, stage: StagePlan) -> Tensor:
+        layout, rope = self.layout(self.latent_hw)
+        unipc = (
+            UniPCState(self.spec.schedule.solver_order, tuple(latents.shape), latents.dtype, self.device)
+            if stage.kind == "unipc"
+            else None
+        )
+        for i in range(stage.num_steps):
+            flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, None, i)
+            latents = self._step(stage, i, flow, latents, None, unipc)
+        return latents
+
+    def _step(
+        self, stage: StagePlan, i: int, flow: Tensor, latents: Tensor, start: Tensor | None, unipc: UniPCState | None
+    ) -> Tensor:
+        if stage.kind == "dmd":
+            # flow: patch layout; sigmas: 1-element float64 views of the plan (as dmd_step reads them)
+            return self.ops.flow_step(
+                flow,
+                latents,
+                start,
+                stage.sigma_t[i : i + 1],
+                stage.sigma_next[i : i + 1],
+                self.model.config.patch_size,
+            )
+        if stage.kind == "unipc":
+            return unipc_step(flow, latents, unipc, stage.unipc[i])
+        return euler_step(flow, latents, stage.sigma_t[i], stage.sigma_next[i])
+
+    def _predict(
+        self,
+        latents: Tensor,
+        t: Tensor,
+        cond: Conditioning,
+        layout: TokenLayout,
+        rope: tuple[Tensor, Tensor],
+        zeroed: Tensor | None,
+        i: int,
+        patch_layout: bool = False,
+    ) -> Tensor:
+        """The (guided) flow prediction at `latents`; with CFG, one batch-2 forward [cond; uncond].
+
+        `[B, C, T, H, W]`, or the transformer's patch layout `[B, L, pt*ph*pw*C]` when `patch_layout`.
+        """
+        b = latents.shape[0]
+        x = latents.to(self.model.dtype)
+        if self.spec.uses_cfg:
+            x = torch.cat([x, x])
+        timestep = t.reshape(1).expand(x.shape[0]).to(self.device)
+        history = cond.history
+        if history is not None and history.tokens.shape[0] != x.shape[0]:
+            history = HistoryTokens(history.tokens.repeat(x.shape[0] // history.tokens.shape[0], 1, 1))
+        flow = self.model(x, timestep, cond.text, layout, rope, history, cond.history_mod, unpatchify=not patch_layout)
+        if not self.spec.uses_cfg:
+            return flow
+        if self.spec.cfg_zero_star and bool(zeroed[i]):
+            return flow[:b] * 0.0  # the reference's zero-init step: `cond * 0.0` (signed zeros, NaN kept)
+        # [cond; uncond] as stacked above (guidance.split_cond_uncond's order)
+        return self.ops.cfg_combine(flow, self.spec.guidance_scale, self.spec.cfg_zero_star)

@@ -1,0 +1,87 @@
+"""`helios-rt generate` end to end on the demo model, and mp4 writing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helios_rt.cli import main
+from helios_rt.video import Mp4Writer, read_video
+
+
+def test_generate_demo_writes_a_playable_mp4(tmp_path, capsys) -> None:
+    out = tmp_path / "demo.mp4"
+    code = main(
+        [
+            "generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "a tropical fish among corals",
+            "--num-frames",
+            "40",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    frames = read_video(out)
+    assert frames.shape == (66, 64, 64, 3)  # two chunks of 33: every frame that was made is kept
+    assert "wrote 66 frames" in capsys.readouterr().err
+
+
+def test_generate_reports_bad_input_without_a_traceback(tmp_path, capsys) -> None:
+    code = main(
+        [
+            "generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "  ",
+            "--out",
+            str(tmp_path / "x.mp4"),
+            "--height",
+            "64",
+            "--width",
+            "64",
+        ]
+    )
+    assert code == 2
+    assert "prompt is empty" in capsys.readouterr().err
+
+
+def test_generate_rejects_a_non_positive_frame_count() -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "demo", "--prompt", "x", "--num-frames", "0"])
+
+
+def test_an_interrupted_write_keeps_the_frames_made_so_far(tmp_path) -> None:
+    out = tmp_path / "partial.mp4"
+    frames = np.random.default_rng(0).integers(0, 255, (10, 32, 48, 3), dtype=np.uint8)
+    with pytest.raises(KeyboardInterrupt), Mp4Writer(out, fps=24) as writer:
+        writer.write(frames)
+        raise KeyboardInterrupt
+    assert read_video(out).shape == (10, 32, 48, 3)
+
+
+@pytest.mark.parametrize(
+    ("frames", "message"),
+    [
+        (np.zeros((2, 31, 32, 3), np.uint8), "even frame sizes"),
+        (np.zeros((2, 32, 32, 3), np.float32), "frames must be uint8"),
+    ],
+)
+def test_mp4_writer_rejects_bad_frames(tmp_path, frames, message) -> None:
+    with pytest.raises(ValueError, match=message), Mp4Writer(tmp_path / "x.mp4") as writer:
+        writer.write(frames)
+
+
+def test_mp4_writer_needs_an_mp4_path(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"must end in \.mp4"):
+        Mp4Writer(tmp_path / "x.avi")

@@ -1,0 +1,141 @@
+"""Engine behaviour: streaming, prompt switching, closing, constant memory, and clear errors."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from helios_rt import Engine, EngineConfig
+from helios_rt.checkpoint import CheckpointError
+
+SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.from_pretrained("demo", SMALL)
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct storage that a live tensor holds."""
+    gc.collect()
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            storage = obj.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def test_stream_yields_chunks_of_33_uint8_frames(engine: Engine) -> None:
+    with engine.generate_stream("a tropical fish among corals", num_frames=40, seed=3) as stream:
+        chunks = list(stream)
+    assert [c.index for c in chunks] == [0, 1]
+    assert [c.first_frame for c in chunks] == [0, 33]
+    for c in chunks:
+        assert c.frames.dtype == np.uint8 and c.frames.shape == (33, 64, 64, 3)
+        assert set(c.timings) == {"transformer_s", "decode_s"}
+    assert not np.array_equal(chunks[0].frames, chunks[1].frames)
+
+
+def test_same_seed_same_video_other_seed_other_video(engine: Engine) -> None:
+    a = engine.generate("a red kite over a beach", num_frames=33, seed=7).frames
+    b = engine.generate("a red kite over a beach", num_frames=33, seed=7).frames
+    c = engine.generate("a red kite over a beach", num_frames=33, seed=8).frames
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_memory_stays_flat_over_40_chunks(engine: Engine) -> None:
+    stream = engine.generate_stream("waves", num_frames=None, seed=0)
+    sizes = {}
+    for chunk in stream:
+        if chunk.index in (5, 39):
+            del chunk
+            sizes[len(sizes)] = live_tensor_bytes()
+        if len(sizes) == 2:
+            break
+    stream.close()
+    assert sizes[1] <= sizes[0], f"live tensor bytes grew from {sizes[0]} to {sizes[1]} between chunks 5 and 39"
+
+
+def test_set_prompt_blends_into_the_new_prompt(engine: Engine) -> None:
+    """After a switch the text embedding moves to the new prompt over prompt_blend_chunks chunks."""
+    stream = engine.generate_stream("a quiet forest", num_frames=None, seed=1)
+    next(stream)
+    first = stream._prompt.target
+    stream.set_prompt("a busy city street")
+    target = stream._prompt.target
+    seen = [stream._prompt.next() for _ in range(SMALL.prompt_blend_chunks + 1)]
+    weights = [((s - first).norm() / (target - first).norm()).item() for s in seen]
+    assert weights == pytest.approx([(i + 1) / SMALL.prompt_blend_chunks for i in range(3)] + [1.0], abs=1e-5)
+    stream.close()
+
+
+def test_close_ends_iteration_and_frees_buffers(engine: Engine) -> None:
+    stream = engine.generate_stream("a lighthouse", num_frames=None, seed=2)
+    next(stream)
+    stream.close()
+    assert stream._history is None
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(prompt=""), ValueError, "prompt is empty"),
+        (dict(prompt="   "), ValueError, "prompt is empty"),
+        (dict(prompt=3), TypeError, "prompt must be a str"),
+        (dict(prompt="x", num_frames=0), ValueError, "num_frames must be a positive integer"),
+        (dict(prompt="x", num_frames=-5), ValueError, "num_frames must be a positive integer"),
+        (dict(prompt="x", image=np.zeros((32, 32, 3), np.uint8)), ValueError, "input frames are 32x32"),
+        (dict(prompt="x", image=np.zeros((64, 64), np.uint8)), ValueError, r"image must be uint8 \[H, W, 3\]"),
+        (dict(prompt="x", image=np.zeros((64, 64, 3), np.float32)), ValueError, "frames must be uint8"),
+        (dict(prompt="x", video=np.zeros((20, 64, 64, 3), np.uint8)), ValueError, "at least 33 frames"),
+        (
+            dict(prompt="x", image=np.zeros((64, 64, 3), np.uint8), video=np.zeros((40, 64, 64, 3), np.uint8)),
+            ValueError,
+            "not both",
+        ),
+        (dict(prompt_embeds=torch.zeros(1, 4, 7)), ValueError, r"prompt_embeds must be \[1, S, 64\]"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(engine: Engine, kwargs: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        engine.generate_stream(**kwargs)
+
+
+@pytest.mark.parametrize(("height", "width"), [(100, 64), (64, 72)])
+def test_resolution_not_on_the_pyramid_grid_is_refused(height: int, width: int) -> None:
+    with pytest.raises(ValueError, match="is not a multiple of 64"):
+        Engine.from_pretrained("demo", SMALL.replace(height=height, width=width))
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="not a Helios checkpoint folder"):
+        Engine.from_pretrained(tmp_path, SMALL)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(height=0), r"EngineConfig\.height=0"),
+        (dict(dtype="fp8"), r"EngineConfig\.dtype='fp8'"),
+        (dict(kernels="cuda"), r"EngineConfig\.kernels='cuda'"),
+        (dict(pyramid_steps=(1, 0, 1)), r"EngineConfig\.pyramid_steps"),
+        (dict(guidance_scale=0.5), r"EngineConfig\.guidance_scale=0\.5"),
+        (dict(device="tpu"), r"EngineConfig\.device='tpu'"),
+    ],
+)
+def test_engine_config_names_the_bad_field(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**changes)
+
+
+def test_pyramid_steps_must_match_the_stage_count() -> None:
+    with pytest.raises(ValueError, match=r"pyramid_steps=\(1, 1\) has 2 entries but .* 3 stages"):
+        Engine.from_pretrained("demo", SMALL.replace(pyramid_steps=(1, 1)))
