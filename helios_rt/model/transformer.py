@@ -209,9 +209,8 @@ class Block(nn.Module):
         h = xs if self.norm2 is None else ops.layernorm(xs, self.norm2.weight, self.norm2.bias, self.eps)
         q = ops.rmsnorm(a.to_q(h), a.norm_q.weight, a.eps).unflatten(-1, (a.heads, -1))
         o = a.to_out[0](ops.attention(q, text_k, text_v).flatten(2))
-        if start == 0:
-            return x + o
-        return torch.cat([x[:, :start], xs + o], dim=1)
+        xs.add_(o)  # x is this block's own intermediate: update the noisy rows in place, no concatenation
+        return x
 
 
 class OutputNorm(nn.Module):
