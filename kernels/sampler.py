@@ -62,7 +62,8 @@ def flow_step(
     out: Tensor | None = None,
 ) -> Tensor:
     """Triton `flow_step`. v_patch: `[B, T/pt*H/ph*W/pw, pt*ph*pw*C]` (unit stride last); x, start, out:
-    `[B, C, T, H, W]` contiguous; sigma_t, sigma_next: 1-element float32 (sigma_next < 0: return x0)."""
+    `[B, C, T, H, W]` contiguous; sigma_t, sigma_next: 1-element float32 or float64 (the sampler's plan
+    values; read as float64 either way; sigma_next < 0: return x0)."""
     check_tensor("x", x, dtype=FLOAT_DTYPES, contiguous=True)
     check(x.dim() == 5, f"x must be [B, C, T, H, W], got shape {tuple(x.shape)}")
     b, c, t, h, w = x.shape
@@ -72,7 +73,7 @@ def flow_step(
     check_tensor("v_patch", v_patch, (b, n_tok, n_ch), FLOAT_DTYPES, inner_contiguous=True, device=x.device)
     check_tensor("start", start, tuple(x.shape), FLOAT_DTYPES, contiguous=True, device=x.device)
     for name, s in (("sigma_t", sigma_t), ("sigma_next", sigma_next)):
-        check_tensor(name, s, dtype=torch.float32, device=x.device)
+        check_tensor(name, s, dtype=(torch.float32, torch.float64), device=x.device)
         check(s.numel() == 1, f"{name} must have exactly one element, got shape {tuple(s.shape)}")
     out = check_out(out, tuple(x.shape), x.dtype, x.device, contiguous=True)
     if x.numel():
@@ -126,12 +127,13 @@ CFG_CHUNK = 4096
 @triton.jit
 def _cfg_partials_kernel(pred_ptr, part_ptr, N, B, NC, BLOCK: tl.constexpr):
     # Pass 1 of CFG-Zero*: per (sample, chunk) partial <cond, uncond> and ||uncond||^2, no atomics.
+    # pred is [cond (B); uncond (B)], the order of sampling.guidance.split_cond_uncond.
     b = tl.program_id(0)
     chunk = tl.program_id(1)
     off = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = off < N
-    u = tl.load(pred_ptr + b.to(tl.int64) * N + off, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(pred_ptr + (b + B).to(tl.int64) * N + off, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(pred_ptr + b.to(tl.int64) * N + off, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(pred_ptr + (b + B).to(tl.int64) * N + off, mask=mask, other=0.0).to(tl.float32)
     base = (b * NC + chunk) * 2
     tl.store(part_ptr + base, tl.sum(u * c, axis=0))
     tl.store(part_ptr + base + 1, tl.sum(u * u, axis=0))
@@ -145,8 +147,8 @@ def _cfg_apply_kernel(
     b = tl.program_id(0)
     off = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = off < N
-    u = tl.load(pred_ptr + b.to(tl.int64) * N + off, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(pred_ptr + (b + B).to(tl.int64) * N + off, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(pred_ptr + b.to(tl.int64) * N + off, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(pred_ptr + (b + B).to(tl.int64) * N + off, mask=mask, other=0.0).to(tl.float32)
     if ZERO_STAR:
         j = tl.arange(0, NC_POW2)
         pm = j < NC
@@ -160,7 +162,7 @@ def _cfg_apply_kernel(
 
 @register_impl("cfg_combine", "triton")
 def cfg_combine(pred: Tensor, scale: float, zero_star: bool, out: Tensor | None = None) -> Tensor:
-    """Triton `cfg_combine`. pred: `[2B, ...]` = `[uncond; cond]` contiguous; out: `[B, ...]` in
+    """Triton `cfg_combine`. pred: `[2B, ...]` = `[cond; uncond]` contiguous; out: `[B, ...]` in
     pred.dtype contiguous. CFG-Zero* runs two passes: per-chunk partial sums, then combine."""
     check_tensor("pred", pred, dtype=FLOAT_DTYPES, contiguous=True)
     check(pred.dim() >= 1 and pred.shape[0] % 2 == 0, f"pred must be [2B, ...], got {tuple(pred.shape)}")

@@ -68,6 +68,26 @@ def test_flow_step_out_and_strided_tokens():
     torch.testing.assert_close(out, x - 0.9 * S.unpatchify(v, tuple(x.shape), (1, 2, 2)), rtol=0, atol=1e-6)
 
 
+def test_flow_step_reference_rounds_like_dmd_step_and_takes_float64_sigmas():
+    # The engine passes its float64 plan sigmas; x0 is rounded to the model output dtype first.
+    from helios_rt.sampling.schedules import dmd_step
+
+    g = torch.Generator().manual_seed(4)
+    patch = (1, 2, 2)
+    for v_dtype in (torch.float32, torch.bfloat16):
+        v, x, start = _flow_inputs(1, 4, 2, 6, 10, patch, torch.float32, g)
+        v = v.to(v_dtype)
+        flow = S.unpatchify(v, tuple(x.shape), patch)
+        for sn in (0.3141592653589793, -1.0):
+            st, sn = torch.tensor(0.7182818284590452, dtype=torch.float64), torch.tensor(sn, dtype=torch.float64)
+            expected = dmd_step(flow, x, start, st, sn)
+            assert torch.equal(S.flow_step(v, x, start, st, sn, patch), expected)
+            out = K.flow_step(v, x, start, st.reshape(1), sn.reshape(1), patch)
+            # the kernel rounds once from float64 (x0 is not rounded to v's dtype first)
+            bound = 2 * torch.finfo(v_dtype).eps * max(1.0, expected.abs().max().item())
+            torch.testing.assert_close(out, expected, rtol=0, atol=bound)
+
+
 def test_flow_step_validates():
     v, x, start = _flow_inputs(1, 4, 2, 6, 10, (1, 2, 2), torch.float32, torch.Generator().manual_seed(0))
     st = torch.tensor([0.5])
@@ -101,7 +121,7 @@ def test_cfg_combine(shape, zero_star, dtype):
     g = torch.Generator().manual_seed(shape[-1])
     cond = torch.randn(*shape[1:], generator=g)
     pred = torch.stack([0.7 * cond + 0.3 * torch.randn(*shape[1:], generator=g) for _ in range(shape[0])])
-    pred = pred.to(dtype)  # [uncond (B) ; cond (B)] with correlated halves, as real predictions are
+    pred = pred.to(dtype)  # [cond (B) ; uncond (B)] with correlated halves, as real predictions are
     out = K.cfg_combine(pred, 5.0, zero_star)
     ref32 = S.cfg_combine(pred.float(), 5.0, zero_star)
     check_op("cfg_combine", out, ref32, S.cfg_combine(pred, 5.0, zero_star), dtype)
@@ -110,10 +130,27 @@ def test_cfg_combine(shape, zero_star, dtype):
 def test_cfg_zero_star_matches_the_pipeline_formula():
     g = torch.Generator().manual_seed(5)
     pred = torch.randn(4, 3, 2, 5, 6, generator=g)
-    uncond, cond = pred.chunk(2)
+    cond, uncond = pred.chunk(2)  # the order of sampling.guidance.split_cond_uncond
     u, c = uncond.reshape(2, -1), cond.reshape(2, -1)
     alpha = ((u * c).sum(1, keepdim=True) / ((u**2).sum(1, keepdim=True) + 1e-8)).view(2, 1, 1, 1, 1)
     expected = uncond * alpha + 5.0 * (cond - uncond * alpha)  # diffusers pipeline_helios_pyramid
     out = torch.empty(2, 3, 2, 5, 6)
     assert K.cfg_combine(pred, 5.0, True, out=out) is out
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(S.cfg_combine(pred, 5.0, True), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("zero_star", [False, True])
+def test_cfg_combine_takes_cond_first_like_split_cond_uncond(zero_star):
+    # Swapping the halves must change the result: the op and guidance.py agree on [cond; uncond].
+    from helios_rt.sampling.guidance import cfg_combine as cfg_plain
+    from helios_rt.sampling.guidance import cfg_zero_star, split_cond_uncond
+
+    g = torch.Generator().manual_seed(9)
+    pred = torch.randn(2, 4, 2, 3, 5, generator=g)
+    cond, uncond = split_cond_uncond(pred)
+    expected = cfg_zero_star(cond, uncond, 4.0) if zero_star else cfg_plain(cond, uncond, 4.0)
+    assert torch.equal(S.cfg_combine(pred, 4.0, zero_star), expected)  # the reference reproduces guidance.py
+    torch.testing.assert_close(K.cfg_combine(pred, 4.0, zero_star), expected, rtol=1e-5, atol=1e-5)
+    swapped = torch.cat([uncond, cond])
+    assert not torch.allclose(K.cfg_combine(swapped, 4.0, zero_star), expected, atol=1e-3)

@@ -167,7 +167,9 @@ class Block(nn.Module):
         ops: OpSet,
     ) -> Tensor:
         """x: `[B, L, D]`; mod: `[B, 2, 6, D]` float32 two-segment modulation (history, noisy)."""
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.float()[:, None] + mod).unbind(2)
+        # [B, 6, 2, D] contiguous, so each of the six two-segment tables is a dense [B, 2, D] (the kernels' layout)
+        table = (self.scale_shift_table.float()[:, None] + mod).transpose(1, 2).contiguous()
+        shift, scale, gate, c_shift, c_scale, c_gate = table.unbind(1)
         x = self._residual_self_attention(x, shift, scale, gate, rope, n_hist, ops)
         x = self._cross_attention(x, text_k, text_v, n_hist, ops)
         h = ops.modulate_layernorm(x, c_shift, c_scale, n_hist, self.eps)
@@ -222,7 +224,7 @@ class OutputNorm(nn.Module):
     def forward(self, x: Tensor, temb: Tensor, ops: OpSet) -> Tensor:
         """x: noisy tokens `[B, N, D]`; temb: `[B, D]` of the current timestep."""
         shift, scale = (self.scale_shift_table.float() + temb.float()[:, None, :]).unbind(1)
-        seg = lambda t: t[:, None, :].expand(-1, 2, -1)  # one segment: every token is noisy
+        seg = lambda t: t[:, None, :].expand(-1, 2, -1).contiguous()  # one segment: every token is noisy
         return ops.modulate_layernorm(x, seg(shift), seg(scale), 0, self.eps)
 
 
