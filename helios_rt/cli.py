@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
     gen.add_argument("--fps", type=_positive_int, default=24)
     gen.add_argument("--out", type=Path, default=Path("out.mp4"))
+    from .compile.report import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
@@ -112,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return generate(args)
+        if args.command == "plan":
+            from .compile.report import run_plan
+
+            return run_plan(args)
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"helios-rt: error: {err}", file=sys.stderr)
         return 2

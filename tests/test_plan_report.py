@@ -1,0 +1,77 @@
+"""`helios-rt plan` and `plan_engine`: per-stage arenas, persistent buffers, weights, GPU fit."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import pytest
+import torch
+
+from helios_rt.compile.report import add_plan_parser, plan_engine, run_plan, weights_bytes
+from helios_rt.config import HELIOS_14B, TINY
+from helios_rt.model.transformer import HeliosTransformer, keeps_fp32
+
+
+@functools.lru_cache(maxsize=1)
+def report_14b():
+    t0 = time.perf_counter()
+    report = plan_engine(HELIOS_14B, 384, 640, torch.bfloat16, model_name="helios-14b")
+    return report, time.perf_counter() - t0
+
+
+def test_14b_at_384x640_plans_fast_and_tight():
+    report, seconds = report_14b()
+    assert seconds < 60
+    assert [(s.noisy_tokens, s.history_tokens) for s in report.stages] == [(540, 2400), (2160, 2400), (8640, 2400)]
+    assert [s.latent_hw for s in report.stages] == [(12, 20), (24, 40), (48, 80)]
+    full = report.stages[2]
+    assert full.lower_bound_bytes <= full.arena_bytes <= 1.15 * full.lower_bound_bytes
+    # the residual stream alone is 11040 x 5120 bf16; the FFN hidden 8640+2400 tokens x 13824
+    assert full.lower_bound_bytes > 11040 * 13824 * 2
+    assert report.arena_bytes == full.arena_bytes
+    assert report.persistent["text K/V: 40 blocks x 512 tokens"] == 2 * 40 * 512 * 5120 * 2
+    assert 26 * 2**30 < report.weights_bytes < 28 * 2**30  # about 14.3e9 parameters, mostly bf16
+    assert report.fits() == {"24 GB": False, "48 GB": True, "80 GB": True}
+
+
+def test_weights_respect_the_float32_kept_parameters():
+    with torch.device("meta"):
+        model = HeliosTransformer(TINY)
+    fp32 = sum(p.numel() for n, p in model.named_parameters() if keeps_fp32(n))
+    total = sum(p.numel() for p in model.parameters())
+    assert 0 < fp32 < total
+    assert weights_bytes(TINY, torch.bfloat16) == 4 * fp32 + 2 * (total - fp32)
+    assert weights_bytes(TINY, torch.float32) == 4 * total
+
+
+def test_report_dict_and_text():
+    report = plan_engine(TINY, 64, 128, torch.float32, model_name="tiny")
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["total_bytes"] == report.weights_bytes + report.persistent_bytes + report.arena_bytes + report.vae_bytes
+    assert [s["tokens"] for s in d["stages"]] == [s.tokens for s in report.stages]
+    assert all(s["ratio"] >= 1.0 for s in d["stages"]) and set(d["fits"]) == {"24 GB", "48 GB", "80 GB"}
+    text = report.format()
+    for needle in ("stage", "lower bound", "history latents", "text K/V", "RoPE", "transformer weights",
+                   "VAE decode (ESTIMATE", "fits: 24 GB yes"):  # fmt: skip
+        assert needle in text, needle
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="helios-rt")
+    add_plan_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_cli_prints_the_report(capsys):
+    args = _parse(["plan", "--model", "tiny", "--height", "64", "--width", "128", "--dtype", "fp32", "--json"])
+    assert args.func is run_plan and run_plan(args) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"] == "tiny" and d["dtype"] == "float32" and len(d["stages"]) == 3
+
+
+def test_cli_rejects_an_unknown_model():
+    with pytest.raises(Exception, match="does not exist"):
+        run_plan(_parse(["plan", "--model", "/nonexistent/helios"]))
