@@ -188,12 +188,14 @@ class WanVAE(nn.Module):
         self._init_latent_stats()
 
     def _init_latent_stats(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        # Non-persistent: computed from the config, never read from the weights.
+        # Non-persistent: computed from the config, never read from the weights. As in the pipelines,
+        # std is cast to the VAE's dtype before 1 / std is taken.
         shape = (1, self.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.config.latents_mean, device=device).view(shape)
-        inv_std = 1.0 / torch.tensor(self.config.latents_std, device=device).view(shape)
-        self.register_buffer("latents_mean", mean.to(dtype or mean.dtype), persistent=False)
-        self.register_buffer("latents_inv_std", inv_std.to(dtype or inv_std.dtype), persistent=False)
+        dtype = dtype or torch.float32
+        mean = torch.tensor(self.config.latents_mean, device=device).view(shape).to(dtype)
+        inv_std = 1.0 / torch.tensor(self.config.latents_std, device=device).view(shape).to(dtype)
+        self.register_buffer("latents_mean", mean, persistent=False)
+        self.register_buffer("latents_inv_std", inv_std, persistent=False)
 
     @classmethod
     def from_pretrained(
@@ -231,6 +233,10 @@ class WanVAE(nn.Module):
         `normalized=True` takes the transformer's latents (denormalised here first). The output is in
         the VAE's dtype and clamped to [-1, 1], like the reference's `decode`.
         """
+        return self._decode(latents, normalized).contiguous()
+
+    def _decode(self, latents: Tensor, normalized: bool) -> Tensor:
+        """The decode in the blocks' channels-last layout: memory order `[B, T, H, W, C]`."""
         self._check_latents(latents)
         z = self.denormalize_latents(latents) if normalized else latents.to(self.dtype)
         return self.decoder(self.post_quant_conv(z)).clamp_(-1.0, 1.0)
@@ -245,7 +251,7 @@ class WanVAE(nn.Module):
                 f"decode_frames takes one video's latents [z_dim, T, h, w] or [1, z_dim, T, h, w], got "
                 f"{list(latents.shape)}; use decode() for a batch"
             )
-        return to_uint8_frames(self.decode(latents, normalized=normalized)[0], out=out)
+        return to_uint8_frames(self._decode(latents, normalized)[0], out=out)
 
     def _check_latents(self, z: Tensor) -> None:
         c = self.config.z_dim

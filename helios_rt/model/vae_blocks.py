@@ -162,17 +162,20 @@ class MidBlock(nn.Module):
 
     def forward(self, x: Tensor, staging: Staging) -> Tensor:
         x = self.resnets[0](x, staging)
-        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+        for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
             x = resnet(attn(x), staging)
         return x
 
 
 class _Nearest2x(nn.Module):
-    """Nearest-exact 2x spatial upsampling of every frame (diffusers `WanUpsample`, parameter-free)."""
+    """Nearest-exact 2x spatial upsampling of every frame (diffusers `WanUpsample`, parameter-free).
+
+    The reference upsamples in float32 and casts back; nearest copies values, so the native dtype
+    gives the same bits without the round trip.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.interpolate(x.float(), scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
-        return y.to(x.dtype)
+        return F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
 
 
 class Upsample(nn.Module):
@@ -224,7 +227,7 @@ class UpBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, upsample: str | None) -> None:
         super().__init__()
         dims = [in_dim] + [out_dim] * (num_res_blocks + 1)
-        self.resnets = nn.ModuleList([ResidualBlock(i, o) for i, o in zip(dims[:-1], dims[1:])])
+        self.resnets = nn.ModuleList([ResidualBlock(i, o) for i, o in zip(dims[:-1], dims[1:], strict=True)])
         self.upsamplers = None
         if upsample is not None:
             self.upsamplers = nn.ModuleList([Upsample(out_dim, out_dim // 2, temporal=upsample == "upsample3d")])
@@ -245,7 +248,7 @@ class Encoder(nn.Module):
         dims = [dim * u for u in [1, *dim_mult]]
         self.conv_in = CausalConv3d(in_channels, dims[0], 3, padding=1)
         blocks: list[nn.Module] = []  # a flat list, as in diffusers: down_blocks.{k}
-        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             for _ in range(num_res_blocks):
                 blocks.append(ResidualBlock(in_dim, out_dim))
                 in_dim = out_dim
@@ -260,7 +263,10 @@ class Encoder(nn.Module):
         staging = Staging()
         x = self.conv_in(x.contiguous(memory_format=MEMORY_FORMAT), staging)
         for block in self.down_blocks:
-            x = block(x, staging)
+            if isinstance(block, Downsample):
+                x, staging = block(x, staging), Staging()  # the level's buffers are dead after it
+            else:
+                x = block(x, staging)
         x = self.mid_block(x, staging)
         return _head(self.norm_out, self.conv_out, x, staging)
 
@@ -274,7 +280,7 @@ class Decoder(nn.Module):
         self.conv_in = CausalConv3d(z_dim, dims[0], 3, padding=1)
         self.mid_block = MidBlock(dims[0])
         blocks = []
-        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             if i > 0:
                 in_dim = in_dim // 2  # the previous block's upsampler halved the channels
             upsample = None
@@ -289,7 +295,8 @@ class Decoder(nn.Module):
         staging = Staging()
         x = self.mid_block(self.conv_in(x.contiguous(memory_format=MEMORY_FORMAT), staging), staging)
         for block in self.up_blocks:
-            x = block(x, staging)
+            # each up block ends a level: its staging buffers die with it, bounding the peak
+            x, staging = block(x, staging), Staging()
         return _head(self.norm_out, self.conv_out, x, staging)
 
 
