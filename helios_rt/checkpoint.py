@@ -128,16 +128,20 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        begin, end = meta["data_offsets"]
+        try:
+            begin, end = meta["data_offsets"]
+            dtype, shape = meta["dtype"], meta["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path} has a corrupt entry for tensor {name!r}; re-download it") from None
         numel = 1
-        for s in meta["shape"]:
+        for s in shape:
             numel *= s
-        if meta["dtype"] in _SAFETENSORS_DTYPES and end - begin != numel * _SAFETENSORS_DTYPES[meta["dtype"]]:
+        if dtype in _SAFETENSORS_DTYPES and end - begin != numel * _SAFETENSORS_DTYPES[dtype]:
             raise CheckpointError(
                 f"{path} is corrupt: tensor {name!r} has {end - begin} bytes for shape {meta['shape']}; re-download it"
             )
         data_end = max(data_end, end)
-        infos[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]))
+        infos[name] = TensorInfo(path, dtype, tuple(shape))
     if 8 + header_len + data_end != size:
         raise CheckpointError(
             f"{path} is truncated or corrupt: its header describes "
@@ -204,13 +208,21 @@ def load_state_dict(
     for name, info in tensors.items():
         by_file.setdefault(info.file, []).append(name)
     for path, names in by_file.items():
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                for name in names:
-                    state[name] = fh.get_tensor(name).to(device=device, dtype=dtype_of(name))
-        except Exception as err:  # safetensors raises its own error types; name the file and re-raise
-            raise CheckpointError(f"reading {path} failed ({err}); the file is corrupt, re-download it") from err
+        for name, tensor in _read_tensors(path, names):
+            # outside the read: a device error (out of memory) must not be reported as a corrupt file
+            state[name] = tensor.to(device=device, dtype=dtype_of(name))
     return state
+
+
+def _read_tensors(path: Path, names: list[str]) -> list[tuple[str, torch.Tensor]]:
+    """Memory-mapped tensors of one file; safetensors' own errors become a CheckpointError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return [(name, fh.get_tensor(name)) for name in names]
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"reading {path} failed ({err}); the file is corrupt, re-download it") from err
 
 
 def load_module(

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             from .compile.report import run_plan
 
             return run_plan(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         print(f"helios-rt: error: {err}", file=sys.stderr)
         return 2
     return 1

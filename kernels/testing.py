@@ -55,13 +55,17 @@ def check_op(name: str, out: Tensor, ref32: Tensor, naive: Tensor, dtype: torch.
 
 
 def require_interpreter() -> None:
-    """Fail clearly when the kernels were decorated before TRITON_INTERPRET=1 was set (import order)."""
+    """Skip when the kernels were compiled for a GPU in this process.
+
+    These tests compare kernels on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it on
+    machines without CUDA). Forcing the interpreter from a test module would also turn the engine's
+    kernels into interpreted ones for every other test of a GPU session, so on a CUDA machine run
+    `TRITON_INTERPRET=1 pytest tests/test_kernels_*.py` separately for this comparison.
+    """
+    import pytest
     from triton.runtime.interpreter import InterpretedFunction
 
     from . import norm
 
     if not isinstance(norm._modulate_layernorm_kernel, InterpretedFunction):
-        raise RuntimeError(
-            "helios_rt.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels target a "
-            "GPU; set the variable before anything imports triton (e.g. in tests/conftest.py)"
-        )
+        pytest.skip("kernels are compiled for the GPU in this process; run with TRITON_INTERPRET=1 to compare them")

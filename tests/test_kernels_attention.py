@@ -1,17 +1,14 @@
 """Triton qk_norm_rope, attention and compressed_context_attention against references (CPU interpreter)."""
 
 import math
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: kernels are decorated at import
+import pytest
+import torch
+from helios_rt.kernels import attention as K
+from helios_rt.kernels.testing import check_op, require_interpreter, upcast
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helios_rt.kernels import attention as K  # noqa: E402
-from helios_rt.kernels.testing import check_op, require_interpreter, upcast  # noqa: E402
-
-from helios_rt.ops import fused_attention as F  # noqa: E402
-from helios_rt.ops import reference as R  # noqa: E402
+from helios_rt.ops import fused_attention as F
+from helios_rt.ops import reference as R
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -1,15 +1,11 @@
 """Triton modulate_layernorm and gate_residual against their references (CPU interpreter)."""
 
-import os
+import pytest
+import torch
+from helios_rt.kernels import norm, residual
+from helios_rt.kernels.testing import check_op, require_interpreter, upcast
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: kernels are decorated at import
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helios_rt.kernels import norm, residual  # noqa: E402
-from helios_rt.kernels.testing import check_op, require_interpreter, upcast  # noqa: E402
-
-from helios_rt.ops import OpSet, reference  # noqa: E402
+from helios_rt.ops import OpSet, reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, L, D, n_hist): awkward D (113, 203), boundary inside a row block, all-history, all-noisy.

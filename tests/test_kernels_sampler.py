@@ -1,15 +1,11 @@
 """Triton flow_step, stage_transition and cfg_combine against their references (CPU interpreter)."""
 
-import os
+import pytest
+import torch
+from helios_rt.kernels import sampler as K
+from helios_rt.kernels.testing import check_op, require_interpreter, upcast
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: kernels are decorated at import
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helios_rt.kernels import sampler as K  # noqa: E402
-from helios_rt.kernels.testing import check_op, require_interpreter, upcast  # noqa: E402
-
-from helios_rt.ops import sampler as S  # noqa: E402
+from helios_rt.ops import sampler as S
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -358,6 +358,6 @@ def load_transformer(
 
     folder = find_component(path, "transformer")
     config = ModelConfig.from_json(folder / "config.json")
-    ops = ops or OpSet(device, "reference")
+    ops = ops or OpSet(device, "auto")
     dtype_of = lambda name: torch.float32 if keeps_fp32(name) else dtype  # noqa: E731
     return load_module(lambda: HeliosTransformer(config, ops), folder, dtype_of, device)
