@@ -42,9 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
     gen.add_argument("--fps", type=_positive_int, default=24)
     gen.add_argument("--out", type=Path, default=Path("out.mp4"))
+    from .benchmarking import add_bench_parser, add_profile_parser
     from .compile.report import add_plan_parser
 
     add_plan_parser(sub)
+    add_bench_parser(sub)
+    add_profile_parser(sub)
     return parser
 
 
@@ -119,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             from .compile.report import run_plan
 
             return run_plan(args)
+        if args.command in ("bench", "profile"):
+            from .benchmarking import run_bench, run_profile
+
+            return run_bench(args) if args.command == "bench" else run_profile(args)
     except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         print(f"helios-rt: error: {err}", file=sys.stderr)
         return 2
