@@ -190,6 +190,10 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
     vae_dtype: str = "auto"  # "auto" follows dtype
     kernels: str = "auto"  # "auto", "reference", "triton"
+    # static stage programs (planned arena, CUDA graphs): "auto" = on for CUDA with the reference ops
+    # (they cannot plan Triton kernels yet; on a CPU they only add overhead), "on" (raise if impossible),
+    # "off" (eager)
+    programs: str = "auto"
     pyramid_steps: tuple[int, ...] | None = None  # steps per stage, e.g. (1, 1, 1) or (2, 2, 2)
     num_inference_steps: int | None = None  # base (non-pyramid) checkpoints
     guidance_scale: float | None = None
@@ -214,6 +218,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}={value!r}: use 'auto' or one of {sorted(set(_DTYPES))}")
         if self.kernels not in ("auto", "reference", "triton"):
             raise ValueError(f"EngineConfig.kernels={self.kernels!r}: use 'auto', 'reference' or 'triton'")
+        if self.programs not in ("auto", "on", "off"):
+            raise ValueError(f"EngineConfig.programs={self.programs!r}: use 'auto', 'on' or 'off'")
         if self.pyramid_steps is not None:
             object.__setattr__(self, "pyramid_steps", tuple(self.pyramid_steps))
             if not self.pyramid_steps or any(not isinstance(s, int) or s < 1 for s in self.pyramid_steps):

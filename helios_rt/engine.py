@@ -18,10 +18,10 @@ import torch
 
 from .checkpoint import CheckpointError, find_component, read_json
 from .config import EngineConfig
-from .model.text import PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
+from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
 from .model.transformer import HeliosTransformer, load_transformer
 from .model.vae import WanVAE
-from .ops import OpSet
+from .ops import OpSet, op_names
 from .profiling import nvtx_range
 from .sampling.chunk import ChunkSampler, Conditioning, SamplingSpec
 from .sampling.history import HistoryLayout, HistoryMemory, augment_image_latents, augment_video_latents
@@ -64,7 +64,23 @@ class Engine:
             config.history_sizes, config.latent_frames_per_chunk, config.keep_first_frame
         )
         self.sampler = ChunkSampler(transformer, spec, self.history_layout, self.latent_hw, self.device)
+        if self._programs_on():
+            # one static program per stage shape; a prompt given as embeddings of another length re-plans
+            self.sampler.compile(batch=1, text_len=MAX_TEXT_TOKENS)
         self._history_mod = transformer.history_modulation()
+
+    def _programs_on(self) -> bool:
+        """`programs="auto"`: on for CUDA with the reference op table, off elsewhere.
+
+        A program pays off through CUDA graphs and the planned arena; on a CPU it only adds the plan
+        checks and its out=-capable math attention (about 1.9x slower transformer on the demo).
+        Programs cannot plan Triton kernels yet (no meta implementations), so Triton runs eagerly.
+        """
+        if self.config.programs == "auto":
+            ops = self.transformer.ops
+            reference = all(ops.backend_of(name) == "reference" for name in op_names())
+            return self.device.type == "cuda" and reference
+        return self.config.programs == "on"
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod

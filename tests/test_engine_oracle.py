@@ -3,7 +3,8 @@
 Six (pipeline x task) pairs, three chunks each. The final latents must agree to 1e-3 (float32: both
 sides run the same math; differences come from operation order and are ~1e-6 per forward, growing
 through the autoregressive history) and the uint8 frames by at most one level (a value that lands
-within rounding distance of a .5 boundary may round either way).
+within rounding distance of a .5 boundary may round either way). The engine runs through its static
+stage programs (`programs="on"`); test_engine_programs.py compares them with the eager path.
 """
 
 from __future__ import annotations
@@ -78,7 +79,15 @@ def test_engine_matches_pipeline(pipeline_and_folder, task: str) -> None:
     _, engine_kwargs = SETTINGS[kind]
     engine = Engine.from_pretrained(
         folder,
-        EngineConfig(height=HEIGHT, width=WIDTH, device="cpu", dtype="float32", kernels="reference", **engine_kwargs),
+        EngineConfig(
+            height=HEIGHT,
+            width=WIDTH,
+            device="cpu",
+            dtype="float32",
+            kernels="reference",
+            programs="on",
+            **engine_kwargs,
+        ),
     )
     _, inputs = task_inputs(task)
     with engine.generate_stream(

@@ -1,12 +1,20 @@
 """A compiled stage: one transformer forward plus the sampler's flow step, over static buffers.
 
-A `Program` is built for one (stage layout, batch, dtype, device). It owns:
-- static inputs: `latents`, `start` (the stage's start point) `[B, C, T, H, W]`, `timestep` `[B]`
+A `Program` is built for one (stage layout, batch, dtype, device, `StepSpec`). It owns:
+- static inputs: `latents`, `start` (the stage's start point) `[B, C, T, H, W]`, `timestep` `[F]`
   float32, `sigma_t` / `sigma_next` `[1]` float64 (tensors, not Python floats, so a graph replay reads
-  new values), the history tokens `[B, n_hist, D]` and per block the text K/V `[B, S, H, Dh]`;
-- the static output `output`: the next latents `[B, C, T, H, W]` (`ops.flow_step`'s result);
+  new values), `zero_init` `[1]` bool (CFG-Zero*: this step's prediction is `cond * 0.0`), the history
+  tokens `[F, n_hist, D]` and per block the text K/V `[F, S, H, Dh]`, where the forward batch F is B,
+  or 2B with classifier-free guidance (`[cond; uncond]`, as `sampling.guidance.split_cond_uncond`);
+- the static output `output`: the next latents `[B, C, T, H, W]` (`ops.flow_step`'s result) for a
+  DMD step (`StepSpec.flow_step`), else the (guided) flow prediction in the model dtype, which the
+  caller's multistep solver (UniPC, Euler) consumes;
 - constants computed once: the RoPE tables and the timestep-0 modulation of history tokens;
 - the arena, whose layout comes from planning the program on meta tensors (`workspace.plan_program`).
+
+With guidance the program runs the batch-2 forward on `cat([latents, latents])` and `ops.cfg_combine`
+(for CFG-Zero* also the zero-init prediction `cond * 0.0`, selected by `torch.where` on the static
+`zero_init` flag, so one op sequence serves both kinds of step).
 
 `run()` executes the program through the workspace's `Executor`: every intermediate is a view of the
 arena, every op is checked against the plan. On CUDA the first `run()` warms up on a side stream,
@@ -37,6 +45,31 @@ Tensor = torch.Tensor
 META = torch.device("meta")
 
 
+@dataclass(frozen=True)
+class StepSpec:
+    """What a program computes after the forward.
+
+    flow_step: the DMD flow step into the next latents (the forward stays in the patch layout);
+    otherwise the output is the flow prediction `[B, C, T, H, W]` in the model dtype.
+    guidance_scale: classifier-free guidance over a batch-2 forward when > 1 (None or 1: no CFG);
+    cfg_zero_star: CFG-Zero* combine and zero-init steps (the `zero_init` input).
+    """
+
+    flow_step: bool = True
+    guidance_scale: float | None = None
+    cfg_zero_star: bool = False
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale is not None and self.guidance_scale > 1.0
+
+    def forward_batch(self, batch: int) -> int:
+        return 2 * batch if self.guided else batch
+
+
+DMD = StepSpec()
+
+
 @dataclass
 class StaticIO:
     """The tensors a program reads and writes; their storage never changes after construction."""
@@ -53,6 +86,7 @@ class StaticIO:
     rope_sin: Tensor
     history_mod: Tensor
     output: Tensor
+    zero_init: Tensor | None = None
 
     def to_meta(self) -> StaticIO:
         def meta(x):
@@ -83,14 +117,26 @@ def _ops_of(model: HeliosTransformer, ops) -> Iterator[None]:
         model.ops = saved
 
 
-def _step(model: HeliosTransformer, ops: ArenaOps, layout: TokenLayout, io: StaticIO) -> None:
-    """The program: one forward in the patch layout, then the flow step into `io.output`."""
+def _step(model: HeliosTransformer, ops: ArenaOps, layout: TokenLayout, io: StaticIO, spec: StepSpec = DMD) -> None:
+    """The program: one forward (batch 2 with CFG, then the combine), then the flow step into `io.output`.
+
+    The same ops, in the same order, as `sampling.chunk.ChunkSampler._predict` + `_step` (DMD).
+    """
     history = HistoryTokens(io.history) if io.history is not None else None
     text = TextContext(io.text_keys, io.text_values)
+    x = torch.cat([io.latents, io.latents]) if spec.guided else io.latents
     with _ops_of(model, ops):
-        v = model(io.latents, io.timestep, text, layout, (io.rope_cos, io.rope_sin), history, io.history_mod,
-                  unpatchify=False)  # fmt: skip
-    ops.flow_step(v, io.latents, io.start, io.sigma_t, io.sigma_next, model.config.patch_size, out=io.output)
+        v = model(x, io.timestep, text, layout, (io.rope_cos, io.rope_sin), history, io.history_mod,
+                  unpatchify=not spec.flow_step)  # fmt: skip
+    if spec.guided:
+        combined = ops.cfg_combine(v, spec.guidance_scale, spec.cfg_zero_star)
+        if spec.cfg_zero_star:  # the reference's zero-init step: `cond * 0.0` (signed zeros, NaN kept)
+            combined = torch.where(io.zero_init, v[: io.latents.shape[0]] * 0.0, combined)
+        v = combined
+    if spec.flow_step:
+        ops.flow_step(v, io.latents, io.start, io.sigma_t, io.sigma_next, model.config.patch_size, out=io.output)
+    else:
+        io.output.copy_(v)
 
 
 def make_io(
@@ -99,43 +145,57 @@ def make_io(
     batch: int = 1,
     text_len: int = 512,
     latent_dtype: torch.dtype = torch.float32,
+    spec: StepSpec = DMD,
 ) -> StaticIO:
     """Zeroed static buffers and the constants of a program, on the model's device (meta works too)."""
     cfg, b, dev = model.config, batch, model.proj_out.weight.device
+    f = spec.forward_batch(batch)
     grid = zip(layout.noisy_grid, cfg.patch_size, strict=True)
     latent_shape = (b, cfg.in_channels, *(g * p for g, p in grid))
-    kv_shape = (b, text_len, cfg.num_attention_heads, cfg.attention_head_dim)
+    kv_shape = (f, text_len, cfg.num_attention_heads, cfg.attention_head_dim)
     zeros = functools.partial(torch.zeros, device=dev)
     cos, sin = rope_tables(cfg, layout, dev)
     return StaticIO(
         latents=zeros(latent_shape, dtype=latent_dtype),
         start=zeros(latent_shape, dtype=latent_dtype),
-        timestep=zeros(b, dtype=torch.float32),
+        timestep=zeros(f, dtype=torch.float32),
         sigma_t=zeros(1, dtype=torch.float64),
         sigma_next=zeros(1, dtype=torch.float64),
-        history=zeros(b, layout.n_hist, cfg.dim, dtype=model.dtype) if layout.n_hist else None,
+        history=zeros(f, layout.n_hist, cfg.dim, dtype=model.dtype) if layout.n_hist else None,
         text_keys=[zeros(kv_shape, dtype=model.dtype) for _ in range(cfg.num_layers)],
         text_values=[zeros(kv_shape, dtype=model.dtype) for _ in range(cfg.num_layers)],
         rope_cos=cos,
         rope_sin=sin,
         history_mod=model.history_modulation(),
-        output=zeros(latent_shape, dtype=latent_dtype),
+        output=zeros(latent_shape, dtype=latent_dtype if spec.flow_step else model.dtype),
+        zero_init=zeros(1, dtype=torch.bool) if spec.guided and spec.cfg_zero_star else None,
     )
 
 
 def plan_step(
-    model: HeliosTransformer, layout: TokenLayout, io: StaticIO, attention: str = "math", alignment: int = 256
+    model: HeliosTransformer,
+    layout: TokenLayout,
+    io: StaticIO,
+    attention: str = "math",
+    alignment: int = 256,
+    spec: StepSpec = DMD,
+    meta: HeliosTransformer | None = None,
 ) -> ProgramPlan:
-    """Plan `_step` on meta copies of `model` and `io` (any device: nothing is read or computed)."""
+    """Plan `_step` on meta copies of `model` and `io` (any device: nothing is read or computed).
+
+    meta: a `meta_model(model)` to reuse (building one per plan costs more than the plan itself).
+    """
     ops = ArenaOps(OpSet("cpu", "reference"), attention)
-    meta = model if model.proj_out.weight.device == META else meta_model(model)
-    return plan_program(_step, meta, ops, layout, io.to_meta(), alignment=alignment)
+    if meta is None:
+        meta = model if model.proj_out.weight.device == META else meta_model(model)
+    return plan_program(_step, meta, ops, layout, io.to_meta(), alignment=alignment, spec=spec)
 
 
 class Program:
     """One stage's forward + flow step for a fixed layout, batch, dtype and device; `run()` allocates nothing.
 
     model: the transformer (its dtype is the program's); text_len: tokens of the prompt K/V;
+    step: what follows the forward (default: the DMD flow step, no guidance; see `StepSpec`);
     latent_dtype: dtype of the latents, start point and output (the sampler keeps float32);
     cuda_graph: capture and replay a CUDA graph (default: on CUDA devices); share_with: another
     program of the same model and batch (e.g. another pyramid stage) whose text K/V and history-token
@@ -153,17 +213,20 @@ class Program:
         latent_dtype: torch.dtype = torch.float32,
         cuda_graph: bool | None = None,
         share_with: Program | None = None,
+        step: StepSpec = DMD,
     ) -> None:
         device = model.proj_out.weight.device
-        self.model, self.layout, self.batch, self.device = model, layout, batch, device
+        self.model, self.layout, self.batch, self.device, self.step = model, layout, batch, device, step
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA model; the model is on {device}")
-        self.io = make_io(model, layout, batch, text_len, latent_dtype)
+        self.text_len = text_len
+        self.io = make_io(model, layout, batch, text_len, latent_dtype, step)
         if share_with is not None:
             self._share_conditioning(share_with)
         self.ops = ArenaOps(OpSet(device, "reference"), "math")
-        self.plan = plan_step(model, layout, self.io, "math")
+        self.meta = share_with.meta if share_with is not None and share_with.model is model else meta_model(model)
+        self.plan = plan_step(model, layout, self.io, "math", spec=step, meta=self.meta)
         shared = share_with.arena if share_with is not None else None
         fits = shared is not None and shared.numel() >= self.plan.arena_bytes
         self.arena = shared if fits else allocate_arena(self.plan, device)
@@ -190,10 +253,19 @@ class Program:
             _copy_into(dst, src, "text K/V")
 
     def set_history(self, history: HistoryTokens | Tensor) -> None:
-        """Copy the patch-embedded history tokens `[B or 1, n_hist, D]` into the static buffer."""
+        """Copy the patch-embedded history tokens `[B or 1, n_hist, D]` into the static buffer.
+
+        With guidance the buffer holds them for the cond and the uncond half (`[2B, n_hist, D]`).
+        """
         if self.io.history is None:
             raise ValueError("this program's layout has no history tokens")
-        _copy_into(self.io.history, history.tokens if isinstance(history, HistoryTokens) else history, "history")
+        tokens = history.tokens if isinstance(history, HistoryTokens) else history
+        dst = self.io.history
+        if self.step.guided and tokens.shape[0] == self.batch and dst.shape[0] == 2 * self.batch:
+            _copy_into(dst[: self.batch], tokens, "history")
+            _copy_into(dst[self.batch :], tokens, "history")
+        else:
+            _copy_into(dst, tokens, "history")
 
     def set_inputs(
         self,
@@ -202,11 +274,15 @@ class Program:
         timestep: Tensor | float | None = None,
         sigma_t: Tensor | float | None = None,
         sigma_next: Tensor | float | None = None,
+        zero_init: Tensor | bool | None = None,
     ) -> None:
         """Copy the per-step inputs into the static buffers (Python numbers fill, tensors broadcast)."""
+        if zero_init is not None and self.io.zero_init is None:
+            raise ValueError("zero_init: this program has no CFG-Zero* step (StepSpec.cfg_zero_star)")
         for name, value in (("latents", latents), ("start", start), ("timestep", timestep),
-                            ("sigma_t", sigma_t), ("sigma_next", sigma_next)):  # fmt: skip
-            if isinstance(value, (int, float)):
+                            ("sigma_t", sigma_t), ("sigma_next", sigma_next),
+                            ("zero_init", zero_init)):  # fmt: skip
+            if isinstance(value, (bool, int, float)):
                 getattr(self.io, name).fill_(value)
             elif value is not None:
                 _copy_into(getattr(self.io, name), value, name)
@@ -216,7 +292,7 @@ class Program:
         """Run the program once eagerly through the workspace; returns the executor (for its checks)."""
         executor = Executor(self.plan, self.arena, record_ranges)
         with torch.no_grad(), executor:
-            _step(self.model, self.ops, self.layout, self.io)
+            _step(self.model, self.ops, self.layout, self.io, self.step)
         return executor
 
     def run(self) -> Tensor:
@@ -250,4 +326,4 @@ def _copy_into(dst: Tensor, src: Tensor, what: str) -> None:
         ) from err
 
 
-__all__ = ["Program", "StaticIO", "make_io", "meta_model", "plan_step"]
+__all__ = ["DMD", "Program", "StaticIO", "StepSpec", "make_io", "meta_model", "plan_step"]

@@ -12,6 +12,12 @@ transformer's patch-layout output, so DMD stages call the model with `unpatchify
 generator), and `cfg_combine` for CFG and CFG-Zero* (a zero-init step is `cond * 0.0`, planned on
 the host). The op references round exactly as the functions of `schedules`/`pyramid`/`guidance`
 they replace. UniPC and Euler steps stay on those PyTorch functions.
+
+Static programs (`compile`): after `compile()` every transformer forward runs through the stage's
+`Program` (planned arena, no allocation): for DMD stages the forward and the flow step, for CFG
+stages the batch-2 forward and the CFG combine (the UniPC / Euler step then runs eagerly on the
+program's output). Noise, stage transitions, history embedding and text K/V stay outside (see
+`compile.stages`). Without `compile()` the sampler runs eagerly through its op table.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 
 from ..model.layout import TokenLayout, build_layout, rope_tables
 from ..model.transformer import HeliosTransformer, HistoryTokens, TextContext
-from ..ops import OpSet
+from ..ops import OpSet, op_names
 from .guidance import zero_init_steps
 from .history import HistoryLayout
 from .pyramid import PyramidPlan, chunk_noise, downsample_noise, plan_pyramid, sample_block_noise
@@ -140,6 +146,45 @@ class ChunkSampler:
         }
         self._layouts: dict[tuple[int, int], tuple[TokenLayout, tuple[Tensor, Tensor]]] = {}
         self._plans: dict[bool, Any] = {}
+        self.programs = None  # compile.stages.StagePrograms after `compile()`
+
+    # ---- static programs -------------------------------------------------------------------------
+    def compile(self, batch: int = 1, text_len: int = 512, cuda_graph: bool | None = None):
+        """Build one static program per stage shape (largest first, sharing arena and conditioning).
+
+        The programs run the reference ops; a sampler whose op table picked another backend (Triton)
+        is refused rather than silently run with other ops. Raises when a stage cannot be planned.
+        """
+        from ..compile.program import StepSpec
+        from ..compile.stages import StagePrograms, stage_layouts
+
+        ops = self.model.ops
+        others = sorted({f"{n}: {b}" for n in op_names() for b in [ops.backend_of(n), self.ops.backend_of(n)]
+                         if b != "reference"})  # fmt: skip
+        if others:
+            raise ValueError(
+                f"static programs run the reference ops, but this engine's op table uses {others} "
+                "(the Triton kernels cannot be planned on meta tensors yet); use kernels='reference' "
+                "or programs='off'"
+            )
+        pyramid = self.spec.pyramid
+        hws = self.plan(False).hw if pyramid else (self.latent_hw,)
+        dmd = pyramid and self.spec.is_distilled
+        kinds = {stage.kind for first in (False, True) for stage in self._stages(first)}
+        if dmd != (kinds == {"dmd"}):
+            raise ValueError(f"static programs: the stages step with {sorted(kinds)}, expected one kind")
+        step = StepSpec(
+            flow_step=dmd,
+            guidance_scale=self.spec.guidance_scale if self.spec.uses_cfg else None,
+            cfg_zero_star=self.spec.cfg_zero_star,
+        )
+        layouts = stage_layouts(hws, lambda hw: self.layout(hw)[0])
+        self.programs = StagePrograms(self.model, layouts, step, batch, text_len, torch.float32, cuda_graph)
+        return self.programs
+
+    def _stages(self, first_chunk: bool) -> tuple[StagePlan, ...]:
+        plan = self.plan(first_chunk)
+        return plan.stages if self.spec.pyramid else (plan,)
 
     # ---- constants -------------------------------------------------------------------------------
     def layout(self, hw: tuple[int, int]) -> tuple[TokenLayout, tuple[Tensor, Tensor]]:
@@ -191,9 +236,13 @@ class ChunkSampler:
     def sample(self, cond: Conditioning, batch: int, generator: torch.Generator, first_chunk: bool) -> Tensor:
         """Clean latents `[B, C, frames, H, W]` float32 of one chunk."""
         c = self.model.config.in_channels
+        if self.programs is not None:
+            if batch != self.programs.batch:
+                raise ValueError(f"the static programs were built for batch {self.programs.batch}, not {batch}")
+            self.programs.bind(cond.text, cond.history)
         noise = chunk_noise(batch, c, self.frames, *self.latent_hw, generator, self.device)
         if not self.spec.pyramid:
-            return self._base_loop(noise, cond, self.plan(first_chunk))
+            return self._owned(self._base_loop(noise, cond, self.plan(first_chunk)))
         plan = self.plan(first_chunk)
         # contiguous: it is also stage 0's start point, which the fused flow step reads densely
         latents = downsample_noise(noise, len(plan.stages)).contiguous()
@@ -202,7 +251,11 @@ class ChunkSampler:
                 latents = self._transition(latents, plan, s, generator)
             start = latents
             latents = self._stage_loop(latents, start, cond, stage, s, plan.hw[s])
-        return latents
+        return self._owned(latents)
+
+    def _owned(self, latents: Tensor) -> Tensor:
+        """A program's static output is overwritten by its next run: the caller gets a copy."""
+        return latents.clone() if self.programs is not None and self.programs.owns(latents) else latents
 
     def _transition(self, latents: Tensor, plan: PyramidPlan, s: int, generator: torch.Generator) -> Tensor:
         alpha, beta = plan.alpha_beta[s]
@@ -223,9 +276,38 @@ class ChunkSampler:
         )
         patch_layout = stage.kind == "dmd"  # flow_step unpatchifies as it loads
         for i in range(stage.num_steps):
+            if self.programs is not None:
+                latents = self._program_step(hw, stage, i, latents, start, zeroed, unipc)
+                continue
             flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, zeroed, i, patch_layout)
             latents = self._step(stage, i, flow, latents, start, unipc)
         return latents
+
+    def _program_step(
+        self,
+        hw: tuple[int, int],
+        stage: StagePlan,
+        i: int,
+        latents: Tensor,
+        start: Tensor | None,
+        zeroed: Tensor | None,
+        unipc: UniPCState | None,
+    ) -> Tensor:
+        """Step i through the stage's program: DMD returns its next latents, CFG its guided flow."""
+        dmd = stage.kind == "dmd"
+        zero = None
+        if self.programs.step.guided and self.programs.step.cfg_zero_star:
+            zero = zeroed is not None and bool(zeroed[i])
+        out = self.programs.run(
+            hw,
+            latents,
+            stage.model_timesteps[i],
+            start if dmd and i == 0 else None,  # the stage's start point is fixed over its steps
+            stage.sigma_t[i : i + 1] if dmd else None,
+            stage.sigma_next[i : i + 1] if dmd else None,
+            zero,
+        )
+        return out if dmd else self._step(stage, i, out, latents, start, unipc)
 
     def _base_loop(self, latents: Tensor, cond: Conditioning, stage: StagePlan) -> Tensor:
         layout, rope = self.layout(self.latent_hw)
@@ -235,6 +317,9 @@ class ChunkSampler:
             else None
         )
         for i in range(stage.num_steps):
+            if self.programs is not None:
+                latents = self._program_step(self.latent_hw, stage, i, latents, None, None, unipc)
+                continue
             flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, None, i)
             latents = self._step(stage, i, flow, latents, None, unipc)
         return latents
