@@ -105,7 +105,8 @@ class Engine:
         spec = SamplingSpec.from_checkpoint(read_json(root / "model_index.json"), scheduler, config)
         prompts = None
         if (root / "text_encoder").is_dir():
-            prompts = UMT5PromptEncoder.from_pretrained(root, torch.float32, device)
+            # umT5-XXL is ~5.7B parameters: float32 on a GPU would take 23 GB, so it follows the model dtype
+            prompts = UMT5PromptEncoder.from_pretrained(root, config.resolved_dtype(), device)
         return cls(transformer, vae, prompts, spec, config)
 
     def _check_resolution(self) -> None:
@@ -155,6 +156,11 @@ class Engine:
     def generate(self, prompt: str | None = None, **kwargs) -> Video:
         """Generate a whole video (all chunks collected): `engine.generate(...).save("out.mp4")`."""
         num_frames = kwargs.pop("num_frames", 132)
+        if num_frames is None:
+            raise ValueError(
+                "generate() collects the whole video, so it needs num_frames; "
+                "use generate_stream(num_frames=None) to stream without end"
+            )
         with self.generate_stream(prompt, num_frames=num_frames, **kwargs) as stream:
             frames = [chunk.frames for chunk in stream]
         return Video(np.concatenate(frames), fps=self.config.fps)
@@ -175,7 +181,7 @@ class Engine:
         return self._prompts.get(validate_prompt(text, what)).to(self.device)
 
     def encode_pixels(self, frames: np.ndarray | Tensor, generator: torch.Generator) -> Tensor:
-        """uint8 `[T, H, W, 3]` (or float `[T, 3, H, W]` in [-1, 1]) -> posterior sample, normalised."""
+        """uint8 `[T, H, W, 3]` frames -> the VAE posterior sample, normalised for the transformer."""
         return self.vae.encode(self._pixels(frames), generator=generator, normalize=True).float()
 
     def _pixels(self, frames: np.ndarray | Tensor) -> Tensor:
@@ -276,6 +282,8 @@ class Stream:
 
     def set_prompt(self, prompt: str | None = None, *, prompt_embeds: Tensor | None = None) -> None:
         """Switch to a new prompt from the next chunk, blending embeddings over `prompt_blend_chunks` chunks."""
+        if self._closed:
+            raise RuntimeError("this stream is closed; start a new one with engine.generate_stream()")
         self._prompt.switch(self.engine._embed(prompt, prompt_embeds, "prompt"))
 
     @property

@@ -139,3 +139,17 @@ def test_engine_config_names_the_bad_field(changes: dict, message: str) -> None:
 def test_pyramid_steps_must_match_the_stage_count() -> None:
     with pytest.raises(ValueError, match=r"pyramid_steps=\(1, 1\) has 2 entries but .* 3 stages"):
         Engine.from_pretrained("demo", SMALL.replace(pyramid_steps=(1, 1)))
+
+
+def test_generate_needs_a_frame_count_and_a_closed_stream_takes_no_prompt(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="generate\\(\\) collects the whole video"):
+        engine.generate("a lighthouse", num_frames=None)
+    stream = engine.generate_stream("a lighthouse", num_frames=33)
+    stream.close()
+    with pytest.raises(RuntimeError, match="stream is closed"):
+        stream.set_prompt("a harbour")
+
+
+def test_options_that_do_not_apply_to_the_checkpoint_are_refused() -> None:
+    with pytest.raises(ValueError, match="num_inference_steps applies to HeliosPipeline"):
+        Engine.from_pretrained("demo", SMALL.replace(num_inference_steps=10))

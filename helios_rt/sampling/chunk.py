@@ -32,7 +32,14 @@ from ..model.transformer import HeliosTransformer, HistoryTokens, TextContext
 from ..ops import OpSet, op_names
 from .guidance import zero_init_steps
 from .history import HistoryLayout
-from .pyramid import PyramidPlan, chunk_noise, downsample_noise, plan_pyramid, sample_block_noise
+from .pyramid import (
+    PyramidPlan,
+    block_noise_factor,
+    chunk_noise,
+    downsample_noise,
+    plan_pyramid,
+    sample_block_noise,
+)
 from .schedules import (
     ScheduleConfig,
     StagePlan,
@@ -76,6 +83,16 @@ class SamplingSpec:
         schedule = ScheduleConfig.from_dict(scheduler)
         pyramid = pipeline == "HeliosPyramidPipeline"
         distilled = bool(model_index.get("is_distilled", False))
+        if pyramid and config.num_inference_steps is not None:
+            raise ValueError(
+                "EngineConfig.num_inference_steps applies to HeliosPipeline (base) checkpoints; this one is a "
+                "pyramid checkpoint: set pyramid_steps (steps per stage) instead"
+            )
+        if config.amplify_first_chunk and not (pyramid and distilled):
+            raise ValueError(
+                "EngineConfig.amplify_first_chunk=True applies to distilled pyramid checkpoints only "
+                "(model_index.json is_distilled=true)"
+            )
         if pyramid:
             default_steps = (1,) * schedule.stages if distilled else (20,) * schedule.stages
             steps = config.pyramid_steps or default_steps
@@ -147,6 +164,7 @@ class ChunkSampler:
         self._layouts: dict[tuple[int, int], tuple[TokenLayout, tuple[Tensor, Tensor]]] = {}
         self._plans: dict[bool, Any] = {}
         self.programs = None  # compile.stages.StagePrograms after `compile()`
+        self._block_factor: Tensor | None = None
 
     # ---- static programs -------------------------------------------------------------------------
     def compile(self, batch: int = 1, text_len: int = 512, cuda_graph: bool | None = None):
@@ -260,7 +278,11 @@ class ChunkSampler:
     def _transition(self, latents: Tensor, plan: PyramidPlan, s: int, generator: torch.Generator) -> Tensor:
         alpha, beta = plan.alpha_beta[s]
         b, c, t, h, w = latents.shape
-        noise = sample_block_noise(b, c, t, 2 * h, 2 * w, self.spec.schedule.gamma, plan.patch, generator, self.device)
+        if self._block_factor is None:  # a constant of the config: factored once, not on every transition
+            self._block_factor = block_noise_factor(self.spec.schedule.gamma, plan.patch[1:], self.device)
+        noise = sample_block_noise(
+            b, c, t, 2 * h, 2 * w, self.spec.schedule.gamma, plan.patch, generator, self.device, self._block_factor
+        )
         # the reference rounds the block noise to the transformer dtype before mixing it in
         return self.ops.stage_transition(latents, noise.to(self.model.dtype), alpha, beta)
 
@@ -361,9 +383,7 @@ class ChunkSampler:
         if self.spec.uses_cfg:
             x = torch.cat([x, x])
         timestep = t.reshape(1).expand(x.shape[0]).to(self.device)
-        history = cond.history
-        if history is not None and history.tokens.shape[0] != x.shape[0]:
-            history = HistoryTokens(history.tokens.repeat(x.shape[0] // history.tokens.shape[0], 1, 1))
+        history = cond.history  # batch 1; the transformer expands it over the (CFG) batch without a copy
         flow = self.model(x, timestep, cond.text, layout, rope, history, cond.history_mod, unpatchify=not patch_layout)
         if not self.spec.uses_cfg:
             return flow
