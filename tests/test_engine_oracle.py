@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.pipelines import HEIGHT, WIDTH, build_pipeline, prompt_embeds, sample_image, sample_video, save_pipeline
+from support.pipelines import (
+    HEIGHT,
+    WIDTH,
+    build_pipeline,
+    decode_like_pipeline,
+    prompt_embeds,
+    sample_image,
+    sample_video,
+    save_pipeline,
+)
 
 from helios_rt import Engine, EngineConfig
 
@@ -61,14 +70,7 @@ def run_reference(pipe, kind: str, task: str) -> tuple[torch.Tensor, np.ndarray]
         generator=torch.Generator().manual_seed(SEED),
         output_type="latent",
     ).frames
-    vae = pipe.vae
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    chunks = latents[:, :, -3 * 9 :].split(9, dim=2)
-    with torch.no_grad():
-        video = torch.cat([vae.decode(c / inv_std + mean, return_dict=False)[0] for c in chunks], dim=2)
-    frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]
-    return latents, np.round(frames * 255).astype(np.uint8)
+    return latents, decode_like_pipeline(pipe, latents)
 
 
 @pytest.mark.oracle

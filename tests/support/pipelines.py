@@ -81,3 +81,20 @@ def sample_image(seed: int = 5) -> np.ndarray:
 def sample_video(frames: int = 40, seed: int = 6) -> np.ndarray:
     img = sample_image(seed).astype(np.int32)
     return np.stack([np.roll(img, 2 * t, axis=1) for t in range(frames)]).astype(np.uint8)
+
+
+def decode_like_pipeline(pipe, latents: torch.Tensor, chunks: int = 3) -> np.ndarray:
+    """uint8 frames of the last `chunks` chunks of pipeline latents, each decoded on its own as the pipeline does."""
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        video = torch.cat(
+            [
+                vae.decode(c / inv_std + mean, return_dict=False)[0]
+                for c in latents[:, :, -chunks * 9 :].split(9, dim=2)
+            ],
+            dim=2,
+        )
+    frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]
+    return np.round(frames * 255).astype(np.uint8)
