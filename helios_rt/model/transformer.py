@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..ops import OpSet
+from ..ops.sampler import unpatchify as unpatchify_tokens
 from .layout import TokenLayout
 
 Tensor = torch.Tensor
@@ -328,11 +329,10 @@ class HeliosTransformer(nn.Module):
 
     def unpatchify(self, out: Tensor, layout: TokenLayout) -> Tensor:
         """`[B, N, C*pt*ph*pw]` in (t, h, w) token order -> `[B, C, T, H, W]`."""
-        b = out.shape[0]
         t, h, w = layout.noisy_grid
         pt, ph, pw = self.config.patch_size
-        x = out.reshape(b, t, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(b, -1, t * pt, h * ph, w * pw)
+        shape = (out.shape[0], self.config.out_dim, t * pt, h * ph, w * pw)
+        return unpatchify_tokens(out, shape, self.config.patch_size)  # the layout the fused flow step reads
 
 
 def _replicate_pad_to(x: Tensor, kernel: tuple[int, int, int]) -> Tensor:

@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from .reference import _write
 from .registry import register_reference
 
 Tensor = torch.Tensor
-
-
-def _write(result: Tensor, out: Tensor | None) -> Tensor:
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
 
 
 def unpatchify(v_patch: Tensor, latent_shape: tuple[int, ...], patch: tuple[int, int, int]) -> Tensor:
