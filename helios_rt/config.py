@@ -194,6 +194,13 @@ class EngineConfig:
     # (they cannot plan Triton kernels yet; on a CPU they only add overhead), "on" (raise if impossible),
     # "off" (eager)
     programs: str = "auto"
+    # CUDA graphs of the programs: "auto" (= "chunk" on CUDA, none elsewhere), "chunk" (one graph per
+    # chunk: stages, steps, transitions, history update), "step" (one graph per step: finer NVTX
+    # timelines, more launches), "off" (the programs run eagerly)
+    graphs: str = "auto"
+    # decode chunk k on a second CUDA stream while chunk k+1 is computed; None = on for CUDA. With it
+    # on, Stream.set_prompt takes effect one chunk later (chunk k+1 is already running)
+    overlap_decode: bool | None = None
     pyramid_steps: tuple[int, ...] | None = None  # steps per stage, e.g. (1, 1, 1) or (2, 2, 2)
     num_inference_steps: int | None = None  # base (non-pyramid) checkpoints
     guidance_scale: float | None = None
@@ -220,6 +227,10 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.kernels={self.kernels!r}: use 'auto', 'reference' or 'triton'")
         if self.programs not in ("auto", "on", "off"):
             raise ValueError(f"EngineConfig.programs={self.programs!r}: use 'auto', 'on' or 'off'")
+        if self.graphs not in ("auto", "chunk", "step", "off"):
+            raise ValueError(f"EngineConfig.graphs={self.graphs!r}: use 'auto', 'chunk', 'step' or 'off'")
+        if self.overlap_decode not in (None, True, False):
+            raise ValueError(f"EngineConfig.overlap_decode={self.overlap_decode!r}: use None (auto), True or False")
         if self.pyramid_steps is not None:
             object.__setattr__(self, "pyramid_steps", tuple(self.pyramid_steps))
             if not self.pyramid_steps or any(not isinstance(s, int) or s < 1 for s in self.pyramid_steps):
@@ -242,6 +253,23 @@ class EngineConfig:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def resolved_graphs(self) -> str:
+        """"chunk", "step" or "off"; explicit graphs on a CPU device are refused."""
+        cuda = self.resolved_device().startswith("cuda")
+        if self.graphs == "auto":
+            return "chunk" if cuda else "off"
+        if self.graphs != "off" and not cuda:
+            raise ValueError(f"EngineConfig.graphs={self.graphs!r} needs a CUDA device; use graphs='off' (or 'auto')")
+        return self.graphs
+
+    def resolved_overlap(self) -> bool:
+        cuda = self.resolved_device().startswith("cuda")
+        if self.overlap_decode is None:
+            return cuda
+        if self.overlap_decode and not cuda:
+            raise ValueError("EngineConfig.overlap_decode=True needs a CUDA device (a second stream); use None or False")
+        return self.overlap_decode
 
     def resolved_dtype(self, which: str = "dtype"):
         import torch

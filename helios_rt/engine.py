@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,9 +20,11 @@ import torch
 from .checkpoint import CheckpointError, find_component, read_json
 from .config import EngineConfig
 from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
-from .model.transformer import HeliosTransformer, load_transformer
+from .compile.chunk_program import ChunkKind, ChunkProgram
+from .model.transformer import HeliosTransformer, TextContext, load_transformer
 from .model.vae import WanVAE
 from .ops import OpSet, op_names
+from .overlap import lanes_for
 from .profiling import nvtx_range
 from .sampling.chunk import ChunkSampler, Conditioning, SamplingSpec
 from .sampling.history import HistoryLayout, HistoryMemory, augment_image_latents, augment_video_latents
@@ -64,9 +67,19 @@ class Engine:
             config.history_sizes, config.latent_frames_per_chunk, config.keep_first_frame
         )
         self.sampler = ChunkSampler(transformer, spec, self.history_layout, self.latent_hw, self.device)
+        self.chunk_program: ChunkProgram | None = None
+        graphs = config.resolved_graphs()
+        self.overlap_decode = config.resolved_overlap()
         if self._programs_on():
             # one static program per stage shape; a prompt given as embeddings of another length re-plans
-            self.sampler.compile(batch=1, text_len=MAX_TEXT_TOKENS)
+            self.sampler.compile(batch=1, text_len=MAX_TEXT_TOKENS, cuda_graph=graphs == "step")
+            if graphs != "step":
+                self.chunk_program = ChunkProgram(self.sampler, batch=1, cuda_graph=graphs == "chunk")
+        elif config.graphs not in ("auto", "off"):
+            raise ValueError(
+                f"EngineConfig.graphs={config.graphs!r} captures the static programs, which are off here "
+                f"(programs={config.programs!r}); use programs='on' or graphs='auto'"
+            )
         self._history_mod = transformer.history_modulation()
 
     def _programs_on(self) -> bool:
@@ -108,6 +121,25 @@ class Engine:
             # umT5-XXL is ~5.7B parameters: float32 on a GPU would take 23 GB, so it follows the model dtype
             prompts = UMT5PromptEncoder.from_pretrained(root, config.resolved_dtype(), device)
         return cls(transformer, vae, prompts, spec, config)
+
+    def warmup(self, image_or_video: bool = False) -> None:
+        """Warm up and capture the chunk graphs before the first stream, so its first chunk replays one.
+
+        Captures the first chunk's graph (text-to-video, or with `image_or_video` the I2V/V2V one) and
+        the steady-state one. Without a chunk program (programs off, graphs='step') it does nothing.
+        """
+        program = self.chunk_program
+        if program is None:
+            return
+        with nvtx_range("warmup"):
+            cfg = self.transformer.config
+            zeros = torch.zeros(1, MAX_TEXT_TOKENS, cfg.text_dim, device=self.device)
+            both = torch.cat([zeros, zeros]) if self.spec.uses_cfg else zeros  # [cond; uncond] with CFG
+            program.set_text(self.transformer.encode_text(both))
+            keep = self.history_layout.keep_first_frame
+            amplified = self.spec.amplify_first_chunk
+            first = ChunkKind(amplified, keep and not image_or_video)
+            program.prepare(list(dict.fromkeys([first, ChunkKind(False, False)])))
 
     def _check_resolution(self) -> None:
         """Height and width must survive the VAE (x8), the patch (x2) and the pyramid's halvings."""
@@ -221,9 +253,17 @@ class Stream:
             engine.device,
         )
         self._frames_per_chunk = engine.vae.config.num_frames(engine.config.latent_frames_per_chunk)
-        self._index = 0
+        self._index = 0  # the next chunk to hand over
+        self._launched = 0  # chunks whose compute has been issued
         self._closed = False
         self._text, self._text_key = None, None
+        self._lanes = lanes_for(engine.device, engine.overlap_decode)
+        # two latent slots: chunk k's decode reads slot k % 2 while chunk k+1's compute writes the other
+        shape = (1, engine.transformer.config.in_channels, engine.config.latent_frames_per_chunk, *engine.latent_hw)
+        self._slots = [torch.zeros(shape, device=engine.device) for _ in range(2)]
+        self._slot_free: list[Any] = [None, None]  # the decode-end mark of the chunk that last used the slot
+        self._started = time.perf_counter()
+        self.handover_times: list[float] = []  # perf_counter() when each chunk was handed to the caller
         self._condition_on(image, video)
         self._iterator = self._chunks()
 
@@ -280,11 +320,17 @@ class Stream:
         self._uncond = None
         self._text, self._text_key = None, None
 
-    def set_prompt(self, prompt: str | None = None, *, prompt_embeds: Tensor | None = None) -> None:
-        """Switch to a new prompt from the next chunk, blending embeddings over `prompt_blend_chunks` chunks."""
+    def set_prompt(self, prompt: str | None = None, *, prompt_embeds: Tensor | None = None) -> int:
+        """Switch to a new prompt, blending embeddings over `prompt_blend_chunks` chunks.
+
+        It takes effect at the first chunk whose compute has not started, and returns that chunk's
+        index: the next chunk, or with `overlap_decode` (on by default on CUDA) the one after it,
+        since chunk k+1 is already running on the GPU when chunk k is handed over.
+        """
         if self._closed:
             raise RuntimeError("this stream is closed; start a new one with engine.generate_stream()")
         self._prompt.switch(self.engine._embed(prompt, prompt_embeds, "prompt"))
+        return self._launched
 
     @property
     def chunks_total(self) -> int | None:
@@ -292,38 +338,104 @@ class Stream:
             return None
         return -(-self.num_frames // self._frames_per_chunk)
 
+    @property
+    def time_to_first_frame_s(self) -> float | None:
+        """Seconds from `generate_stream()` to the first chunk's frames in the caller's hands."""
+        return self.handover_times[0] - self._started if self.handover_times else None
+
+    @property
+    def steady_fps(self) -> float | None:
+        """Frames per second handed over after the first chunk (None before the second chunk)."""
+        t = self.handover_times
+        return (len(t) - 1) * self._frames_per_chunk / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else None
+
+    def _more(self, k: int) -> bool:
+        return self.chunks_total is None or k < self.chunks_total
+
     def _chunks(self) -> Iterator[Chunk]:
-        while self.chunks_total is None or self._index < self.chunks_total:
-            yield self._next_chunk()
+        """Launch, decode, hand over; with overlap, chunk k+1 is launched before chunk k is handed over."""
+        launched: _Launched | None = None
+        while self._more(self._index):
+            current = launched or self._launch()
+            decoded = self._decode(current)
+            launched = self._launch() if self._lanes.overlapped and self._more(current.index + 1) else None
+            chunk = self._hand_over(decoded)
+            self._index += 1
+            yield chunk
 
-    def _next_chunk(self) -> Chunk:
-        engine, k = self.engine, self._index
-        with nvtx_range(f"chunk {k}"):
-            t0 = time.perf_counter()
-            cond = self._conditioning()
-            latents = engine.sampler.sample(cond, 1, self._generator, first_chunk=(k == 0))
-            t1 = time.perf_counter()
-            self._history.push(latents)
-            with nvtx_range("decode"):
-                frames = engine.vae.decode_frames(latents, normalized=True)
-            t2 = time.perf_counter()
-        self._index += 1
-        return Chunk(
-            k,
-            k * self._frames_per_chunk,
-            frames.cpu().numpy(),
-            latents.cpu(),
-            {"transformer_s": t1 - t0, "decode_s": t2 - t1},
-        )
+    def _launch(self) -> _Launched:
+        """Issue chunk `_launched`'s compute on the compute lane; its latents land in its slot."""
+        engine, lanes, k = self.engine, self._lanes, self._launched
+        slot = self._slots[k % 2]
+        with nvtx_range(f"chunk {k}"), lanes.on("compute"):
+            begin = lanes.mark("compute")
+            if self._slot_free[k % 2] is not None:
+                lanes.wait("compute", self._slot_free[k % 2])  # chunk k-2's decode still reads the slot
+            text = self._text_context()
+            program = engine.chunk_program
+            if program is not None:
+                program.attach(self._history)
+                program.set_text(text)
+                latents = program.run(program.kind(first_chunk=k == 0), self._generator)
+            else:
+                short, mid, long = self._history.windows()
+                cond = Conditioning(text, engine.sampler.embed_history(short, mid, long), engine._history_mod)
+                latents = engine.sampler.sample(cond, 1, self._generator, first_chunk=k == 0)
+                self._history.push(latents)
+            slot.copy_(latents)
+            end = lanes.mark("compute")
+        self._launched += 1
+        return _Launched(k, slot, begin, end)
 
-    def _conditioning(self) -> Conditioning:
-        engine = self.engine
+    def _decode(self, launched: _Launched) -> _Decoded:
+        """Issue the VAE decode of a launched chunk on the decode lane, after its compute."""
+        lanes = self._lanes
+        with nvtx_range(f"decode {launched.index}"), lanes.on("decode"):
+            lanes.wait("decode", launched.end)
+            begin = lanes.mark("decode")
+            latents = launched.latents.clone()
+            frames = self.engine.vae.decode_frames(latents, normalized=True)
+            end = lanes.mark("decode")
+        self._slot_free[launched.index % 2] = end
+        return _Decoded(launched, latents, frames, begin, end)
+
+    def _hand_over(self, decoded: _Decoded) -> Chunk:
+        """Wait for one chunk's decode (only that) and bring its frames to the host."""
+        lanes, k = self._lanes, decoded.launched.index
+        lanes.host_wait(decoded.end)
+        with lanes.on("decode"):  # the copies queue behind the decode, not behind chunk k+1's compute
+            frames, latents = decoded.frames.cpu().numpy(), decoded.latents.cpu()
+        self.handover_times.append(time.perf_counter())
+        timings = {
+            "transformer_s": lanes.seconds(decoded.launched.begin, decoded.launched.end),
+            "decode_s": lanes.seconds(decoded.begin, decoded.end),
+        }
+        return Chunk(k, k * self._frames_per_chunk, frames, latents, timings)
+
+    def _text_context(self) -> TextContext:
+        """The text K/V of the next chunk's prompt (a new context only when the embedding changed)."""
         embeds = self._prompt.next()
         if embeds is not self._text_key:  # text K/V are computed once per prompt (and per blend chunk)
             both = embeds if self._uncond is None else _pad_cat(embeds, self._uncond)
-            self._text, self._text_key = engine.transformer.encode_text(both), embeds
-        short, mid, long = self._history.windows()
-        return Conditioning(self._text, engine.sampler.embed_history(short, mid, long), engine._history_mod)
+            self._text, self._text_key = self.engine.transformer.encode_text(both), embeds
+        return self._text
+
+
+@dataclass
+class _Launched:
+    index: int
+    latents: Tensor  # the chunk's slot
+    begin: Any
+    end: Any  # a mark on the compute lane after the chunk's latents are in the slot
+
+
+@dataclass
+class _Decoded:
+    launched: _Launched
+    latents: Tensor
+    frames: Tensor
+    begin: Any
+    end: Any
 
 
 class _PromptBlend:

@@ -59,6 +59,7 @@ class StagePrograms:
         self.latent_dtype, self.cuda_graph = latent_dtype, cuda_graph
         self._text: TextContext | None = None
         self.programs: dict[tuple[int, int], Program] = {}
+        self.generation = 0  # bumped on every (re)build: whatever captured the old programs is stale
         self._build(text_len)
 
     def _build(self, text_len: int) -> None:
@@ -79,16 +80,24 @@ class StagePrograms:
         self.programs = programs
         self.text_len = text_len
         self._text = None
+        self.generation += 1
 
     # ---- per chunk -------------------------------------------------------------------------------
     def bind(self, text: TextContext, history: HistoryTokens | None) -> None:
         """The chunk's conditioning: text K/V when the prompt changed, history tokens always."""
+        self.bind_text(text)
+        self.bind_history(history)
+
+    def bind_text(self, text: TextContext) -> None:
+        """Copy a prompt's K/V in when it is not the bound one; re-plan for another text length."""
         s = text.keys[0].shape[1]
         if s != self.text_len:
             self._build(s)
         if text is not self._text:
             self.largest.set_text(text)  # the other stages read the same buffers
             self._text = text  # held, so that `is` never matches a new context at a reused address
+
+    def bind_history(self, history: HistoryTokens | None) -> None:
         if history is not None:
             self.largest.set_history(history)
         elif self.largest.io.history is not None:

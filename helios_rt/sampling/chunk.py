@@ -32,13 +32,14 @@ from ..model.transformer import HeliosTransformer, HistoryTokens, TextContext
 from ..ops import OpSet, op_names
 from .guidance import zero_init_steps
 from .history import HistoryLayout
+from .noise import GeneratorNoise, NoiseSource
 from .pyramid import (
     PyramidPlan,
     block_noise_factor,
-    chunk_noise,
+    block_normals_shape,
+    correlate_block_noise,
     downsample_noise,
     plan_pyramid,
-    sample_block_noise,
 )
 from .schedules import (
     ScheduleConfig,
@@ -250,23 +251,42 @@ class ChunkSampler:
         return self.model.embed_history(layout, short, mid, long)
 
     # ---- one chunk -------------------------------------------------------------------------------
+    def noise_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        """The shapes of a chunk's standard-normal draws, in the order `sample` takes them.
+
+        The start noise `[B, C, frames, H, W]`, then per stage transition its block normals.
+        """
+        shapes = [(batch, self.model.config.in_channels, self.frames, *self.latent_hw)]
+        if self.spec.pyramid:
+            patch = self.model.config.patch_size
+            for h, w in self.plan(False).hw[1:]:
+                shapes.append(block_normals_shape(batch, shapes[0][1], self.frames, h, w, patch))
+        return shapes
+
     @torch.no_grad()
-    def sample(self, cond: Conditioning, batch: int, generator: torch.Generator, first_chunk: bool) -> Tensor:
-        """Clean latents `[B, C, frames, H, W]` float32 of one chunk."""
-        c = self.model.config.in_channels
+    def sample(
+        self, cond: Conditioning, batch: int, noise: torch.Generator | NoiseSource, first_chunk: bool
+    ) -> Tensor:
+        """Clean latents `[B, C, frames, H, W]` float32 of one chunk.
+
+        noise: a generator (drawn on as the reference pipeline draws) or a `NoiseSource`, e.g. the
+        static buffers of a chunk program.
+        """
+        if isinstance(noise, torch.Generator):
+            noise = GeneratorNoise(noise, self.device)
         if self.programs is not None:
             if batch != self.programs.batch:
                 raise ValueError(f"the static programs were built for batch {self.programs.batch}, not {batch}")
             self.programs.bind(cond.text, cond.history)
-        noise = chunk_noise(batch, c, self.frames, *self.latent_hw, generator, self.device)
+        start = noise.chunk(self.noise_shapes(batch)[0])
         if not self.spec.pyramid:
-            return self._owned(self._base_loop(noise, cond, self.plan(first_chunk)))
+            return self._owned(self._base_loop(start, cond, self.plan(first_chunk)))
         plan = self.plan(first_chunk)
         # contiguous: it is also stage 0's start point, which the fused flow step reads densely
-        latents = downsample_noise(noise, len(plan.stages)).contiguous()
+        latents = downsample_noise(start, len(plan.stages)).contiguous()
         for s, stage in enumerate(plan.stages):
             if s > 0:
-                latents = self._transition(latents, plan, s, generator)
+                latents = self._transition(latents, plan, s, noise)
             start = latents
             latents = self._stage_loop(latents, start, cond, stage, s, plan.hw[s])
         return self._owned(latents)
@@ -275,14 +295,14 @@ class ChunkSampler:
         """A program's static output is overwritten by its next run: the caller gets a copy."""
         return latents.clone() if self.programs is not None and self.programs.owns(latents) else latents
 
-    def _transition(self, latents: Tensor, plan: PyramidPlan, s: int, generator: torch.Generator) -> Tensor:
+    def _transition(self, latents: Tensor, plan: PyramidPlan, s: int, source: NoiseSource) -> Tensor:
         alpha, beta = plan.alpha_beta[s]
         b, c, t, h, w = latents.shape
         if self._block_factor is None:  # a constant of the config: factored once, not on every transition
             self._block_factor = block_noise_factor(self.spec.schedule.gamma, plan.patch[1:], self.device)
-        noise = sample_block_noise(
-            b, c, t, 2 * h, 2 * w, self.spec.schedule.gamma, plan.patch, generator, self.device, self._block_factor
-        )
+        shape = (b, c, t, 2 * h, 2 * w)
+        z = source.block(s, block_normals_shape(*shape, plan.patch))
+        noise = correlate_block_noise(z, self._block_factor, shape, plan.patch)
         # the reference rounds the block noise to the transformer dtype before mixing it in
         return self.ops.stage_transition(latents, noise.to(self.model.dtype), alpha, beta)
 

@@ -180,6 +180,16 @@ class HistoryMemory:
         for d, s, k in self._write:
             buf[:, :, d : d + k].copy_(chunk[:, :, s : s + k])
 
+    def copy_from(self, other: HistoryMemory) -> None:
+        """Take `other`'s state (buffer contents and prefix flag), e.g. into a chunk program's static buffer."""
+        if other.layout != self.layout or other.buffer.shape != self.buffer.shape:
+            raise ValueError(
+                f"cannot copy a {tuple(other.buffer.shape)} history into a {tuple(self.buffer.shape)} one "
+                "(another layout, batch or resolution)"
+            )
+        self.buffer.copy_(other.buffer)
+        self.prefix_set = other.prefix_set
+
     def _write_rolling_tail(self, latents: Tensor) -> None:
         """Write latents into the newest rolling positions (older ones keep their content)."""
         t = min(latents.shape[2], self.layout.rolling)

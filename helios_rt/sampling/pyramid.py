@@ -125,14 +125,30 @@ def sample_block_noise(
     and multiplies by the Cholesky factor (`block_noise_factor`, pass it to skip recomputing), so
     the stream matches the reference for the same generator state.
     """
+    factor = block_noise_factor(gamma, patch[1:], device) if factor is None else factor.to(device)
+    z = normal_noise(block_normals_shape(batch, channels, frames, height, width, patch), generator, device)
+    return correlate_block_noise(z, factor, (batch, channels, frames, height, width), patch)
+
+
+def block_normals_shape(
+    batch: int, channels: int, frames: int, height: int, width: int, patch: tuple[int, int, int]
+) -> tuple[int, int]:
+    """`[blocks, ph*pw]`: the standard normals one block-noise draw takes (only ph, pw of `patch` matter)."""
     _, ph, pw = patch
     if height % ph or width % pw:
         raise ValueError(f"block noise size {height}x{width} must be divisible by the patch {ph}x{pw}")
-    factor = block_noise_factor(gamma, (ph, pw), device) if factor is None else factor.to(device)
-    hb, wb = height // ph, width // pw
-    z = normal_noise((batch * channels * frames * hb * wb, ph * pw), generator, device)
-    noise = (z @ factor.T).view(batch, channels, frames, hb, wb, ph, pw)
-    return noise.permute(0, 1, 2, 3, 5, 4, 6).reshape(batch, channels, frames, height, width)
+    return (batch * channels * frames * (height // ph) * (width // pw), ph * pw)
+
+
+def correlate_block_noise(z: Tensor, factor: Tensor, shape: tuple[int, ...], patch: tuple[int, int, int]) -> Tensor:
+    """Standard normals `[blocks, ph*pw]` -> block noise `[B, C, T, H, W]` through the Cholesky factor.
+
+    Split from the draw so that a static program can take its normals from a buffer filled outside it.
+    """
+    b, c, t, h, w = shape
+    _, ph, pw = patch
+    noise = (z @ factor.T).view(b, c, t, h // ph, w // pw, ph, pw)
+    return noise.permute(0, 1, 2, 3, 5, 4, 6).reshape(b, c, t, h, w)
 
 
 def stage_transition(x: Tensor, block_noise: Tensor, alpha: float, beta: float, out: Tensor | None = None) -> Tensor:
