@@ -122,13 +122,11 @@ class ChunkProgram:
         if self._text is None:
             raise RuntimeError("ChunkProgram.run: no prompt bound; call set_text() first")
         self.noise.fill(generator)
-        if not self.cuda_graph:
-            self._body(kind)
-        elif kind in self._graphs:
+        if self.cuda_graph and kind in self._graphs:
             self._graphs[kind].replay()
-        elif kind in self._warm:
+        elif self.cuda_graph and kind in self._warm:
             self._capture(kind).replay()
-        else:
+        else:  # without graphs always; with them the kind's first (warm-up) run
             self._body(kind)
             self._warm.add(kind)
         self.history.prefix_set = self.history.prefix_set or kind.set_prefix

@@ -1,0 +1,145 @@
+"""The stream's two lanes (issue 7, item 1): decode of chunk k overlapped with compute of chunk k+1.
+
+The scheduling lives in `engine.Stream` and talks to a `Lanes` object; on CUDA that is two CUDA
+streams and events, here a recording stand-in that says it overlaps. The tests check the order the
+GPU relies on: chunk k+1's compute is issued before the host waits for chunk k's frames, the host
+waits only for decode marks, a latent slot is rewritten only after the decode that read it, and the
+results do not depend on the overlap. Timing properties (time to first frame, steady FPS) too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from helios_rt import Engine, EngineConfig
+from helios_rt import engine as engine_module
+from helios_rt.overlap import HostLanes, lanes_for
+
+SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference")
+PROMPT = "a tropical fish among corals"
+
+
+class RecordingLanes(HostLanes):
+    """Host lanes that claim to overlap and log every lane operation with numbered marks."""
+
+    def __init__(self, overlapped: bool = True) -> None:
+        self.overlapped = overlapped
+        self.log: list[tuple] = []
+        self._ids = itertools.count()
+        self.lane: str | None = None
+
+    @contextmanager
+    def on(self, lane):
+        outer, self.lane = self.lane, lane
+        try:
+            yield
+        finally:
+            self.lane = outer
+
+    def mark(self, lane):
+        mark = (lane, next(self._ids))
+        self.log.append(("mark", *mark))
+        return mark
+
+    def wait(self, lane, mark) -> None:
+        self.log.append(("wait", lane, mark))
+
+    def host_wait(self, mark) -> None:
+        self.log.append(("host_wait", mark))
+
+    def seconds(self, start, end) -> float:
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.from_pretrained("demo", SMALL)
+
+
+def recorded_stream(engine: Engine, monkeypatch, overlapped: bool, chunks: int = 3):
+    lanes = RecordingLanes(overlapped)
+    monkeypatch.setattr(engine_module, "lanes_for", lambda device, overlap: lanes)
+    order: list[tuple[str, int]] = []
+    stream = engine.generate_stream(PROMPT, num_frames=33 * chunks, seed=3)
+    for name in ("_launch", "_decode", "_hand_over"):
+        original = getattr(stream, name)
+
+        def logged(*args, _original=original, _name=name):
+            result = _original(*args)
+            index = result.index if _name != "_decode" else result.launched.index
+            order.append((_name.strip("_"), index))
+            lanes.log.append((_name.strip("_"), index, result))
+            return result
+
+        setattr(stream, name, logged)
+    return stream, lanes, order
+
+
+def test_next_chunk_is_launched_before_the_host_waits_for_this_one(engine, monkeypatch) -> None:
+    stream, lanes, order = recorded_stream(engine, monkeypatch, overlapped=True)
+    chunks = list(stream)
+    assert [c.index for c in chunks] == [0, 1, 2]
+    assert order == [("launch", 0), ("decode", 0), ("launch", 1), ("hand_over", 0),
+                     ("decode", 1), ("launch", 2), ("hand_over", 1),
+                     ("decode", 2), ("hand_over", 2)]  # fmt: skip
+
+
+def test_host_waits_only_for_decode_marks_and_slots_wait_for_their_decode(engine, monkeypatch) -> None:
+    stream, lanes, _ = recorded_stream(engine, monkeypatch, overlapped=True, chunks=4)
+    list(stream)
+    decoded = {e[1]: e[2] for e in lanes.log if e[0] == "decode"}
+    launched = {e[1]: e[2] for e in lanes.log if e[0] == "launch"}
+    host_waits = [e[1] for e in lanes.log if e[0] == "host_wait"]
+    assert host_waits == [decoded[k].end for k in range(4)]  # never a compute mark: no wait on chunk k+1
+    waits = [e[1:] for e in lanes.log if e[0] == "wait"]
+    for k in range(4):
+        assert ("decode", launched[k].end) in waits  # decode k after compute k
+        reuse = ("compute", decoded[k - 2].end) if k >= 2 else None
+        assert reuse is None or reuse in waits, f"chunk {k} rewrote slot {k % 2} before chunk {k - 2}'s decode"
+    assert launched[2].latents is launched[0].latents and launched[1].latents is not launched[0].latents
+
+
+def test_results_do_not_depend_on_the_overlap(engine, monkeypatch) -> None:
+    stream, _, _ = recorded_stream(engine, monkeypatch, overlapped=True)
+    overlapped = list(stream)
+    stream, _, _ = recorded_stream(engine, monkeypatch, overlapped=False)
+    serial = list(stream)
+    for a, b in zip(overlapped, serial, strict=True):
+        assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
+
+
+@pytest.mark.parametrize(("overlapped", "effective"), [(True, 2), (False, 1)])
+def test_set_prompt_says_which_chunk_it_takes_effect_at(engine, monkeypatch, overlapped, effective) -> None:
+    stream, _, _ = recorded_stream(engine, monkeypatch, overlapped=overlapped, chunks=4)
+    next(stream)
+    assert stream.set_prompt("a busy city street") == effective
+    stream.close()
+
+
+def test_stream_reports_time_to_first_frame_and_steady_fps(engine: Engine) -> None:
+    stream = engine.generate_stream(PROMPT, num_frames=99, seed=1)
+    assert stream.time_to_first_frame_s is None and stream.steady_fps is None
+    next(stream)
+    assert stream.time_to_first_frame_s > 0 and stream.steady_fps is None
+    list(stream)
+    span = stream.handover_times[-1] - stream.handover_times[0]
+    assert stream.steady_fps == pytest.approx(2 * 33 / span)
+
+
+def test_overlap_and_graphs_are_refused_without_cuda() -> None:
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        lanes_for(torch.device("cpu"), True)
+    assert isinstance(lanes_for(torch.device("cpu"), False), HostLanes)
+    with pytest.raises(ValueError, match="overlap_decode=True needs a CUDA device"):
+        Engine.from_pretrained("demo", SMALL.replace(overlap_decode=True))
+    with pytest.raises(ValueError, match="graphs='chunk' needs a CUDA device"):
+        Engine.from_pretrained("demo", SMALL.replace(programs="on", graphs="chunk"))
+    with pytest.raises(ValueError, match="graphs="):
+        EngineConfig(graphs="always")
+    with pytest.raises(ValueError, match="overlap_decode="):
+        EngineConfig(overlap_decode="yes")
