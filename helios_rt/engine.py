@@ -70,16 +70,18 @@ class Engine:
         self.chunk_program: ChunkProgram | None = None
         graphs = config.resolved_graphs()
         self.overlap_decode = config.resolved_overlap()
-        if self._programs_on():
+        programs = self._programs_on()
+        if graphs == "step" and not programs:
+            raise ValueError(
+                "EngineConfig.graphs='step' captures the static stage programs, which are off here "
+                f"(programs={config.programs!r}, kernels={config.kernels!r}); use graphs='chunk' or programs='on'"
+            )
+        if programs:
             # one static program per stage shape; a prompt given as embeddings of another length re-plans
             self.sampler.compile(batch=1, text_len=MAX_TEXT_TOKENS, cuda_graph=graphs == "step")
-            if graphs != "step":
-                self.chunk_program = ChunkProgram(self.sampler, batch=1, cuda_graph=graphs == "chunk")
-        elif config.graphs not in ("auto", "off"):
-            raise ValueError(
-                f"EngineConfig.graphs={config.graphs!r} captures the static programs, which are off here "
-                f"(programs={config.programs!r}); use programs='on' or graphs='auto'"
-            )
+        if graphs == "chunk" or (programs and graphs == "off"):
+            # without graphs (a CPU) the chunk program runs its body eagerly: it is what a graph would capture
+            self.chunk_program = ChunkProgram(self.sampler, batch=1, cuda_graph=graphs == "chunk")
         self._history_mod = transformer.history_modulation()
 
     def _programs_on(self) -> bool:
@@ -87,7 +89,8 @@ class Engine:
 
         A program pays off through CUDA graphs and the planned arena; on a CPU it only adds the plan
         checks and its out=-capable math attention (about 1.9x slower transformer on the demo).
-        Programs cannot plan Triton kernels yet (no meta implementations), so Triton runs eagerly.
+        Programs cannot plan Triton kernels yet (no meta implementations), so with Triton the chunk
+        graph captures the eager op table (its intermediates live in the graph's memory pool).
         """
         if self.config.programs == "auto":
             ops = self.transformer.ops

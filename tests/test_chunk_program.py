@@ -131,11 +131,30 @@ def test_another_text_length_replans_and_drops_the_kinds_seen(engine: Engine) ->
 
 
 def test_chunk_program_refuses_what_it_cannot_run(engine: Engine) -> None:
-    eager = Engine.from_pretrained("demo", SMALL.replace(programs="off"))
-    with pytest.raises(ValueError, match="compiled sampler"):
-        ChunkProgram(eager.sampler)
     with pytest.raises(ValueError, match="needs a CUDA sampler"):
         ChunkProgram(engine.sampler, cuda_graph=True)
     fresh = ChunkProgram(engine.sampler)
     with pytest.raises(RuntimeError, match="no prompt bound"):
         fresh.run(ChunkKind(False, False), torch.Generator())
+
+
+def test_chunk_program_over_the_eager_op_table_equals_the_eager_stream_through_a_prompt_switch() -> None:
+    """Without stage programs (the Triton path on CUDA) the body runs the eager sampler on static text K/V."""
+    eager = Engine.from_pretrained("demo", SMALL.replace(programs="off"))
+    assert eager.chunk_program is None
+
+    def run(engine: Engine) -> list:
+        stream = engine.generate_stream(PROMPT, num_frames=None, seed=9)
+        chunks = [next(stream)]
+        stream.set_prompt("a busy city street")
+        chunks += [next(stream) for _ in range(4)]  # through the blend (3 chunks) and past it
+        stream.close()
+        return chunks
+
+    expected = run(eager)
+    eager.chunk_program = ChunkProgram(eager.sampler)
+    for a, b in zip(run(eager), expected, strict=True):
+        assert torch.equal(a.latents, b.latents), f"chunk {a.index}"
+    text_buffers = eager.chunk_program._text.keys[0]
+    run(eager)
+    assert eager.chunk_program._text.keys[0] is text_buffers  # a new prompt is copied in, not re-bound

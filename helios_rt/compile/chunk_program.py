@@ -54,15 +54,17 @@ class ChunkKind:
 
 
 class ChunkProgram:
-    """One chunk of `sampler` (whose stage programs must not capture graphs of their own) on static buffers.
+    """One chunk of `sampler` on static buffers.
+
+    The sampler either runs compiled stage programs (planned arena; they must not capture graphs of
+    their own) or its eager op table (e.g. the Triton kernels, which the planner cannot plan yet;
+    under capture their intermediates come from the graph's memory pool, just as static).
 
     batch: the sampler's batch; cuda_graph: capture one graph per `ChunkKind` (default: on CUDA).
     """
 
     def __init__(self, sampler: ChunkSampler, batch: int = 1, cuda_graph: bool | None = None) -> None:
-        if sampler.programs is None:
-            raise ValueError("ChunkProgram needs a compiled sampler (ChunkSampler.compile())")
-        if sampler.programs.cuda_graph:
+        if sampler.programs is not None and sampler.programs.cuda_graph:
             raise ValueError("the stage programs capture graphs of their own; compile them with cuda_graph=False")
         self.sampler, self.batch, self.device = sampler, batch, torch.device(sampler.device)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -73,11 +75,12 @@ class ChunkProgram:
         self.noise = StaticNoise(sampler.noise_shapes(batch), self.device)
         self.output = torch.zeros((batch, c, sampler.frames, *hw), dtype=torch.float32, device=self.device)
         self.history_mod = sampler.model.history_modulation()
-        self._text: TextContext | None = None
+        self._text: TextContext | None = None  # what the body reads
+        self._source: TextContext | None = None  # the caller's context last copied into `_text`
         self._graphs: dict[ChunkKind, torch.cuda.CUDAGraph] = {}
         self._warm: set[ChunkKind] = set()
         self._pool = None
-        self._generation = sampler.programs.generation
+        self._generation = self._programs_generation()
         self._owner: weakref.ref[HistoryMemory] | None = None
 
     # ---- state -----------------------------------------------------------------------------------
@@ -103,17 +106,35 @@ class ChunkProgram:
         self._owner = None
 
     def set_text(self, text: TextContext) -> None:
-        """Bind a prompt's K/V (outside any graph: a new prompt is a new source tensor)."""
-        self.sampler.programs.bind_text(text)
-        self._text = text
-        self._drop_stale_graphs()
+        """Bind a prompt's K/V into static buffers, outside any graph (a new prompt is a new source).
 
-    def _drop_stale_graphs(self) -> None:
-        """A re-plan (another text length) made new stage programs: the captured graphs point at the old."""
-        if self.sampler.programs.generation != self._generation:
-            self._graphs.clear()
-            self._warm.clear()
-            self._generation = self.sampler.programs.generation
+        With stage programs those are the programs' buffers (a text length they were not planned for
+        re-plans them); otherwise the program keeps its own copy, which the eager forward reads.
+        Either way a change of length drops the captured graphs; a change of prompt is a copy.
+        """
+        programs = self.sampler.programs
+        if programs is not None:
+            programs.bind_text(text)
+            self._text = text
+            if self._programs_generation() != self._generation:
+                self._forget_graphs()
+                self._generation = self._programs_generation()
+            return
+        layout = [(t.shape, t.dtype) for t in text.keys + text.values]
+        if self._text is None or [(t.shape, t.dtype) for t in self._text.keys + self._text.values] != layout:
+            self._text = TextContext([k.clone() for k in text.keys], [v.clone() for v in text.values])
+            self._forget_graphs()
+        elif text is not self._source:
+            for dst, src in zip(self._text.keys + self._text.values, text.keys + text.values, strict=True):
+                dst.copy_(src)
+        self._source = text  # held, so that `is` never matches a new context at a reused address
+
+    def _programs_generation(self) -> int:
+        return self.sampler.programs.generation if self.sampler.programs is not None else 0
+
+    def _forget_graphs(self) -> None:
+        self._graphs.clear()
+        self._warm.clear()
 
     # ---- running ---------------------------------------------------------------------------------
     @torch.no_grad()
