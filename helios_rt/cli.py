@@ -90,8 +90,18 @@ def generate(args: argparse.Namespace) -> int:
         for chunk in stream:
             writer.write(chunk.frames)
             progress.update(writer.frames_written)
-    progress.done(f"wrote {writer.frames_written} frames to {args.out} in {time.perf_counter() - started:.1f} s")
+    progress.done(
+        f"wrote {writer.frames_written} frames to {args.out} in {time.perf_counter() - started:.1f} s "
+        f"({_stream_rates(stream)})"
+    )
     return 0
+
+
+def _stream_rates(stream) -> str:
+    """Time to first frame and steady-state FPS, the two numbers a real-time user watches."""
+    ttff, fps = stream.time_to_first_frame_s, stream.steady_fps
+    rates = f"first frame after {ttff:.2f} s" if ttff is not None else "no frames"
+    return rates + (f", then {fps:.1f} FPS" if fps is not None else "")
 
 
 class _Progress:

@@ -33,7 +33,8 @@ def test_generate_demo_writes_a_playable_mp4(tmp_path, capsys) -> None:
     assert code == 0
     frames = read_video(out)
     assert frames.shape == (66, 64, 64, 3)  # two chunks of 33: every frame that was made is kept
-    assert "wrote 66 frames" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "wrote 66 frames" in err and "first frame after" in err and "FPS" in err
 
 
 def test_generate_reports_bad_input_without_a_traceback(tmp_path, capsys) -> None:
