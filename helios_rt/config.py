@@ -255,7 +255,7 @@ class EngineConfig:
         return self.device
 
     def resolved_graphs(self) -> str:
-        """"chunk", "step" or "off"; explicit graphs on a CPU device are refused."""
+        """The graphs to capture: 'chunk', 'step' or 'off'; asking for graphs on a CPU device is refused."""
         cuda = self.resolved_device().startswith("cuda")
         if self.graphs == "auto":
             return "chunk" if cuda else "off"
@@ -268,7 +268,9 @@ class EngineConfig:
         if self.overlap_decode is None:
             return cuda
         if self.overlap_decode and not cuda:
-            raise ValueError("EngineConfig.overlap_decode=True needs a CUDA device (a second stream); use None or False")
+            raise ValueError(
+                "EngineConfig.overlap_decode=True needs a CUDA device (a second stream); use None or False"
+            )
         return self.overlap_decode
 
     def resolved_dtype(self, which: str = "dtype"):

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, find_component, read_json
+from .compile.chunk_program import ChunkKind, ChunkProgram
 from .config import EngineConfig
 from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
-from .compile.chunk_program import ChunkKind, ChunkProgram
 from .model.transformer import HeliosTransformer, TextContext, load_transformer
 from .model.vae import WanVAE
 from .ops import OpSet, op_names
@@ -113,17 +113,18 @@ class Engine:
                 f"{root} is not a Helios checkpoint folder (no model_index.json); pass the folder "
                 "that holds model_index.json, transformer/, vae/, scheduler/, or 'demo'"
             )
-        device = torch.device(config.resolved_device())
-        ops = OpSet(device, config.kernels)
-        transformer = load_transformer(root, config.resolved_dtype(), device, ops)
-        vae = WanVAE.from_pretrained(root, config.resolved_dtype("vae_dtype"), device)
-        scheduler = read_json(find_component(root, "scheduler") / "scheduler_config.json")
-        spec = SamplingSpec.from_checkpoint(read_json(root / "model_index.json"), scheduler, config)
-        prompts = None
-        if (root / "text_encoder").is_dir():
-            # umT5-XXL is ~5.7B parameters: float32 on a GPU would take 23 GB, so it follows the model dtype
-            prompts = UMT5PromptEncoder.from_pretrained(root, config.resolved_dtype(), device)
-        return cls(transformer, vae, prompts, spec, config)
+        with nvtx_range("load"):
+            device = torch.device(config.resolved_device())
+            ops = OpSet(device, config.kernels)
+            transformer = load_transformer(root, config.resolved_dtype(), device, ops)
+            vae = WanVAE.from_pretrained(root, config.resolved_dtype("vae_dtype"), device)
+            scheduler = read_json(find_component(root, "scheduler") / "scheduler_config.json")
+            spec = SamplingSpec.from_checkpoint(read_json(root / "model_index.json"), scheduler, config)
+            prompts = None
+            if (root / "text_encoder").is_dir():
+                # umT5-XXL is ~5.7B parameters: float32 on a GPU would take 23 GB, so it follows the model dtype
+                prompts = UMT5PromptEncoder.from_pretrained(root, config.resolved_dtype(), device)
+            return cls(transformer, vae, prompts, spec, config)
 
     def warmup(self, image_or_video: bool = False) -> None:
         """Warm up and capture the chunk graphs before the first stream, so its first chunk replays one.

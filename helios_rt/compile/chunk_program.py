@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.transformer import TextContext
+from ..profiling import nvtx_range
 from ..sampling.chunk import ChunkSampler, Conditioning
 from ..sampling.history import HistoryMemory
 from ..sampling.noise import StaticNoise
@@ -184,7 +185,7 @@ class ChunkProgram:
     def _capture(self, kind: ChunkKind) -> torch.cuda.CUDAGraph:
         prefix_set = self.history.prefix_set  # the captured push must not change the host flag
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with nvtx_range(f"capture {kind}"), torch.cuda.graph(graph, pool=self._pool):
             self._body(kind)
         self.history.prefix_set = prefix_set
         if self._pool is None:

@@ -30,6 +30,7 @@ import torch
 from ..model.layout import TokenLayout, build_layout, rope_tables
 from ..model.transformer import HeliosTransformer, HistoryTokens, TextContext
 from ..ops import OpSet, op_names
+from ..profiling import nvtx_range
 from .guidance import zero_init_steps
 from .history import HistoryLayout
 from .noise import GeneratorNoise, NoiseSource
@@ -198,7 +199,8 @@ class ChunkSampler:
             cfg_zero_star=self.spec.cfg_zero_star,
         )
         layouts = stage_layouts(hws, lambda hw: self.layout(hw)[0])
-        self.programs = StagePrograms(self.model, layouts, step, batch, text_len, torch.float32, cuda_graph)
+        with nvtx_range("compile"):
+            self.programs = StagePrograms(self.model, layouts, step, batch, text_len, torch.float32, cuda_graph)
         return self.programs
 
     def _stages(self, first_chunk: bool) -> tuple[StagePlan, ...]:
@@ -264,9 +266,7 @@ class ChunkSampler:
         return shapes
 
     @torch.no_grad()
-    def sample(
-        self, cond: Conditioning, batch: int, noise: torch.Generator | NoiseSource, first_chunk: bool
-    ) -> Tensor:
+    def sample(self, cond: Conditioning, batch: int, noise: torch.Generator | NoiseSource, first_chunk: bool) -> Tensor:
         """Clean latents `[B, C, frames, H, W]` float32 of one chunk.
 
         noise: a generator (drawn on as the reference pipeline draws) or a `NoiseSource`, e.g. the
@@ -285,10 +285,11 @@ class ChunkSampler:
         # contiguous: it is also stage 0's start point, which the fused flow step reads densely
         latents = downsample_noise(start, len(plan.stages)).contiguous()
         for s, stage in enumerate(plan.stages):
-            if s > 0:
-                latents = self._transition(latents, plan, s, noise)
-            start = latents
-            latents = self._stage_loop(latents, start, cond, stage, s, plan.hw[s])
+            with nvtx_range(f"stage {s}"):
+                if s > 0:
+                    latents = self._transition(latents, plan, s, noise)
+                start = latents
+                latents = self._stage_loop(latents, start, cond, stage, s, plan.hw[s])
         return self._owned(latents)
 
     def _owned(self, latents: Tensor) -> Tensor:
@@ -318,11 +319,12 @@ class ChunkSampler:
         )
         patch_layout = stage.kind == "dmd"  # flow_step unpatchifies as it loads
         for i in range(stage.num_steps):
-            if self.programs is not None:
-                latents = self._program_step(hw, stage, i, latents, start, zeroed, unipc)
-                continue
-            flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, zeroed, i, patch_layout)
-            latents = self._step(stage, i, flow, latents, start, unipc)
+            with nvtx_range(f"step {i}"):
+                if self.programs is not None:
+                    latents = self._program_step(hw, stage, i, latents, start, zeroed, unipc)
+                    continue
+                flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, zeroed, i, patch_layout)
+                latents = self._step(stage, i, flow, latents, start, unipc)
         return latents
 
     def _program_step(
@@ -359,11 +361,12 @@ class ChunkSampler:
             else None
         )
         for i in range(stage.num_steps):
-            if self.programs is not None:
-                latents = self._program_step(self.latent_hw, stage, i, latents, None, None, unipc)
-                continue
-            flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, None, i)
-            latents = self._step(stage, i, flow, latents, None, unipc)
+            with nvtx_range(f"step {i}"):
+                if self.programs is not None:
+                    latents = self._program_step(self.latent_hw, stage, i, latents, None, None, unipc)
+                    continue
+                flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, None, i)
+                latents = self._step(stage, i, flow, latents, None, unipc)
         return latents
 
     def _step(
