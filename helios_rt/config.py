@@ -217,6 +217,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"EngineConfig.{name}={value!r}: must be a positive integer")
+        if not isinstance(self.device, str):  # a torch.device is welcome; stored as its name
+            object.__setattr__(self, "device", str(self.device))
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"EngineConfig.device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         for name in ("dtype", "vae_dtype"):

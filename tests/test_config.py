@@ -58,3 +58,21 @@ def test_14b_parameter_count_equals_diffusers() -> None:
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
         k: tuple(v.shape) for k, v in reference.state_dict().items()
     }
+
+
+def test_engine_config_takes_a_torch_device() -> None:
+    from helios_rt import EngineConfig
+
+    assert EngineConfig(device=torch.device("cpu")).device == "cpu"
+    assert EngineConfig(device=torch.device("cuda", 1)).resolved_device() == "cuda:1"
+
+
+def test_triton_ops_of_a_numbered_cuda_device_launch_under_a_device_guard() -> None:
+    """Triton launches on the current device; an op table for cuda:1 must switch to it first."""
+    from helios_rt.ops import OpSet, op_names
+
+    guarded, plain = OpSet("cuda:1", "triton"), OpSet("cuda", "triton")
+    for name in op_names():
+        if guarded.backend_of(name) == "triton":
+            op = getattr(guarded, name)
+            assert op.__wrapped__ is getattr(plain, name), name  # the same kernel, behind torch.cuda.device

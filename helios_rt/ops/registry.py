@@ -7,6 +7,7 @@ an FP8 variant later, changes one registration and nothing in the model.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,6 +100,18 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _on_device(impl: Callable, device: torch.device) -> Callable:
+    """Launch a Triton kernel on `device`: Triton launches on the *current* CUDA device, which for an
+    engine on cuda:1 is usually cuda:0 (a wrong-device launch faults or reads garbage)."""
+
+    @functools.wraps(impl)
+    def launch(*args, **kwargs):
+        with torch.cuda.device(device):
+            return impl(*args, **kwargs)
+
+    return launch
+
+
 class OpSet:
     """The ops resolved for one device and kernel choice; attribute access returns the callable.
 
@@ -122,6 +135,8 @@ class OpSet:
             _load_backend("triton")
         for name, op in _TABLE.items():
             impl = op.impls.get("triton") if use_triton else None
+            if impl is not None and self.device.type == "cuda" and self.device.index is not None:
+                impl = _on_device(impl, self.device)
             self._resolved[name] = impl or op.reference
             self._chosen[name] = "triton" if impl else "reference"
 
