@@ -158,3 +158,31 @@ def test_chunk_program_over_the_eager_op_table_equals_the_eager_stream_through_a
     text_buffers = eager.chunk_program._text.keys[0]
     run(eager)
     assert eager.chunk_program._text.keys[0] is text_buffers  # a new prompt is copied in, not re-bound
+
+
+def test_bf16_dmd_stages_after_the_first_run_in_the_model_dtype(monkeypatch) -> None:
+    """As the reference: a DMD stage ends on x0 in the model dtype; the next transition and steps use it.
+
+    Through the stage programs (per-stage latent dtype) the chunk equals the eager sampler given the
+    programs' attention math, bit for bit, in bfloat16 too.
+    """
+    from helios_rt.compile.workspace import ArenaOps
+
+    config = SMALL.replace(dtype="bfloat16", vae_dtype="float32")
+    eager = Engine.from_pretrained("demo", config.replace(programs="off"))
+    eager.transformer.ops = ArenaOps(eager.transformer.ops, "math")
+    seen: list[torch.dtype] = []
+    transition = eager.sampler.ops._resolved["stage_transition"]
+
+    def spy(x, noise, alpha, beta, out=None):
+        seen.append(x.dtype)
+        return transition(x, noise, alpha, beta, out=out)
+
+    monkeypatch.setitem(eager.sampler.ops._resolved, "stage_transition", spy)
+    expected = stream_chunks(eager, 2)
+    assert seen and set(seen) == {torch.bfloat16}
+    programs = Engine.from_pretrained("demo", config)
+    dtypes = {hw: p.io.latents.dtype for hw, p in programs.sampler.programs.programs.items()}
+    assert sorted(dtypes.values(), key=str) == [torch.bfloat16, torch.bfloat16, torch.float32]
+    for a, b in zip(stream_chunks(programs, 2), expected, strict=True):
+        assert a.latents.dtype == torch.float32 and torch.equal(a.latents, b.latents), f"chunk {a.index}"

@@ -25,7 +25,7 @@ about 1.9x the eager time. What programs buy is on CUDA: no allocation and one g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -40,7 +40,8 @@ class StagePrograms:
     """One program per stage shape `(h, w)` of the noisy latents.
 
     layouts: `(h, w) -> TokenLayout` of each stage; step: `StepSpec` of every stage (DMD flow step,
-    or the guided prediction of a multistep solver); batch: the sampler's batch (B, not 2B).
+    or the guided prediction of a multistep solver); batch: the sampler's batch (B, not 2B);
+    latent_dtype: of the latents, start point and output, one for all stages or per stage shape.
     """
 
     def __init__(
@@ -50,7 +51,7 @@ class StagePrograms:
         step: StepSpec,
         batch: int = 1,
         text_len: int = 512,
-        latent_dtype: torch.dtype = torch.float32,
+        latent_dtype: torch.dtype | Mapping[tuple[int, int], torch.dtype] = torch.float32,
         cuda_graph: bool | None = None,
     ) -> None:
         if not layouts:
@@ -68,7 +69,8 @@ class StagePrograms:
         first: Program | None = None
         for hw in sorted(self.layouts, key=lambda hw: self.layouts[hw].n_tokens, reverse=True):
             try:
-                prog = Program(self.model, self.layouts[hw], self.batch, text_len, self.latent_dtype,
+                dtype = self.latent_dtype if isinstance(self.latent_dtype, torch.dtype) else self.latent_dtype[hw]
+                prog = Program(self.model, self.layouts[hw], self.batch, text_len, dtype,
                                self.cuda_graph, share_with=first, step=self.step)  # fmt: skip
             except Exception as err:
                 raise type(err)(

@@ -199,8 +199,10 @@ class ChunkSampler:
             cfg_zero_star=self.spec.cfg_zero_star,
         )
         layouts = stage_layouts(hws, lambda hw: self.layout(hw)[0])
+        # DMD stages after the first run in the model dtype (see `sample`); stage 0 starts from float32 noise
+        dtypes = {hw: torch.float32 if i == 0 or not dmd else self.model.dtype for i, hw in enumerate(hws)}
         with nvtx_range("compile"):
-            self.programs = StagePrograms(self.model, layouts, step, batch, text_len, torch.float32, cuda_graph)
+            self.programs = StagePrograms(self.model, layouts, step, batch, text_len, dtypes, cuda_graph)
         return self.programs
 
     def _stages(self, first_chunk: bool) -> tuple[StagePlan, ...]:
@@ -290,7 +292,11 @@ class ChunkSampler:
                     latents = self._transition(latents, plan, s, noise)
                 start = latents
                 latents = self._stage_loop(latents, start, cond, stage, s, plan.hw[s])
-        return self._owned(latents)
+                if stage.kind == "dmd":
+                    # the reference's last DMD step returns x0 in the model dtype, and the next stage's
+                    # transition and steps run in it (exact cast: x0 was rounded to it in the step)
+                    latents = latents.to(self.model.dtype)
+        return latents.float() if latents.dtype != torch.float32 else self._owned(latents)
 
     def _owned(self, latents: Tensor) -> Tensor:
         """A program's static output is overwritten by its next run: the caller gets a copy."""
