@@ -1,0 +1,173 @@
+"""One CUDA graph per chunk and the overlapped decode, on a GPU (issue 7, items 1 and 5).
+
+Skipped without CUDA. What runs on a CPU is covered elsewhere: the chunk body against the per-step
+path (`test_chunk_program.py`), its freedom from host reads of device values (meta tensors,
+`test_chunk_capturable.py`) and the lane order of the overlapped stream (`test_overlap.py`). Here
+the same things are checked where they matter:
+
+- capture: a kind is captured on its second run (or by `Engine.warmup()`), then replayed;
+- replay == eager: a chunk graph replays exactly the kernels of the eager body on the same inputs
+  (the noise comes from the same CPU generator through the static buffers), so float32 results are
+  expected bit-identical to `graphs="off"` on the same op table; against the per-step programs the
+  reference attention differs (SDPA vs math) and a small tolerance applies;
+- overlap: chunk k's decode (decode stream) and chunk k+1's compute (compute stream) overlap in
+  time, and steady-state chunks issue no device-wide synchronize;
+- memory: allocated bytes are the same at chunk 5 and chunk 49, and the peak does not grow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helios_rt import Engine, EngineConfig
+from helios_rt.compile.chunk_program import ChunkKind
+from helios_rt.engine import Stream
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = EngineConfig(height=64, width=64, device="cuda", dtype="float32", kernels="reference")
+PROMPT = "a tropical fish among corals"
+STEADY = ChunkKind(False, False)
+
+
+def stream_chunks(engine: Engine, chunks: int, seed: int = 3) -> list:
+    with engine.generate_stream(PROMPT, num_frames=33 * chunks, seed=seed) as stream:
+        return list(stream)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_a_kind_is_captured_on_its_second_run_then_replayed(kernels: str, monkeypatch) -> None:
+    engine = Engine.from_pretrained("demo", CUDA.replace(kernels=kernels))
+    program = engine.chunk_program
+    assert program is not None and program.cuda_graph
+    bodies: list[ChunkKind] = []
+    body = type(program)._body
+
+    def recorded_body(self, kind: ChunkKind) -> None:
+        bodies.append(kind)
+        body(self, kind)
+
+    monkeypatch.setattr(type(program), "_body", recorded_body)
+    stream_chunks(engine, 4)
+    # chunk 0 (first kind) and chunk 1 (steady) run eagerly as warm-ups, chunk 2 is captured (the body
+    # runs once more, inside the capture), chunk 3 only replays
+    assert bodies == [ChunkKind(True, True), STEADY, STEADY]
+    assert program.captured == (STEADY,)
+
+
+def test_warmup_captures_before_the_first_stream() -> None:
+    engine = Engine.from_pretrained("demo", CUDA)
+    engine.warmup()
+    assert set(engine.chunk_program.captured) == {ChunkKind(True, True), STEADY}
+    chunks = stream_chunks(engine, 3)
+    assert [c.index for c in chunks] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_chunk_graph_replay_equals_the_eager_body(overlap: bool) -> None:
+    config = CUDA.replace(programs="on", overlap_decode=overlap)
+    graphed = stream_chunks(Engine.from_pretrained("demo", config.replace(graphs="chunk")), 5)
+    eager = stream_chunks(Engine.from_pretrained("demo", config.replace(graphs="off")), 5)
+    for a, b in zip(graphed, eager, strict=True):
+        assert torch.equal(a.latents, b.latents), f"chunk {a.index}: replay differs from the eager body"
+        assert np.array_equal(a.frames, b.frames), f"chunk {a.index}"
+
+
+def test_chunk_graph_matches_the_eager_sampler_with_sdpa() -> None:
+    graphed = stream_chunks(Engine.from_pretrained("demo", CUDA.replace(programs="on")), 4)
+    eager = stream_chunks(Engine.from_pretrained("demo", CUDA.replace(programs="off", graphs="off")), 4)
+    for a, b in zip(graphed, eager, strict=True):
+        diff = (a.latents - b.latents).abs().max().item()
+        assert diff <= 1e-4, f"chunk {a.index}: graph vs eager SDPA latents differ by {diff:.2e}"
+
+
+def test_triton_chunk_graph_matches_its_eager_run() -> None:
+    """The default CUDA engine: Triton kernels, no stage programs, the eager op table captured."""
+    graphed = stream_chunks(Engine.from_pretrained("demo", CUDA.replace(kernels="triton")), 4)
+    eager = stream_chunks(Engine.from_pretrained("demo", CUDA.replace(kernels="triton", graphs="off")), 4)
+    for a, b in zip(graphed, eager, strict=True):
+        assert torch.equal(a.latents, b.latents), f"chunk {a.index}"
+
+
+def _recorded(monkeypatch) -> tuple[list, list]:
+    """Keep every `_Launched` / `_Decoded` a stream makes (they carry the lanes' timed events)."""
+    launched, decoded = [], []
+    launch, decode = Stream._launch, Stream._decode
+
+    def record_launch(self):
+        launched.append(launch(self))
+        return launched[-1]
+
+    def record_decode(self, item):
+        decoded.append(decode(self, item))
+        return decoded[-1]
+
+    monkeypatch.setattr(Stream, "_launch", record_launch)
+    monkeypatch.setattr(Stream, "_decode", record_decode)
+    return launched, decoded
+
+
+def test_decode_of_chunk_k_overlaps_compute_of_chunk_k_plus_1(monkeypatch) -> None:
+    engine = Engine.from_pretrained("demo", CUDA.replace(height=192, width=320))
+    engine.warmup()
+    launched, decoded = _recorded(monkeypatch)
+    origin = torch.cuda.Event(enable_timing=True)
+    origin.record()
+    stream_chunks(engine, 5)
+    at = lambda event: origin.elapsed_time(event)  # noqa: E731  ms since origin, comparable across streams
+    overlaps = 0
+    for k in range(1, 4):
+        compute, decode = launched[k + 1], decoded[k]
+        assert at(decode.begin) >= at(launched[k].end) - 1e-3, f"chunk {k} decoded before it was computed"
+        overlaps += at(compute.begin) < at(decode.end) and at(decode.begin) < at(compute.end)
+    assert overlaps == 3, "chunk k's decode did not run while chunk k+1 was computed"
+
+
+def test_steady_state_chunks_issue_no_device_synchronize(monkeypatch) -> None:
+    engine = Engine.from_pretrained("demo", CUDA)
+    engine.warmup()
+    stream = engine.generate_stream(PROMPT, num_frames=None, seed=1)
+    next(stream), next(stream)
+    calls = []
+    sync = torch.cuda.synchronize
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return sync(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", counted)
+    for _ in range(4):
+        next(stream)
+    stream.close()
+    assert calls == []
+
+
+def test_memory_is_constant_over_50_chunks() -> None:
+    engine = Engine.from_pretrained("demo", CUDA)
+    stream = engine.generate_stream(PROMPT, num_frames=None, seed=2)
+    allocated, peak = {}, None
+    for chunk in stream:
+        if chunk.index == 5:
+            torch.cuda.synchronize()
+            allocated[5] = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        if chunk.index == 10:
+            peak = torch.cuda.max_memory_allocated()
+        if chunk.index == 49:
+            torch.cuda.synchronize()
+            allocated[49] = torch.cuda.memory_allocated()
+            break
+    stream.close()
+    assert allocated[49] == allocated[5], f"allocated bytes went from {allocated[5]} to {allocated[49]}"
+    assert torch.cuda.max_memory_allocated() == peak, "the peak grew after chunk 10"
+
+
+@pytest.mark.parametrize(("overlap", "effective"), [(True, 2), (False, 1)])
+def test_set_prompt_index_on_the_gpu(overlap: bool, effective: int) -> None:
+    engine = Engine.from_pretrained("demo", CUDA.replace(overlap_decode=overlap))
+    stream = engine.generate_stream(PROMPT, num_frames=None, seed=1)
+    next(stream)
+    assert stream.set_prompt("a busy city street") == effective
+    stream.close()
