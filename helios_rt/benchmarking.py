@@ -607,10 +607,17 @@ class StageTimer:
     """Per-chunk milliseconds of each pyramid stage, stage transition and VAE decode of an engine.
 
     Wraps the engine's sampler and VAE methods (instance attributes, removed by `close`); CUDA events
-    on a CUDA engine, host timers otherwise. `end_chunk()` files the timings of one chunk.
+    on a CUDA engine, host timers otherwise. `end_chunk()` files the timings of one chunk (on CUDA
+    after a device synchronize, which is why a timed stream does not overlap its decode). An engine
+    that replays chunk graphs never calls these methods after the capture, so it is refused.
     """
 
     def __init__(self, engine) -> None:
+        if graphed(engine):
+            raise ValueError(
+                "per-stage timing needs an engine without chunk graphs (EngineConfig(graphs='off' or 'step')): "
+                "a replayed graph runs no Python, so there is nothing to time per stage"
+            )
         self.engine = engine
         self.timer = _CudaTimer() if engine.device.type == "cuda" else _HostTimer()
         self.samples: dict[str, list[float]] = {}
@@ -651,8 +658,18 @@ class StageTimer:
         self.close()
 
 
+def graphed(engine) -> bool:
+    """Whether the engine replays one CUDA graph per chunk."""
+    program = getattr(engine, "chunk_program", None)
+    return program is not None and program.cuda_graph
+
+
 @dataclass
 class StreamResult:
+    """One measured stream. kind: "cold" (the engine's first stream: warm-up runs and graph captures
+    included), "warm" (after `Engine.warmup()`), or "stages" (an engine without chunk graphs or
+    overlap, timed stage by stage)."""
+
     label: str
     device: str
     resolution: str
@@ -662,12 +679,21 @@ class StreamResult:
     steady_fps: float
     e2e_fps: float
     steady_chunk_s: float
+    kind: str = "warm"
+    lane_ms: dict[str, float] = field(default_factory=dict)  # per chunk, from the stream's own events
     stage_ms: dict[str, float] = field(default_factory=dict)
     peak_memory_gb: float = float("nan")
     load_s: float = float("nan")
 
     def rows(self, suite: str = "gpu") -> list[Row]:
         tag = f"{self.label} {self.resolution}"
+        if self.kind == "cold":
+            return [Row(suite, f"{tag}: time to first frame, cold (warm-up + capture)", self.ttff_s, None, "s")]
+        if self.kind == "stages":
+            rows = [Row(suite, f"{tag}, eager + no overlap: seconds / chunk", self.steady_chunk_s, None, "s")]
+            return rows + [
+                Row(suite, f"{tag}, eager + no overlap: {k}", v, None, "ms") for k, v in self.stage_ms.items()
+            ]
         rows = [
             Row(suite, f"{tag}: load", self.load_s, None, "s"),
             Row(suite, f"{tag}: time to first frame", self.ttff_s, None, "s"),
@@ -675,20 +701,31 @@ class StreamResult:
             Row(suite, f"{tag}: end-to-end FPS ({self.chunks} chunks)", self.e2e_fps, None, "frames/s"),
             Row(suite, f"{tag}: seconds / chunk", self.steady_chunk_s, None, "s"),
         ]
+        rows += [Row(suite, f"{tag}: {k} ms / chunk", v, None, "ms") for k, v in self.lane_ms.items()]
         rows += [Row(suite, f"{tag}: {k}", v, None, "ms") for k, v in self.stage_ms.items()]
         rows.append(Row(suite, f"{tag}: peak memory", self.peak_memory_gb, None, "GB"))
         return rows
 
     def extra_info(self) -> dict[str, float]:
         info = {k: v for k, v in asdict(self).items() if isinstance(v, (int, float))}
-        info.update({f"ms_{k.replace(' ', '_')}": v for k, v in self.stage_ms.items()})
+        info.update({f"ms_{k.replace(' ', '_')}": v for k, v in {**self.lane_ms, **self.stage_ms}.items()})
         return {k: round(float(v), 6) for k, v in info.items()}
 
 
 def measure_stream(
-    engine, chunks: int = 4, label: str = "", prompt: str | None = "a fish", prompt_embeds: Tensor | None = None
+    engine,
+    chunks: int = 4,
+    label: str = "",
+    prompt: str | None = "a fish",
+    prompt_embeds: Tensor | None = None,
+    stages: bool | None = None,
+    kind: str = "warm",
 ) -> StreamResult:
-    """Generate `chunks` chunks and time them: TTFF, FPS (chunks reach the host), per-stage ms, memory."""
+    """Generate `chunks` chunks and time them: TTFF, FPS (chunks reach the host), lane/stage ms, memory.
+
+    stages: also time each stage with `StageTimer` (default: when the engine replays no chunk graph).
+    The lane milliseconds (transformer, decode) are the stream's own per-chunk timings.
+    """
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     cuda = engine.device.type == "cuda"
@@ -696,15 +733,22 @@ def measure_stream(
     if cuda:
         torch.cuda.synchronize(engine.device)
         torch.cuda.reset_peak_memory_stats(engine.device)
-    ends: list[float] = []
-    with StageTimer(engine) as timer:
+    stages = not graphed(engine) if stages is None else stages
+    timer = StageTimer(engine) if stages else None
+    lanes: dict[str, list[float]] = {}
+    try:
         start = time.perf_counter()
         kwargs = {"prompt_embeds": prompt_embeds} if prompt_embeds is not None else {"prompt": prompt}
         with engine.generate_stream(num_frames=fpc * chunks, seed=0, **kwargs) as stream:
-            for _ in stream:  # a chunk's frames are on the host when it is handed out
-                ends.append(time.perf_counter())
-                timer.end_chunk()
-    rates = chunk_rates(ends, fpc, start)
+            for chunk in stream:  # a chunk's frames are on the host when it is handed out
+                if timer is not None:
+                    timer.end_chunk()
+                for key, seconds in chunk.timings.items():
+                    lanes.setdefault(key.removesuffix("_s"), []).append(seconds * 1e3)
+    finally:
+        if timer is not None:
+            timer.close()
+    rates = chunk_rates(stream.handover_times, fpc, start)
     peak = torch.cuda.max_memory_allocated(engine.device) / 1e9 if cuda else float("nan")
     return StreamResult(
         label=label,
@@ -716,7 +760,9 @@ def measure_stream(
         steady_fps=rates["steady_fps"],
         e2e_fps=rates["e2e_fps"],
         steady_chunk_s=rates["steady_chunk_s"],
-        stage_ms=summarize_ms(timer.samples),
+        kind=kind,
+        lane_ms=summarize_ms(lanes),
+        stage_ms=summarize_ms(timer.samples) if timer is not None else {},
         peak_memory_gb=peak,
     )
 
@@ -764,8 +810,11 @@ def random_engine(model_config=None, config=None, vae_config=None, seed: int = 0
     return Engine(transformer.eval(), vae, None, spec, config)
 
 
-def gpu_engines(chunks: int = 4) -> list[tuple[str, Callable[[], Any], dict]]:
-    """(label, engine factory, generate kwargs) of the GPU suite: the 14B shape and the demo model."""
+def gpu_engines(chunks: int = 4) -> list[tuple[str, Callable[..., Any], dict]]:
+    """(label, engine factory, generate kwargs) of the GPU suite: the 14B shape and the demo model.
+
+    A factory takes EngineConfig overrides (the suite builds a second, eager engine for stage timings).
+    """
     from .config import HELIOS_14B, EngineConfig
     from .engine import Engine
 
@@ -773,15 +822,32 @@ def gpu_engines(chunks: int = 4) -> list[tuple[str, Callable[[], Any], dict]]:
     ckpt = os.environ.get(CHECKPOINT_ENV)
     embeds = torch.randn(1, 512, HELIOS_14B.text_dim, generator=torch.Generator().manual_seed(0))
     if ckpt:
-        big = ("helios-14b checkpoint", lambda: Engine.from_pretrained(ckpt, cfg14), {"prompt": "a fish"})
+        big = (
+            "helios-14b checkpoint",
+            lambda **o: Engine.from_pretrained(ckpt, cfg14.replace(**o)),
+            {"prompt": "a fish"},
+        )
     else:
-        big = ("helios-14b random", lambda: random_engine(HELIOS_14B, cfg14), {"prompt_embeds": embeds})
-    demo = ("demo", lambda: Engine.from_pretrained("demo", EngineConfig(device="cuda")), {"prompt": "a fish"})
+        big = (
+            "helios-14b random",
+            lambda **o: random_engine(HELIOS_14B, cfg14.replace(**o)),
+            {"prompt_embeds": embeds},
+        )
+    demo_cfg = EngineConfig(device="cuda")
+    demo = ("demo", lambda **o: Engine.from_pretrained("demo", demo_cfg.replace(**o)), {"prompt": "a fish"})
     return [demo, big]
 
 
+EAGER = {"graphs": "off", "overlap_decode": False}  # the stage-timing engine: every stage visible to Python
+
+
 def run_gpu_suite(chunks: int = 4, engines=None, warmup: bool = True) -> list[StreamResult]:
-    """Each engine: load, one warm-up chunk, then a measured stream of `chunks` chunks; freed after."""
+    """Per engine: load; a cold stream (TTFF with warm-ups and captures); `warmup()` and a warm stream;
+    then, for a graphed engine, a second engine without graphs or overlap timed stage by stage.
+
+    warmup: run `Engine.warmup()` (and one chunk for an engine without chunk graphs) before the warm
+    stream. Engines are freed one after another (the 14B one takes ~30 GB).
+    """
     results = []
     for label, factory, kwargs in engines or gpu_engines(chunks):
         t0 = time.perf_counter()
@@ -789,15 +855,26 @@ def run_gpu_suite(chunks: int = 4, engines=None, warmup: bool = True) -> list[St
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
         load_s = time.perf_counter() - t0
-        if warmup:  # kernel selection, autotuning, caches
-            measure_stream(engine, 1, label, **kwargs)
-        result = measure_stream(engine, chunks, label, **kwargs)
-        result.load_s = load_s
-        results.append(result)
+        cold = measure_stream(engine, chunks, label, stages=False, kind="cold", **kwargs)
+        if warmup:
+            engine.warmup()
+        warm = measure_stream(engine, chunks, label, **kwargs)
+        warm.load_s = load_s
+        results += [cold, warm]
+        if graphed(engine):
+            del engine
+            _free_cuda()
+            engine = factory(**EAGER)
+            measure_stream(engine, 1, label, **kwargs)  # kernel selection, autotuning, caches
+            results.append(measure_stream(engine, chunks, label, stages=True, kind="stages", **kwargs))
         del engine
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _free_cuda()
     return results
+
+
+def _free_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ==== projection =====================================================================================

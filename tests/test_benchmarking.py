@@ -7,6 +7,7 @@ import argparse
 import io
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -233,6 +234,27 @@ def test_measure_stream_on_the_demo_model() -> None:
     assert "_stage_loop" not in vars(engine.sampler) and "decode_frames" not in vars(engine.vae)  # unpatched
     assert any("steady-state FPS" in row.metric for row in result.rows())
     assert result.extra_info()["ms_stage_0"] > 0
+    assert set(result.lane_ms) == {"transformer", "decode"} and all(v > 0 for v in result.lane_ms.values())
+
+
+def test_stage_timer_refuses_an_engine_that_replays_chunk_graphs() -> None:
+    """A replayed graph runs no Python: wrapping the sampler's methods would time nothing (or the capture)."""
+    graphed = SimpleNamespace(chunk_program=SimpleNamespace(cuda_graph=True))
+    with pytest.raises(ValueError, match="graphs='off'"):
+        hb.StageTimer(graphed)
+
+
+def test_stream_result_rows_follow_the_kind_of_run() -> None:
+    base = dict(label="x", device="cuda", resolution="64x64", chunks=3, frames_per_chunk=33, ttff_s=1.5,
+                steady_fps=20.0, e2e_fps=15.0, steady_chunk_s=1.65)  # fmt: skip
+    cold = hb.StreamResult(**base, kind="cold").rows()
+    assert len(cold) == 1 and "cold" in cold[0].metric and cold[0].helios_rt == 1.5
+    stages = hb.StreamResult(**base, kind="stages", stage_ms={"stage 0": 3.0}).rows()
+    assert [r.metric for r in stages] == ["x 64x64, eager + no overlap: seconds / chunk",
+                                          "x 64x64, eager + no overlap: stage 0"]  # fmt: skip
+    warm = hb.StreamResult(**base, lane_ms={"transformer": 1200.0, "decode": 300.0}).rows()
+    metrics = [r.metric for r in warm]
+    assert "x 64x64: steady-state FPS" in metrics and "x 64x64: decode ms / chunk" in metrics
 
 
 def test_random_engine_builds_on_meta_and_generates() -> None:
@@ -243,8 +265,9 @@ def test_random_engine_builds_on_meta_and_generates() -> None:
     embeds = torch.randn(1, 8, TINY.text_dim)
     engines = [("tiny random", lambda: engine, {"prompt_embeds": embeds})]
     runs = hb.run_gpu_suite(chunks=2, engines=engines, warmup=False)
-    assert len(runs) == 1 and runs[0].label == "tiny random" and runs[0].load_s >= 0
-    assert runs[0].steady_fps > 0
+    # a CPU engine replays no graphs: a cold and a warm stream, the warm one timed stage by stage
+    assert [r.kind for r in runs] == ["cold", "warm"] and all(r.label == "tiny random" for r in runs)
+    assert runs[1].load_s >= 0 and runs[1].steady_fps > 0 and runs[1].stage_ms and not runs[0].stage_ms
 
 
 # ---- CUDA (skipped without it) ------------------------------------------------------------------------
@@ -276,11 +299,20 @@ def test_gpu_stream_timings_use_cuda_events() -> None:
     engine = hb.random_engine(TINY, EngineConfig(height=64, width=64, device="cuda"), vae)
     assert all(p.device.type == "cuda" for p in engine.transformer.parameters())
     assert {p.dtype for p in engine.transformer.parameters()} <= {torch.bfloat16, torch.float32}
-    with hb.StageTimer(engine) as timer:
-        assert isinstance(timer.timer, hb._CudaTimer)
+    with pytest.raises(ValueError, match="graphs='off'"):
+        hb.StageTimer(engine)  # it replays chunk graphs
     embeds = torch.randn(1, 8, TINY.text_dim)
-    result = hb.run_gpu_suite(chunks=3, engines=[("tiny", lambda: engine, {"prompt_embeds": embeds})])[0]
-    assert result.device.startswith("cuda") and result.peak_memory_gb > 0
-    assert result.ttff_s > 0 and result.steady_fps > 0
-    assert {"stage 0", "stage 1", "stage 2", "decode"} <= set(result.stage_ms)
-    assert all(ms > 0 for ms in result.stage_ms.values())
+    factory = lambda **overrides: (
+        engine
+        if not overrides
+        else hb.random_engine(  # noqa: E731
+            TINY, EngineConfig(height=64, width=64, device="cuda", **overrides), vae
+        )
+    )
+    runs = hb.run_gpu_suite(chunks=3, engines=[("tiny", factory, {"prompt_embeds": embeds})])
+    assert [r.kind for r in runs] == ["cold", "warm", "stages"]  # the default CUDA engine replays chunk graphs
+    warm, staged = runs[1], runs[2]
+    assert warm.device.startswith("cuda") and warm.peak_memory_gb > 0
+    assert warm.ttff_s > 0 and warm.steady_fps > 0 and set(warm.lane_ms) == {"transformer", "decode"}
+    assert {"stage 0", "stage 1", "stage 2", "decode"} <= set(staged.stage_ms)
+    assert all(ms > 0 for ms in staged.stage_ms.values())
