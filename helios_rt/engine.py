@@ -4,6 +4,10 @@ An engine holds the loaded networks and everything that is constant for a resolu
 holds one generation's state (history memory, prompt, generator), so an engine can serve several
 streams one after another and a stream never grows: its history is a fixed-size buffer updated in
 place and every chunk's frames are handed to the caller as soon as they are decoded.
+
+On a GPU a chunk is one replay of the engine's chunk program (`compile.chunk_program`), and the
+stream runs two lanes (`overlap`): chunk k is decoded on a second CUDA stream while chunk k+1 is
+computed, ordered by events; the host waits only for the decode of the chunk it hands over.
 """
 
 from __future__ import annotations
@@ -238,7 +242,10 @@ class Engine:
 
 
 class Stream:
-    """An iterator of `Chunk`s; `set_prompt` changes the prompt from the next chunk; `close` frees it."""
+    """An iterator of `Chunk`s; `set_prompt` changes the prompt of the chunks not yet started; `close` frees it.
+
+    `time_to_first_frame_s` and `steady_fps` say how the stream ran so far.
+    """
 
     def __init__(
         self, engine: Engine, cond: Tensor, uncond: Tensor | None, image, video, num_frames: int | None, seed: int
