@@ -64,6 +64,7 @@ def _engine_config(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         kernels=args.kernels,
+        graphs=getattr(args, "graphs", "auto"),
         pyramid_steps=args.steps,
         fps=args.fps,
     )

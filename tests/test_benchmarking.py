@@ -180,12 +180,15 @@ def test_engine_option_argument() -> None:
 
 
 def test_profile_arguments_and_nsys_line() -> None:
-    args = _parser().parse_args(["profile", "--model", "demo", "--steps", "2,2,2", "--height", "64"])
+    args = _parser().parse_args(
+        ["profile", "--model", "demo", "--steps", "2,2,2", "--height", "64", "--graphs", "step"]
+    )
     assert (args.model, args.steps, args.height, args.width, args.chunks, args.warmup_chunks) == (
         "demo", (2, 2, 2), 64, None, 2, 1
     )  # fmt: skip
     argv = hb.profile_argv(args)
     assert argv[:3] == ["profile", "--model", "demo"] and "--steps" in argv and "2,2,2" in argv
+    assert argv[argv.index("--graphs") + 1] == "step"
     assert "--width" not in argv
     again = _parser().parse_args(argv)  # the printed command reproduces the run
     assert hb.profile_argv(again) == argv
