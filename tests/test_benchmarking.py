@@ -4,6 +4,7 @@ and short CPU runs of the stream timer and of `helios-rt profile` on the demo mo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -162,14 +163,14 @@ def test_run_bench_gpu_without_cuda_is_an_error(capsys) -> None:
 
 def test_run_bench_prints_one_table_or_json(monkeypatch, capsys) -> None:
     rows = [hb.Row("projection", "FPS H100", 41.7, None, "frames/s")]
-    monkeypatch.setattr(hb, "projection_rows", lambda: (rows, "full tables"))
+    monkeypatch.setattr(hb.commands, "projection_rows", lambda: (rows, "full tables"))
     assert hb.run_bench(_parser().parse_args(["bench", "--suite", "projection"])) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "helios-rt bench" and "FPS H100" in out and "41.7" in out
     assert "full tables" not in out
     assert hb.run_bench(_parser().parse_args(["bench", "--suite", "projection", "--json", "--verbose"])) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data == [{**hb.asdict(rows[0]), "ratio": None}]
+    assert data == [{**dataclasses.asdict(rows[0]), "ratio": None}]
 
 
 def test_engine_option_argument() -> None:
@@ -205,7 +206,7 @@ def test_profile_arguments_and_nsys_line() -> None:
 # ---- short runs on CPU ------------------------------------------------------------------------------------
 def test_profile_runs_the_demo_with_ranges(monkeypatch) -> None:
     entered: list[str] = []
-    real = hb.nvtx_range
+    real = hb.commands.nvtx_range
 
     class Spy(real):
         def __enter__(self):
@@ -213,7 +214,7 @@ def test_profile_runs_the_demo_with_ranges(monkeypatch) -> None:
             assert profiling._enabled, "ranges must be switched on during the run"
             return super().__enter__()
 
-    monkeypatch.setattr(hb, "nvtx_range", Spy)
+    monkeypatch.setattr(hb.commands, "nvtx_range", Spy)
     before = profiling._enabled
     args = _parser().parse_args(
         ["profile", "--model", "demo", "--height", "64", "--width", "64", "--device", "cpu", "--chunks", "1"]

@@ -1,0 +1,7 @@
+"""`python -m helios_rt.benchmarking bench|profile ...`."""
+
+import sys
+
+from .commands import main
+
+sys.exit(main())
