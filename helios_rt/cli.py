@@ -23,6 +23,20 @@ def _steps(text: str) -> tuple[int, ...]:
     return steps
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The EngineConfig options every command that builds an engine takes (read by `_engine_config`)."""
+    parser.add_argument("--height", type=_positive_int, default=None)
+    parser.add_argument("--width", type=_positive_int, default=None)
+    parser.add_argument("--steps", type=_steps, default=None, help="steps per pyramid stage, e.g. 1,1,1")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
+    parser.add_argument("--graphs", default="auto", choices=["auto", "chunk", "step", "off"],
+                        help="CUDA graphs: chunk (one replay per chunk), step (one per step: finer Nsight "
+                        "timelines), off (eager)")  # fmt: skip
+    parser.add_argument("--fps", type=_positive_int, default=24)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helios-rt", description="Helios video generation runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,13 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--video", type=Path, default=None, help="video-to-video: the video to continue")
     gen.add_argument("--num-frames", type=_positive_int, default=99)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--height", type=_positive_int, default=None)
-    gen.add_argument("--width", type=_positive_int, default=None)
-    gen.add_argument("--steps", type=_steps, default=None, help="steps per pyramid stage, e.g. 1,1,1")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
-    gen.add_argument("--fps", type=_positive_int, default=24)
+    add_engine_arguments(gen)
     gen.add_argument("--out", type=Path, default=Path("out.mp4"))
     from .benchmarking import add_bench_parser, add_profile_parser
     from .compile.report import add_plan_parser
@@ -64,7 +72,7 @@ def _engine_config(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         kernels=args.kernels,
-        graphs=getattr(args, "graphs", "auto"),
+        graphs=args.graphs,
         pyramid_steps=args.steps,
         fps=args.fps,
     )

@@ -108,7 +108,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def add_profile_parser(subparsers) -> argparse.ArgumentParser:
-    from ..cli import _positive_int, _steps
+    from ..cli import _positive_int, add_engine_arguments
 
     p = subparsers.add_parser(
         "profile",
@@ -119,16 +119,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="'demo' or a Helios checkpoint folder")
     p.add_argument("--prompt", default="a tropical fish among corals")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=_positive_int, default=None)
-    p.add_argument("--width", type=_positive_int, default=None)
-    p.add_argument("--steps", type=_steps, default=None, help="steps per pyramid stage, e.g. 1,1,1")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
-    p.add_argument("--graphs", default="auto", choices=["auto", "chunk", "step", "off"],
-                   help="chunk: one graph replay per chunk (its kernels show under 'chunk k'); step: one per "
-                   "step, so stage and step ranges show too; off: eager")  # fmt: skip
-    p.add_argument("--fps", type=_positive_int, default=24)
+    add_engine_arguments(p)
     p.add_argument("--warmup-chunks", type=int, default=1, help="chunks before the recorded range")
     p.add_argument("--chunks", type=_positive_int, default=2, help="chunks inside the recorded range")
     p.add_argument("--output", default="helios_rt_profile", help="the nsys report name")
