@@ -1,15 +1,19 @@
 """A whole chunk as one static program: one CUDA graph replay per chunk.
 
 The chunk program runs, on static buffers, everything a chunk does after its prompt is known: the
-patch embedding of the history windows, every pyramid stage's steps through the stage programs
-(forward, CFG combine, flow / UniPC / Euler step), the stage transitions with their block noise, and
-the in-place history update. It is `ChunkSampler.sample` itself, run on buffers that outlive it:
+patch embedding of the history windows, every pyramid stage's steps (forward, CFG combine, flow /
+UniPC / Euler step), the stage transitions with their block noise, and the in-place history update.
+It is `ChunkSampler.sample` itself, run either through the compiled stage programs (planned arena)
+or through the sampler's eager op table (the Triton kernels, which cannot be planned yet: under
+capture their intermediates come from the graph's memory pool, just as fixed). Its buffers outlive
+every run:
 
 - the history memory (`history`): the chunk reads its windows and pushes its result, in place;
 - the noise (`noise`, a `StaticNoise`): refilled before each run from the stream's generator, so
   the random numbers are those of the eager path (graph-safe: never baked into the graph);
 - the output (`output`): the chunk's clean latents, overwritten by the next run;
-- the text K/V: the stage programs' buffers, copied in outside the graph when the prompt changes.
+- the text K/V: the stage programs' buffers, or the program's own copy without them, filled outside
+  the graph when the prompt changes (a new prompt is a copy; a new text length re-captures).
 
 Which graph a chunk replays is decided on the host by its `ChunkKind`: the first chunk of a
 distilled model takes the amplified plan (more steps), and a chunk whose history has no prefix
