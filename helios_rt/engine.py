@@ -403,6 +403,7 @@ class Stream:
         lanes = self._lanes
         with nvtx_range(f"decode {launched.index}"), lanes.on("decode"):
             lanes.wait("decode", launched.end)
+            lanes.used_on("decode", launched.latents)
             begin = lanes.mark("decode")
             latents = launched.latents.clone()
             frames = self.engine.vae.decode_frames(latents, normalized=True)

@@ -37,6 +37,9 @@ class Lanes(Protocol):
     def host_wait(self, mark: Any) -> None:
         """Block the host until `mark` is reached."""
 
+    def used_on(self, lane: Lane, tensor: Any) -> None:
+        """`tensor`, allocated on another lane, is read on `lane`: its memory must outlive that use."""
+
     def seconds(self, start: Any, end: Any) -> float:
         """Time between two reached marks."""
 
@@ -56,6 +59,9 @@ class HostLanes:
         pass
 
     def host_wait(self, mark: float) -> None:
+        pass
+
+    def used_on(self, lane: Lane, tensor: Any) -> None:
         pass
 
     def seconds(self, start: float, end: float) -> float:
@@ -91,6 +97,11 @@ class CudaLanes:
 
     def host_wait(self, mark: torch.cuda.Event) -> None:
         mark.synchronize()
+
+    def used_on(self, lane: Lane, tensor: torch.Tensor) -> None:
+        # the caching allocator would otherwise hand the block out again as soon as it is freed on its
+        # own stream, while this lane may still be reading it (e.g. a stream closed mid-decode)
+        tensor.record_stream(self._stream(lane))
 
     def seconds(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
         return start.elapsed_time(end) / 1000.0

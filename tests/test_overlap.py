@@ -52,6 +52,9 @@ class RecordingLanes(HostLanes):
     def host_wait(self, mark) -> None:
         self.log.append(("host_wait", mark))
 
+    def used_on(self, lane, tensor) -> None:
+        self.log.append(("used_on", lane, tensor))
+
     def seconds(self, start, end) -> float:
         return 0.0
 
@@ -102,6 +105,9 @@ def test_host_waits_only_for_decode_marks_and_slots_wait_for_their_decode(engine
         reuse = ("compute", decoded[k - 2].end) if k >= 2 else None
         assert reuse is None or reuse in waits, f"chunk {k} rewrote slot {k % 2} before chunk {k - 2}'s decode"
     assert launched[2].latents is launched[0].latents and launched[1].latents is not launched[0].latents
+    used = [(e[1], e[2]) for e in lanes.log if e[0] == "used_on"]
+    assert all(lane == "decode" for lane, _ in used)  # a slot read by the decode lane outlives that read
+    assert len(used) == 4 and all(t is launched[k].latents for k, (_, t) in enumerate(used))
 
 
 def test_results_do_not_depend_on_the_overlap(engine, monkeypatch) -> None:
