@@ -1,21 +1,19 @@
-"""Triton qk_norm_rope, attention and compressed_context_attention against references (CPU interpreter)."""
+"""Triton qk_norm_rope, attention and compressed_context_attention against references.
+
+On the GPU when the kernels are compiled for one, else on the CPU interpreter (`kernel_device`)."""
 
 import math
 
 import pytest
 import torch
 from helios_rt.kernels import attention as K
-from helios_rt.kernels.testing import check_op, require_interpreter, upcast
+from helios_rt.kernels.testing import check_op, kernel_device, upcast
 
 from helios_rt.ops import fused_attention as F
 from helios_rt.ops import reference as R
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interp():
-    require_interpreter()
+D = kernel_device()  # the GPU when the kernels are compiled for one, else the CPU interpreter
 
 
 def naive_attention(q, k, v):
@@ -29,13 +27,13 @@ def naive_attention(q, k, v):
 def _prologue_inputs(b, n, heads, dh, dtype, g, strided=False):
     hd = heads * dh
     if strided:  # q, k as slices of a fused QKV projection output [B, L, 3*H*Dh]
-        qkv = torch.randn(b, n, 3 * hd, generator=g).to(dtype)
+        qkv = torch.randn(b, n, 3 * hd, generator=g).to(D, dtype)
         q, k = qkv[..., :hd], qkv[..., hd : 2 * hd]
     else:
-        q, k = (torch.randn(b, n, hd, generator=g).to(dtype) for _ in range(2))
-    qw, kw = (torch.rand(hd, generator=g) + 0.5 for _ in range(2))
-    ang = torch.rand(n, dh // 2, generator=g) * 2 * math.pi
-    ks = 1 + torch.rand(heads, generator=g) * 9  # 1 + sigmoid(s) * (10 - 1)
+        q, k = (torch.randn(b, n, hd, generator=g).to(D, dtype) for _ in range(2))
+    qw, kw = (torch.rand(hd, generator=g).to(D) + 0.5 for _ in range(2))
+    ang = torch.rand(n, dh // 2, generator=g).to(D) * 2 * math.pi
+    ks = 1 + torch.rand(heads, generator=g).to(D) * 9  # 1 + sigmoid(s) * (10 - 1)
     return q, k, qw, kw, ang.cos(), ang.sin(), ks
 
 
@@ -66,8 +64,8 @@ def test_qk_norm_rope_validates():
 @pytest.mark.parametrize("b,lq,lk,heads,dh", [(1, 45, 113, 2, 32), (2, 70, 33, 1, 64), (1, 1, 77, 3, 16)])
 def test_attention(b, lq, lk, heads, dh, dtype):
     g = torch.Generator().manual_seed(lq + lk)
-    q = torch.randn(b, lq, heads, dh, generator=g).to(dtype)
-    kv = torch.randn(b, lk, 2, heads, dh, generator=g).to(dtype)  # cached text K/V: strided views
+    q = torch.randn(b, lq, heads, dh, generator=g).to(D, dtype)
+    kv = torch.randn(b, lk, 2, heads, dh, generator=g).to(D, dtype)  # cached text K/V: strided views
     k, v = kv[:, :, 0], kv[:, :, 1]
     out = K.attention(q, k, v)
     ref32 = R.attention(*upcast((q, k, v)))
@@ -76,8 +74,8 @@ def test_attention(b, lq, lk, heads, dh, dtype):
 
 def test_attention_out_view():
     g = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(1, 37, 2, 16, generator=g) for _ in range(3))
-    buf = torch.zeros(1, 37, 4, 16)
+    q, k, v = (torch.randn(1, 37, 2, 16, generator=g).to(D) for _ in range(3))
+    buf = torch.zeros(1, 37, 4, 16, device=D)
     out = buf[:, :, 1:3]  # a non-contiguous view of a planned buffer
     assert K.attention(q, k, v, out=out).data_ptr() == out.data_ptr()
     torch.testing.assert_close(out, R.attention(q, k, v), rtol=1e-5, atol=1e-5)
@@ -85,7 +83,7 @@ def test_attention_out_view():
 
 
 def test_attention_validates():
-    q = torch.randn(1, 4, 2, 16)
+    q = torch.randn(1, 4, 2, 16, device=D)
     with pytest.raises(ValueError, match="k must have dtype"):
         K.attention(q, q.half(), q)
     with pytest.raises(ValueError, match="head dim"):
@@ -97,7 +95,7 @@ def test_attention_validates():
 def test_compressed_context_attention(b, n, heads, dh, n_hist, dtype):
     g = torch.Generator().manual_seed(n + dh)
     q, k, qw, kw, cos, sin, ks = _prologue_inputs(b, n, heads, dh, dtype, g, strided=n == 75)
-    v = torch.randn(b, n, heads, dh, generator=g).to(dtype)
+    v = torch.randn(b, n, heads, dh, generator=g).to(D, dtype)
     args = (qw, kw, cos, sin, heads, 1e-6, ks, n_hist)
     out = K.compressed_context_attention(q, k, v, *args)
     ref32 = F.compressed_context_attention(*upcast((q, k, v)), *args)
@@ -108,8 +106,8 @@ def test_compressed_context_attention(b, n, heads, dh, n_hist, dtype):
 def test_compressed_context_attention_out_and_no_key_scale():
     g = torch.Generator().manual_seed(2)
     q, k, qw, kw, cos, sin, _ = _prologue_inputs(1, 33, 2, 16, torch.float32, g)
-    v = torch.randn(1, 33, 2, 16, generator=g)
-    out = torch.empty(1, 33, 2, 16)
+    v = torch.randn(1, 33, 2, 16, generator=g).to(D)
+    out = torch.empty(1, 33, 2, 16, device=D)
     args = (qw, kw, cos, sin, 2, 1e-6, None, 10)
     assert K.compressed_context_attention(q, k, v, *args, out=out) is out
     torch.testing.assert_close(out, F.compressed_context_attention(q, k, v, *args), rtol=1e-5, atol=1e-5)

@@ -1,26 +1,24 @@
-"""Triton modulate_layernorm and gate_residual against their references (CPU interpreter)."""
+"""Triton modulate_layernorm and gate_residual against their references.
+
+On the GPU when the kernels are compiled for one, else on the CPU interpreter (`kernel_device`)."""
 
 import pytest
 import torch
 from helios_rt.kernels import norm, residual
-from helios_rt.kernels.testing import check_op, require_interpreter, upcast
+from helios_rt.kernels.testing import check_op, kernel_device, upcast
 
 from helios_rt.ops import OpSet, reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+D = kernel_device()  # the GPU when the kernels are compiled for one, else the CPU interpreter
 # (B, L, D, n_hist): awkward D (113, 203), boundary inside a row block, all-history, all-noisy.
 SHAPES = [(1, 7, 113, 3), (2, 37, 203, 13), (1, 5, 256, 0), (2, 9, 64, 9)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interp():
-    require_interpreter()
-
-
 def _mod_inputs(b, n, d, dtype, g):
-    x = (torch.randn(b, n, d, generator=g) * 3 + 0.5).to(dtype)
-    shift = torch.randn(b, 2, d, generator=g)
-    scale = torch.randn(b, 2, d, generator=g) * 0.5
+    x = (torch.randn(b, n, d, generator=g).to(D) * 3 + 0.5).to(dtype)
+    shift = torch.randn(b, 2, d, generator=g).to(D)
+    scale = torch.randn(b, 2, d, generator=g).to(D) * 0.5
     return x, shift, scale
 
 
@@ -38,10 +36,10 @@ def test_modulate_layernorm(shape, dtype):
 
 def test_modulate_layernorm_out_and_strided_input():
     g = torch.Generator().manual_seed(1)
-    base = torch.randn(2, 40, 2 * 203, generator=g, dtype=torch.bfloat16)
+    base = torch.randn(2, 40, 2 * 203, generator=g, dtype=torch.bfloat16).to(D)
     x = base[:, 3:, 203:]  # row stride 406: a slice of a wider activation
     _, shift, scale = _mod_inputs(2, 37, 203, torch.bfloat16, g)
-    out_full = torch.zeros(2, 37, 300, dtype=torch.bfloat16)
+    out_full = torch.zeros(2, 37, 300, dtype=torch.bfloat16, device=D)
     out = out_full[:, :, :203]
     res = norm.modulate_layernorm(x, shift, scale, 17, 1e-6, out=out)
     assert res.data_ptr() == out.data_ptr()
@@ -51,16 +49,16 @@ def test_modulate_layernorm_out_and_strided_input():
 
 
 def test_modulate_layernorm_validates():
-    x = torch.randn(1, 4, 32)
-    shift = torch.zeros(1, 2, 32)
+    x = torch.randn(1, 4, 32, device=D)
+    shift = torch.zeros(1, 2, 32, device=D)
     with pytest.raises(ValueError, match="scale"):
-        norm.modulate_layernorm(x, shift, torch.zeros(1, 2, 32, dtype=torch.bfloat16), 1, 1e-6)
+        norm.modulate_layernorm(x, shift, torch.zeros(1, 2, 32, dtype=torch.bfloat16, device=D), 1, 1e-6)
     with pytest.raises(ValueError, match="n_hist"):
         norm.modulate_layernorm(x, shift, shift, 5, 1e-6)
     with pytest.raises(ValueError, match="x must have unit stride"):
         norm.modulate_layernorm(x.transpose(1, 2).contiguous().transpose(1, 2), shift, shift, 1, 1e-6)
     with pytest.raises(ValueError, match="out"):
-        norm.modulate_layernorm(x, shift, shift, 1, 1e-6, out=torch.empty(1, 4, 32, dtype=torch.float16))
+        norm.modulate_layernorm(x, shift, shift, 1, 1e-6, out=torch.empty(1, 4, 32, dtype=torch.float16, device=D))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -68,9 +66,9 @@ def test_modulate_layernorm_validates():
 def test_gate_residual(shape, dtype):
     b, n, d, n_hist = shape
     g = torch.Generator().manual_seed(n + d)
-    x = torch.randn(b, n, d, generator=g).to(dtype)
-    y = torch.randn(b, n, d, generator=g).to(dtype)
-    gate = torch.randn(b, 2, d, generator=g)
+    x = torch.randn(b, n, d, generator=g).to(D, dtype)
+    y = torch.randn(b, n, d, generator=g).to(D, dtype)
+    gate = torch.randn(b, 2, d, generator=g).to(D)
     out = residual.gate_residual(x, y, gate, n_hist)
     ref32 = reference.gate_residual(*upcast((x, y, gate)), n_hist)
     check_op("gate_residual", out, ref32, reference.gate_residual(x, y, gate, n_hist), dtype)
@@ -79,9 +77,9 @@ def test_gate_residual(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gate_residual_in_place_and_mixed_dtypes(dtype):
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 37, 203, generator=g).to(dtype)
-    y = torch.randn(2, 37, 203, generator=g).to(torch.bfloat16)  # GEMM output in bf16, fp32 residual
-    gate = torch.randn(2, 2, 203, generator=g)
+    x = torch.randn(2, 37, 203, generator=g).to(D, dtype)
+    y = torch.randn(2, 37, 203, generator=g).to(D, torch.bfloat16)  # GEMM output in bf16, fp32 residual
+    gate = torch.randn(2, 2, 203, generator=g).to(D)
     expected32 = reference.gate_residual(x.float(), y.float(), gate, 13)
     naive = reference.gate_residual(x, y, gate, 13)
     res = residual.gate_residual(x, y, gate, 13, out=x)
@@ -90,6 +88,6 @@ def test_gate_residual_in_place_and_mixed_dtypes(dtype):
 
 
 def test_opset_picks_triton():
-    ops = OpSet("cpu", kernels="triton")
+    ops = OpSet(D, kernels="triton")
     assert ops.backend_of("modulate_layernorm") == "triton"
     assert ops.gate_residual is residual.gate_residual
