@@ -21,7 +21,7 @@ MAX_D = 8192
 def _modulate_layernorm_kernel(
     x_ptr, shift_ptr, scale_ptr, out_ptr,
     L, D, n_hist, eps,
-    sxb, sxl, sob, sol,
+    sxb, sxl, sob, sol, shb, shs, scb, scs,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
@@ -35,9 +35,8 @@ def _modulate_layernorm_kernel(
     var = tl.sum(xc * xc, axis=0) / D
     rstd = 1.0 / tl.sqrt(var + eps)
     seg = (l_idx >= n_hist).to(tl.int32)
-    tbl = b * 2 * D + seg * D + cols
-    sc = tl.load(scale_ptr + tbl, mask=mask, other=0.0)
-    sh = tl.load(shift_ptr + tbl, mask=mask, other=0.0)
+    sc = tl.load(scale_ptr + b * scb + seg * scs + cols, mask=mask, other=0.0)
+    sh = tl.load(shift_ptr + b * shb + seg * shs + cols, mask=mask, other=0.0)
     y = xc * rstd * (1.0 + sc) + sh
     tl.store(out_ptr + b * sob + l_idx * sol + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -52,19 +51,21 @@ def modulate_layernorm(
     x: Tensor, shift: Tensor, scale: Tensor, n_hist: int, eps: float, out: Tensor | None = None
 ) -> Tensor:
     """Triton `modulate_layernorm`. x: `[B, L, D]` (unit stride in D); shift, scale: `[B, 2, D]`
-    float32 contiguous; out: `[B, L, D]` in x.dtype (unit stride in D), allocated if None."""
+    float32 with unit stride in D, any batch and segment strides (the transformer hands over views of
+    one `[B, 6, 2, D]` table); out: `[B, L, D]` in x.dtype (unit stride in D), allocated if None."""
     check_tensor("x", x, dtype=FLOAT_DTYPES, inner_contiguous=True)
     check(x.dim() == 3, f"x must be [B, L, D], got shape {tuple(x.shape)}")
     b, n, d = x.shape
     check(d <= MAX_D, f"x: D={d} exceeds the single-block limit {MAX_D}")
     check(0 <= n_hist <= n, f"n_hist must be in [0, L={n}], got {n_hist}")
     for name, t in (("shift", shift), ("scale", scale)):
-        check_tensor(name, t, (b, 2, d), torch.float32, contiguous=True, device=x.device)
+        check_tensor(name, t, (b, 2, d), torch.float32, inner_contiguous=True, device=x.device)
     out = check_out(out, (b, n, d), x.dtype, x.device, inner_contiguous=True)
     if x.numel():
         cfg = launch_config(d)
         _modulate_layernorm_kernel[(b * n,)](
             x, shift, scale, out, n, d, n_hist, float(eps),
-            x.stride(0), x.stride(1), out.stride(0), out.stride(1), **cfg,
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1), **cfg,
         )  # fmt: skip
     return out

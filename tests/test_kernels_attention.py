@@ -1,13 +1,14 @@
 """Triton qk_norm_rope, attention and compressed_context_attention against references.
 
-On the GPU when the kernels are compiled for one, else on the CPU interpreter (`kernel_device`)."""
+The kernels run on `kernel_device()` (the GPU when they are compiled for one, else the CPU interpreter);
+inputs are drawn on the CPU and the references computed there (helios_rt.kernels.testing says why)."""
 
 import math
 
 import pytest
 import torch
 from helios_rt.kernels import attention as K
-from helios_rt.kernels.testing import check_op, kernel_device, upcast
+from helios_rt.kernels.testing import check_op, kernel_device, to_device, upcast
 
 from helios_rt.ops import fused_attention as F
 from helios_rt.ops import reference as R
@@ -24,26 +25,28 @@ def naive_attention(q, k, v):
     return (p @ vt).transpose(1, 2)
 
 
-def _prologue_inputs(b, n, heads, dh, dtype, g, strided=False):
+def _prologue_inputs(b, n, heads, dh, dtype, g, strided=False):  # on the CPU
     hd = heads * dh
-    if strided:  # q, k as slices of a fused QKV projection output [B, L, 3*H*Dh]
-        qkv = torch.randn(b, n, 3 * hd, generator=g).to(D, dtype)
+    if strided:  # q, k as slices of a fused QKV projection output [B, L, 3*H*Dh] (to_device keeps that)
+        qkv = torch.randn(b, n, 3 * hd, generator=g).to(dtype)
         q, k = qkv[..., :hd], qkv[..., hd : 2 * hd]
     else:
-        q, k = (torch.randn(b, n, hd, generator=g).to(D, dtype) for _ in range(2))
-    qw, kw = (torch.rand(hd, generator=g).to(D) + 0.5 for _ in range(2))
-    ang = torch.rand(n, dh // 2, generator=g).to(D) * 2 * math.pi
-    ks = 1 + torch.rand(heads, generator=g).to(D) * 9  # 1 + sigmoid(s) * (10 - 1)
+        q, k = (torch.randn(b, n, hd, generator=g).to(dtype) for _ in range(2))
+    qw, kw = (torch.rand(hd, generator=g) + 0.5 for _ in range(2))
+    ang = torch.rand(n, dh // 2, generator=g) * 2 * math.pi
+    ks = 1 + torch.rand(heads, generator=g) * 9  # 1 + sigmoid(s) * (10 - 1)
     return q, k, qw, kw, ang.cos(), ang.sin(), ks
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("b,n,heads,dh,n_hist", [(1, 45, 2, 32, 20), (2, 113, 3, 16, 0), (1, 7, 5, 64, 7)])
+@pytest.mark.parametrize(
+    "b,n,heads,dh,n_hist", [(1, 45, 2, 32, 20), (2, 45, 2, 32, 20), (2, 113, 3, 16, 0), (1, 7, 5, 64, 7)]
+)  # n == 45: q, k strided slices of one QKV output
 def test_qk_norm_rope(b, n, heads, dh, n_hist, dtype):
     g = torch.Generator().manual_seed(n * heads)
     q, k, qw, kw, cos, sin, ks = _prologue_inputs(b, n, heads, dh, dtype, g, strided=n == 45)
     args = (qw, kw, cos, sin, heads, 1e-6, ks, n_hist)
-    qo, ko = K.qk_norm_rope(q, k, *args)
+    qo, ko = K.qk_norm_rope(*to_device((q, k, *args), D))
     ref32 = R.qk_norm_rope(*upcast((q, k)), *args)
     naive = R.qk_norm_rope(q, k, *args)
     check_op("qk_norm_rope(q)", qo, ref32[0], naive[0], dtype)
@@ -51,7 +54,8 @@ def test_qk_norm_rope(b, n, heads, dh, n_hist, dtype):
 
 
 def test_qk_norm_rope_validates():
-    q, k, qw, kw, cos, sin, ks = _prologue_inputs(1, 8, 2, 16, torch.float32, torch.Generator().manual_seed(0))
+    inputs = _prologue_inputs(1, 8, 2, 16, torch.float32, torch.Generator().manual_seed(0))
+    q, k, qw, kw, cos, sin, ks = to_device(inputs, D)
     with pytest.raises(ValueError, match="cos"):
         K.qk_norm_rope(q, k, qw, kw, cos[:-1], sin, 2, 1e-6, ks, 3)
     with pytest.raises(ValueError, match="key_scale"):
@@ -64,22 +68,38 @@ def test_qk_norm_rope_validates():
 @pytest.mark.parametrize("b,lq,lk,heads,dh", [(1, 45, 113, 2, 32), (2, 70, 33, 1, 64), (1, 1, 77, 3, 16)])
 def test_attention(b, lq, lk, heads, dh, dtype):
     g = torch.Generator().manual_seed(lq + lk)
-    q = torch.randn(b, lq, heads, dh, generator=g).to(D, dtype)
-    kv = torch.randn(b, lk, 2, heads, dh, generator=g).to(D, dtype)  # cached text K/V: strided views
+    q = torch.randn(b, lq, heads, dh, generator=g).to(dtype)
+    kv = torch.randn(b, lk, 2, heads, dh, generator=g).to(dtype)  # cached text K/V: strided views
     k, v = kv[:, :, 0], kv[:, :, 1]
-    out = K.attention(q, k, v)
+    out = K.attention(*to_device((q, k, v), D))
     ref32 = R.attention(*upcast((q, k, v)))
     check_op("attention", out, ref32, naive_attention(q, k, v), dtype)
 
 
 def test_attention_out_view():
     g = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(1, 37, 2, 16, generator=g).to(D) for _ in range(3))
+    q, k, v = (torch.randn(1, 37, 2, 16, generator=g) for _ in range(3))
     buf = torch.zeros(1, 37, 4, 16, device=D)
     out = buf[:, :, 1:3]  # a non-contiguous view of a planned buffer
-    assert K.attention(q, k, v, out=out).data_ptr() == out.data_ptr()
-    torch.testing.assert_close(out, R.attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert K.attention(*to_device((q, k, v), D), out=out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out.cpu(), R.attention(q, k, v), rtol=1e-5, atol=1e-5)
     assert (buf[:, :, 0] == 0).all() and (buf[:, :, 3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_per_row_key_lengths(dtype):
+    """Cross-attention of a CFG batch whose halves own 24 and 16 of 24 text keys (TextContext.lengths):
+    one call per row on its own keys, into that row of one output; equals attending to the unpadded keys."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 37, 2, 32, generator=g).to(dtype)
+    k, v = (torch.randn(2, 24, 2, 32, generator=g).to(dtype) for _ in range(2))
+    q_d, k_d, v_d = to_device((q, k, v), D)
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=D)
+    for row, n in enumerate((24, 16)):
+        K.attention(q_d[row : row + 1], k_d[row : row + 1, :n], v_d[row : row + 1, :n], out=out[row : row + 1])
+    for row, n in enumerate((24, 16)):
+        args = (q[row : row + 1], k[row : row + 1, :n], v[row : row + 1, :n])
+        check_op(f"attention row {row}", out[row : row + 1], R.attention(*upcast(args)), naive_attention(*args), dtype)
 
 
 def test_attention_validates():
@@ -95,9 +115,9 @@ def test_attention_validates():
 def test_compressed_context_attention(b, n, heads, dh, n_hist, dtype):
     g = torch.Generator().manual_seed(n + dh)
     q, k, qw, kw, cos, sin, ks = _prologue_inputs(b, n, heads, dh, dtype, g, strided=n == 75)
-    v = torch.randn(b, n, heads, dh, generator=g).to(D, dtype)
+    v = torch.randn(b, n, heads, dh, generator=g).to(dtype)
     args = (qw, kw, cos, sin, heads, 1e-6, ks, n_hist)
-    out = K.compressed_context_attention(q, k, v, *args)
+    out = K.compressed_context_attention(*to_device((q, k, v, *args), D))
     ref32 = F.compressed_context_attention(*upcast((q, k, v)), *args)
     naive = naive_attention(*R.qk_norm_rope(q, k, *args), v)
     check_op("compressed_context_attention", out, ref32, naive, dtype)
@@ -106,8 +126,8 @@ def test_compressed_context_attention(b, n, heads, dh, n_hist, dtype):
 def test_compressed_context_attention_out_and_no_key_scale():
     g = torch.Generator().manual_seed(2)
     q, k, qw, kw, cos, sin, _ = _prologue_inputs(1, 33, 2, 16, torch.float32, g)
-    v = torch.randn(1, 33, 2, 16, generator=g).to(D)
+    v = torch.randn(1, 33, 2, 16, generator=g)
     out = torch.empty(1, 33, 2, 16, device=D)
     args = (qw, kw, cos, sin, 2, 1e-6, None, 10)
-    assert K.compressed_context_attention(q, k, v, *args, out=out) is out
-    torch.testing.assert_close(out, F.compressed_context_attention(q, k, v, *args), rtol=1e-5, atol=1e-5)
+    assert K.compressed_context_attention(*to_device((q, k, v, *args), D), out=out) is out
+    torch.testing.assert_close(out.cpu(), F.compressed_context_attention(q, k, v, *args), rtol=1e-5, atol=1e-5)
