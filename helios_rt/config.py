@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 # Keys that diffusers writes for its own bookkeeping; they do not change the math.
 _BOOKKEEPING_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
+
+# Keys of the official training code's model class (diffusers loads a config carrying them and
+# ignores them). At these values they add nothing to the forward: restricted self-attention and the
+# restriction LoRA are off, so the rank sizes nothing (None: any value). Another value would change
+# the model, and is refused.
+_INACTIVE_TRAINING_KEYS: dict[str, Any] = {
+    "restrict_self_attn": False,
+    "restrict_lora": False,
+    "is_train_restrict_lora": False,
+    "restrict_lora_rank": None,
+}
+
+log = logging.getLogger("helios_rt")
 
 
 def _fail(field_name: str, value: Any, constraint: str) -> None:
@@ -105,7 +119,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in raw if k not in known and k not in _BOOKKEEPING_KEYS)
+        _check_training_keys(raw)
+        ignored = _BOOKKEEPING_KEYS | _INACTIVE_TRAINING_KEYS.keys()
+        unknown = sorted(k for k in raw if k not in known and k not in ignored)
         if unknown:
             raise ValueError(
                 f"transformer config has unknown keys {unknown}: this helios_rt does not know what they change; "
@@ -136,6 +152,25 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _check_training_keys(raw: dict[str, Any]) -> None:
+    """Accept the training code's keys at their inactive values (named in one info line); refuse the rest."""
+    present = {k: raw[k] for k in _INACTIVE_TRAINING_KEYS if k in raw}
+    for key, value in present.items():
+        inactive = _INACTIVE_TRAINING_KEYS[key]
+        if inactive is None:  # a size: meaningful only while restrict_lora is on, which is refused
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                _fail(key, value, "must be a non-negative integer or null")
+        elif value is not inactive and value != inactive:
+            _fail(
+                key,
+                value,
+                f"this training option changes the model and helios_rt does not implement it; "
+                f"Helios inference checkpoints have {key}={json.dumps(inactive)}",
+            )
+    if present:
+        log.info("transformer config: ignoring training-only keys at inactive values: %s", ", ".join(sorted(present)))
 
 
 # The released Helios checkpoints (Distilled, Mid, Base) share this architecture.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -38,6 +40,29 @@ def test_unknown_keys_are_rejected_and_bookkeeping_ignored() -> None:
     assert ModelConfig.from_dict(raw) == HELIOS_14B
     with pytest.raises(ValueError, match=r"unknown keys \['window_size'\]"):
         ModelConfig.from_dict(raw | {"window_size": [-1, -1]})
+
+
+TRAINING_KEYS = {"restrict_self_attn": False, "restrict_lora": False, "is_train_restrict_lora": False,
+                 "restrict_lora_rank": 64}  # fmt: skip
+
+
+def test_training_keys_at_inactive_values_are_accepted_and_named(caplog) -> None:
+    """The official training code's config keys change nothing when off: accepted, named in one line."""
+    raw = HELIOS_14B.to_dict() | TRAINING_KEYS
+    with caplog.at_level(logging.INFO, logger="helios_rt"):
+        assert ModelConfig.from_dict(raw) == HELIOS_14B
+    lines = [r.getMessage() for r in caplog.records if r.name == "helios_rt"]
+    assert len(lines) == 1 and all(key in lines[0] for key in TRAINING_KEYS), lines
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("restrict_self_attn", True), ("restrict_lora", True), ("is_train_restrict_lora", True),
+     ("restrict_lora_rank", -1), ("restrict_lora_rank", "8")],
+)  # fmt: skip
+def test_active_training_keys_are_refused_by_name(key: str, value) -> None:
+    with pytest.raises(ValueError, match=key):
+        ModelConfig.from_dict(HELIOS_14B.to_dict() | TRAINING_KEYS | {key: value})
 
 
 def test_14b_preset_has_14_point_3_billion_parameters() -> None:

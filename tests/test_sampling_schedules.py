@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -180,6 +182,32 @@ def test_unipc_base_pipeline_schedule():
     _close(x, expected, "UniPC base float64", atol=1e-12)
 
 
+def _saved_config(scheduler, folder) -> dict:
+    scheduler.save_config(folder)  # the scheduler_config.json a checkpoint carries
+    return json.loads((folder / "scheduler_config.json").read_text())
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_unused_stage_range_entries_are_ignored_as_diffusers_does(stages, tmp_path):
+    """A config saved by `HeliosScheduler(stages=1)` keeps the default four `stage_range` entries;
+    diffusers reads the first stages + 1 of them, and so do we (same tables, bit for bit)."""
+    raw = _saved_config(diffusers.HeliosScheduler(stages=stages, use_dynamic_shifting=stages == 1), tmp_path)
+    assert len(raw["stage_range"]) == 4, "the default this test is about"
+    cfg = ScheduleConfig.from_dict(raw)
+    assert cfg.stage_range == tuple(float(v) for v in raw["stage_range"][: stages + 1])
+    for stage in range(stages):
+        ref = _reference("HeliosScheduler", raw)
+        if stages == 1:  # the base pipeline: one global table from explicit sigmas
+            ref.set_timesteps(8, sigmas=base_sigmas(8), mu=1.05)
+            plan = helios_stage_plan(cfg, 8, sigmas=base_sigmas(8), mu=1.05, dtype=torch.float64,
+                                     int_model_timesteps=False)  # fmt: skip
+        else:  # per-stage tables bounded by stage_range[stage] and [stage + 1]
+            ref.set_timesteps(6, stage, mu=0.9)
+            plan = helios_stage_plan(cfg, 6, stage, mu=0.9)
+        _exact(plan.timesteps, ref.timesteps, f"timesteps (stages={stages}, stage {stage})")
+        _exact(plan.sigmas, ref.sigmas, f"sigmas (stages={stages}, stage {stage})")
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("stage", [0, 2])
 def test_euler_sequence_matches_reference(dynamic, stage):
@@ -218,7 +246,7 @@ def test_config_reads_every_value_and_ignores_bookkeeping():
         ({**HELIOS, "predict_x0": False}, "predict_x0"),
         ({**HELIOS, "some_new_knob": 1}, "some_new_knob"),
         ({**DMD, "prediction_type": "epsilon"}, "prediction_type"),
-        ({**DMD, "stages": 2}, "stage_range"),
+        ({**DMD, "stages": 4}, "stage_range"),  # the default four boundaries cannot bound five stages
         ({**HELIOS, "scheduler_type": "dmd"}, "scheduler_type"),
         ({**DMD, "shift": 2.0, "use_dynamic_shifting": True}, "shift"),
         ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "_class_name"),

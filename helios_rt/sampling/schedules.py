@@ -91,6 +91,7 @@ class ScheduleConfig:
             raise bad("num_train_timesteps", "must be >= 2")
         if self.stages < 1:
             raise bad("stages", "must be >= 1")
+        object.__setattr__(self, "stage_range", _used_stage_range(self.stage_range, self.stages))
         if len(self.stage_range) != self.stages + 1:
             raise bad("stage_range", f"needs stages + 1 = {self.stages + 1} entries")
         if any(b < a for a, b in zip(self.stage_range, self.stage_range[1:], strict=False)):
@@ -144,6 +145,17 @@ class ScheduleConfig:
         if "solver_type" in kw:
             kw["solver_type"] = _SOLVER_ALIASES.get(kw["solver_type"], kw["solver_type"])
         return cls(kind=resolved, **kw)
+
+
+def _used_stage_range(values, stages: int) -> tuple[float, ...]:
+    """The stage boundaries the schedulers read: the first `stages + 1` entries.
+
+    diffusers indexes `stage_range[s]` and `stage_range[s + 1]` for `s < stages` and never looks
+    further, so a config saved with the class default (four entries) and `stages=1` is valid there;
+    the unread tail cannot change the result. Too few entries stay an error (in `__post_init__`).
+    """
+    values = tuple(float(v) for v in values)
+    return values[: stages + 1] if isinstance(stages, int) and stages >= 1 else values
 
 
 def _check_unipc_only_keys(kw: dict[str, Any]) -> None:
