@@ -187,3 +187,24 @@ def test_cfg_engine_through_programs_equals_the_eager_engine(tmp_path) -> None:
             assert engine.sampler.programs.text_len == 12 and engine.sampler.programs.step.guided
     diff = (latents["on"] - latents["off"]).abs().max().item()
     assert diff <= 1e-4, f"CFG programs vs eager latents differ by {diff:.2e}"
+
+
+def test_cfg_programs_plan_each_half_at_its_own_text_length(tmp_path) -> None:
+    """Positive 24 tokens, negative 16: the programs re-plan for the split and equal the eager engine
+    (which test_engine_fidelity.py checks against diffusers)."""
+    folder = save_pipeline(build_pipeline("base"), tmp_path / "base")
+    config = EngineConfig(height=HEIGHT, width=WIDTH, device="cpu", dtype="float32", kernels="reference",
+                          num_inference_steps=2, guidance_scale=5.0)  # fmt: skip
+    latents = {}
+    for programs in ("on", "off"):
+        engine = Engine.from_pretrained(folder, config.replace(programs=programs))
+        with engine.generate_stream(prompt_embeds=prompt_embeds(1, length=24),
+                                    negative_prompt_embeds=prompt_embeds(2, length=16),
+                                    num_frames=33, seed=1234) as stream:  # fmt: skip
+            latents[programs] = torch.cat([c.latents for c in stream], dim=2)
+        if programs == "on":
+            planned = engine.sampler.programs
+            assert (planned.text_len, planned.text_lengths) == (24, (24, 16))
+            assert planned.largest.io.text_lengths == (24, 16)
+    diff = (latents["on"] - latents["off"]).abs().max().item()
+    assert diff <= 1e-4, f"CFG programs vs eager latents differ by {diff:.2e}"

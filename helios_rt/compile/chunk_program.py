@@ -126,8 +126,9 @@ class ChunkProgram:
                 self._generation = self._programs_generation()
             return
         layout = [(t.shape, t.dtype) for t in text.keys + text.values]
-        if self._text is None or [(t.shape, t.dtype) for t in self._text.keys + self._text.values] != layout:
-            self._text = TextContext([k.clone() for k in text.keys], [v.clone() for v in text.values])
+        current = None if self._text is None else [(t.shape, t.dtype) for t in self._text.keys + self._text.values]
+        if current != layout or self._text.lengths != text.lengths:
+            self._text = TextContext([k.clone() for k in text.keys], [v.clone() for v in text.values], text.lengths)
             self._forget_graphs()
         elif text is not self._source:
             for dst, src in zip(self._text.keys + self._text.values, text.keys + text.values, strict=True):

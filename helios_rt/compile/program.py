@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..model.layout import TokenLayout, rope_tables
-from ..model.transformer import HeliosTransformer, HistoryTokens, TextContext
+from ..model.transformer import HeliosTransformer, HistoryTokens, TextContext, normalize_text_lengths
 from ..ops import OpSet
 from .workspace import ArenaOps, Executor, ProgramPlan, allocate_arena, plan_program
 
@@ -87,12 +87,15 @@ class StaticIO:
     history_mod: Tensor
     output: Tensor
     zero_init: Tensor | None = None
+    text_lengths: tuple[int, ...] | None = None  # per forward row, its prompt's own keys (TextContext)
 
     def to_meta(self) -> StaticIO:
         def meta(x):
             if isinstance(x, list):
                 return [meta(t) for t in x]
-            return None if x is None else torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=META)
+            if x is None or not isinstance(x, Tensor):
+                return x
+            return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=META)
 
         return StaticIO(**{f.name: meta(getattr(self, f.name)) for f in fields(self)})
 
@@ -123,7 +126,7 @@ def _step(model: HeliosTransformer, ops: ArenaOps, layout: TokenLayout, io: Stat
     The same ops, in the same order, as `sampling.chunk.ChunkSampler._predict` + `_step` (DMD).
     """
     history = HistoryTokens(io.history) if io.history is not None else None
-    text = TextContext(io.text_keys, io.text_values)
+    text = TextContext(io.text_keys, io.text_values, io.text_lengths)
     x = torch.cat([io.latents, io.latents]) if spec.guided else io.latents
     with _ops_of(model, ops):
         v = model(x, io.timestep, text, layout, (io.rope_cos, io.rope_sin), history, io.history_mod,
@@ -146,8 +149,11 @@ def make_io(
     text_len: int = 512,
     latent_dtype: torch.dtype = torch.float32,
     spec: StepSpec = DMD,
+    text_lengths: tuple[int, ...] | None = None,
 ) -> StaticIO:
-    """Zeroed static buffers and the constants of a program, on the model's device (meta works too)."""
+    """Zeroed static buffers and the constants of a program, on the model's device (meta works too).
+
+    text_lengths: per forward row, the keys its prompt owns (a program is planned for one split)."""
     cfg, b, dev = model.config, batch, model.proj_out.weight.device
     f = spec.forward_batch(batch)
     grid = zip(layout.noisy_grid, cfg.patch_size, strict=True)
@@ -169,6 +175,7 @@ def make_io(
         history_mod=model.history_modulation(),
         output=zeros(latent_shape, dtype=latent_dtype if spec.flow_step else model.dtype),
         zero_init=zeros(1, dtype=torch.bool) if spec.guided and spec.cfg_zero_star else None,
+        text_lengths=normalize_text_lengths(text_lengths, f, text_len),
     )
 
 
@@ -195,6 +202,7 @@ class Program:
     """One stage's forward + flow step for a fixed layout, batch, dtype and device; `run()` allocates nothing.
 
     model: the transformer (its dtype is the program's); text_len: tokens of the prompt K/V;
+    text_lengths: per forward row, how many of them are its own (None: all; see `TextContext`);
     step: what follows the forward (default: the DMD flow step, no guidance; see `StepSpec`);
     latent_dtype: dtype of the latents, start point and output (the sampler keeps float32);
     cuda_graph: capture and replay a CUDA graph (default: on CUDA devices); share_with: another
@@ -214,6 +222,7 @@ class Program:
         cuda_graph: bool | None = None,
         share_with: Program | None = None,
         step: StepSpec = DMD,
+        text_lengths: tuple[int, ...] | None = None,
     ) -> None:
         device = model.proj_out.weight.device
         self.model, self.layout, self.batch, self.device, self.step = model, layout, batch, device, step
@@ -221,7 +230,8 @@ class Program:
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA model; the model is on {device}")
         self.text_len = text_len
-        self.io = make_io(model, layout, batch, text_len, latent_dtype, step)
+        self.io = make_io(model, layout, batch, text_len, latent_dtype, step, text_lengths)
+        self.text_lengths = self.io.text_lengths
         if share_with is not None:
             self._share_conditioning(share_with)
         self.ops = ArenaOps(OpSet(device, "reference"), "math")
@@ -235,6 +245,7 @@ class Program:
     def _share_conditioning(self, other: Program) -> None:
         mine, theirs = self.io, other.io
         same = other.model is self.model and [t.shape for t in mine.text_keys] == [t.shape for t in theirs.text_keys]
+        same = same and mine.text_lengths == theirs.text_lengths
         hist = None if mine.history is None else tuple(mine.history.shape)
         if not same or hist != (None if theirs.history is None else tuple(theirs.history.shape)):
             raise ValueError("share_with: the programs must have the same model, batch, text length and history tokens")
@@ -249,6 +260,11 @@ class Program:
         """Copy a prompt's per-block K/V (batch 1 is broadcast) into the static text buffers."""
         if len(text.keys) != len(self.io.text_keys):
             raise ValueError(f"text has K/V for {len(text.keys)} blocks, the model has {len(self.io.text_keys)}")
+        if text.lengths != self.io.text_lengths:
+            raise ValueError(
+                f"text rows own {text.lengths} keys but the program was planned for {self.io.text_lengths}; "
+                "build a program for this split (StagePrograms.bind_text re-plans)"
+            )
         for dst, src in zip(self.io.text_keys + self.io.text_values, text.keys + text.values, strict=True):
             _copy_into(dst, src, "text K/V")
 

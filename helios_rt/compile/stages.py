@@ -61,17 +61,19 @@ class StagePrograms:
         self._text: TextContext | None = None
         self.programs: dict[tuple[int, int], Program] = {}
         self.generation = 0  # bumped on every (re)build: whatever captured the old programs is stale
-        self._build(text_len)
+        self._build(text_len, None)
 
-    def _build(self, text_len: int) -> None:
-        """Plan every stage for `text_len` text tokens, largest stage first; raise naming the stage."""
+    def _build(self, text_len: int, text_lengths: tuple[int, ...] | None) -> None:
+        """Plan every stage for `text_len` text tokens (`text_lengths` of them per row), largest stage
+        first; raise naming the stage."""
         programs: dict[tuple[int, int], Program] = {}
         first: Program | None = None
         for hw in sorted(self.layouts, key=lambda hw: self.layouts[hw].n_tokens, reverse=True):
             try:
                 dtype = self.latent_dtype if isinstance(self.latent_dtype, torch.dtype) else self.latent_dtype[hw]
                 prog = Program(self.model, self.layouts[hw], self.batch, text_len, dtype,
-                               self.cuda_graph, share_with=first, step=self.step)  # fmt: skip
+                               self.cuda_graph, share_with=first, step=self.step,
+                               text_lengths=text_lengths)  # fmt: skip
             except Exception as err:
                 raise type(err)(
                     f"cannot build the static program of the {hw[0]}x{hw[1]} stage ({self.step}): {err}; "
@@ -80,7 +82,7 @@ class StagePrograms:
             first = first or prog
             programs[hw] = prog
         self.programs = programs
-        self.text_len = text_len
+        self.text_len, self.text_lengths = text_len, text_lengths
         self._text = None
         self.generation += 1
 
@@ -91,10 +93,10 @@ class StagePrograms:
         self.bind_history(history)
 
     def bind_text(self, text: TextContext) -> None:
-        """Copy a prompt's K/V in when it is not the bound one; re-plan for another text length."""
+        """Copy a prompt's K/V in when it is not the bound one; re-plan for another text length or split."""
         s = text.keys[0].shape[1]
-        if s != self.text_len:
-            self._build(s)
+        if (s, text.lengths) != (self.text_len, self.text_lengths):
+            self._build(s, text.lengths)
         if text is not self._text:
             self.largest.set_text(text)  # the other stages read the same buffers
             self._text = text  # held, so that `is` never matches a new context at a reused address

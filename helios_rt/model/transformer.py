@@ -45,14 +45,33 @@ def keeps_fp32(name: str) -> bool:
 
 @dataclass
 class TextContext:
-    """A prompt's cross-attention inputs, computed once: per block, normed keys and values `[B, S, H, Dh]`."""
+    """A prompt's cross-attention inputs, computed once: per block, normed keys and values `[B, S, H, Dh]`.
+
+    lengths: per batch row, how many of the S keys are its prompt's own (CFG rows whose positive and
+    negative embeddings differ in length are zero-padded to one S); each row attends to its own
+    keys only, as the reference, which runs each prompt at its own length. None: every row has S.
+    """
 
     keys: list[Tensor]
     values: list[Tensor]
+    lengths: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.lengths = normalize_text_lengths(self.lengths, self.keys[0].shape[0], self.keys[0].shape[1])
 
     @property
     def batch(self) -> int:
         return self.keys[0].shape[0]
+
+
+def normalize_text_lengths(lengths, batch: int, text_len: int) -> tuple[int, ...] | None:
+    """Validated per-row key counts; None when every row uses all `text_len` keys (one attention call)."""
+    if lengths is None:
+        return None
+    lengths = tuple(int(n) for n in lengths)
+    if len(lengths) != batch or not all(0 < n <= text_len for n in lengths):
+        raise ValueError(f"text lengths {lengths} must give 1..{text_len} keys for each of the {batch} rows")
+    return None if all(n == text_len for n in lengths) else lengths
 
 
 @dataclass
@@ -166,13 +185,15 @@ class Block(nn.Module):
         text_v: Tensor,
         n_hist: int,
         ops: OpSet,
+        text_lengths: tuple[int, ...] | None = None,
     ) -> Tensor:
         """x: `[B, L, D]`; mod: `[B, 2, 6, D]` float32 two-segment modulation (history, noisy)."""
-        # [B, 6, 2, D] contiguous, so each of the six two-segment tables is a dense [B, 2, D] (the kernels' layout)
-        table = (self.scale_shift_table.float()[:, None] + mod).transpose(1, 2).contiguous()
+        # The six two-segment tables are [B, 2, D] views of the [B, 2, 6, D] sum, unit stride in D and
+        # strided in B and segment; the kernels follow those strides, so no copy is made per block.
+        table = (self.scale_shift_table.float()[:, None] + mod).transpose(1, 2)
         shift, scale, gate, c_shift, c_scale, c_gate = table.unbind(1)
         x = self._residual_self_attention(x, shift, scale, gate, rope, n_hist, ops)
-        x = self._cross_attention(x, text_k, text_v, n_hist, ops)
+        x = self._cross_attention(x, text_k, text_v, n_hist, ops, text_lengths)
         h = ops.modulate_layernorm(x, c_shift, c_scale, n_hist, self.eps)
         return ops.gate_residual(x, self.ffn(h, ops), c_gate, n_hist)
 
@@ -204,14 +225,27 @@ class Block(nn.Module):
         o = a.to_out[0](ops.attention(q, k, v).flatten(2))
         return ops.gate_residual(x, o, gate, n_hist)
 
-    def _cross_attention(self, x: Tensor, text_k: Tensor, text_v: Tensor, n_hist: int, ops: OpSet) -> Tensor:
-        """Noisy tokens (all tokens without guidance_cross_attn) attend to the cached text K/V."""
+    def _cross_attention(
+        self, x: Tensor, text_k: Tensor, text_v: Tensor, n_hist: int, ops: OpSet, text_lengths=None
+    ) -> Tensor:
+        """Noisy tokens (all tokens without guidance_cross_attn) attend to the cached text K/V.
+
+        With `text_lengths` each batch row attends to its own first keys (one call per row, into
+        its slice of one output), so padding never enters a row's softmax.
+        """
         a = self.attn2
         start = n_hist if self.guidance_cross_attn else 0
         xs = x[:, start:]
         h = xs if self.norm2 is None else ops.layernorm(xs, self.norm2.weight, self.norm2.bias, self.eps)
         q = ops.rmsnorm(a.to_q(h), a.norm_q.weight, a.eps).unflatten(-1, (a.heads, -1))
-        o = a.to_out[0](ops.attention(q, text_k, text_v).flatten(2))
+        if text_lengths is None:
+            attended = ops.attention(q, text_k, text_v)
+        else:
+            attended = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            for i, n in enumerate(text_lengths):
+                r = slice(i, i + 1)
+                ops.attention(q[r], text_k[r, :n], text_v[r, :n], out=attended[r])
+        o = a.to_out[0](attended.flatten(2))
         xs.add_(o)  # x is this block's own intermediate: update the noisy rows in place, no concatenation
         return x
 
@@ -252,13 +286,16 @@ class HeliosTransformer(nn.Module):
 
     # ---- constants: per prompt, per weights ------------------------------------------------------
     @torch.no_grad()
-    def encode_text(self, prompt_embeds: Tensor) -> TextContext:
-        """Project `[B, S, text_dim]` prompt embeddings and compute every block's cross-attention K/V."""
+    def encode_text(self, prompt_embeds: Tensor, lengths: tuple[int, ...] | None = None) -> TextContext:
+        """Project `[B, S, text_dim]` prompt embeddings and compute every block's cross-attention K/V.
+
+        lengths: per row, the tokens that are the row's own (the rest is padding it must not see).
+        """
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.config.text_dim:
             raise ValueError(f"prompt_embeds must be [B, S, {self.config.text_dim}], got {list(prompt_embeds.shape)}")
         text = self.condition_embedder.text_embedder(prompt_embeds.to(self.dtype))
         kv = [block.text_kv(text, self.ops) for block in self.blocks]
-        return TextContext([k for k, _ in kv], [v for _, v in kv])
+        return TextContext([k for k, _ in kv], [v for _, v in kv], lengths)
 
     @torch.no_grad()
     def history_modulation(self) -> Tensor:
@@ -313,7 +350,7 @@ class HeliosTransformer(nn.Module):
         temb, proj = self.condition_embedder.time(timestep, self.dtype)
         mod = self._two_segment_modulation(proj, history_mod, b)
         for block, k, v in zip(self.blocks, text.keys, text.values, strict=True):
-            x = block(x, mod, rope, k, v, n_hist, self.ops)
+            x = block(x, mod, rope, k, v, n_hist, self.ops, text.lengths)
         out = self.proj_out(self.norm_out(x[:, n_hist:], temb, self.ops))
         return self.unpatchify(out, layout) if unpatchify else out
 
