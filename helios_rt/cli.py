@@ -15,6 +15,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
+    return value
+
+
 def _steps(text: str) -> tuple[int, ...]:
     try:
         steps = tuple(int(s) for s in text.split(","))
@@ -47,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", type=Path, default=None, help="image-to-video: the first frame")
     gen.add_argument("--video", type=Path, default=None, help="video-to-video: the video to continue")
     gen.add_argument("--num-frames", type=_positive_int, default=99)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=_seed, default=0)
     add_engine_arguments(gen)
     gen.add_argument("--out", type=Path, default=Path("out.mp4"))
     from .benchmarking import add_bench_parser, add_profile_parser
@@ -97,7 +107,7 @@ def generate(args: argparse.Namespace) -> int:
     progress = _Progress(args.num_frames)
     with Mp4Writer(args.out, fps=args.fps) as writer, stream:
         for chunk in stream:
-            writer.write(chunk.frames)
+            writer.write(chunk.video_frames)
             progress.update(writer.frames_written)
     progress.done(
         f"wrote {writer.frames_written} frames to {args.out} in {time.perf_counter() - started:.1f} s "

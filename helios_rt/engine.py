@@ -39,13 +39,28 @@ Tensor = torch.Tensor
 
 @dataclass
 class Chunk:
-    """One decoded chunk: `frames` uint8 `[T, H, W, 3]` (33 for Helios), and where it sits in the video."""
+    """One decoded chunk: `frames` uint8 `[T, H, W, 3]` (33 for Helios), and where it sits in the video.
+
+    The model makes whole chunks; when `num_frames` is not a multiple of the chunk length, the last
+    chunk has more frames than the video asked for: `num_video_frames` of them belong to the video
+    (`video_frames`), the rest are decoded but past its end.
+    """
 
     index: int
     first_frame: int
     frames: np.ndarray
     latents: Tensor  # the chunk's clean (normalised) latents `[1, C, 9, h, w]`, float32, on the CPU
     timings: dict[str, float] = field(default_factory=dict)
+    num_video_frames: int | None = None  # None: all of `frames`
+
+    def __post_init__(self) -> None:
+        if self.num_video_frames is None:
+            self.num_video_frames = len(self.frames)
+
+    @property
+    def video_frames(self) -> np.ndarray:
+        """The frames of this chunk that belong to the requested video."""
+        return self.frames[: self.num_video_frames]
 
 
 class Engine:
@@ -171,27 +186,29 @@ class Engine:
         image: np.ndarray | Tensor | None = None,
         video: np.ndarray | Tensor | None = None,
         num_frames: int | None = None,
-        seed: int = 0,
+        seed: int | torch.Generator = 0,
         negative_prompt: str | None = None,
         prompt_embeds: Tensor | None = None,
         negative_prompt_embeds: Tensor | None = None,
     ) -> Stream:
         """Stream chunks of a video. `num_frames=None` streams until the caller stops.
 
-        image: uint8 `[H, W, 3]` (image-to-video); video: uint8 `[T, H, W, 3]` (video-to-video).
-        prompt_embeds: precomputed `[1, S, text_dim]` embeddings instead of `prompt`.
+        The last chunk is decoded whole; its `num_video_frames` says how many of its frames are within
+        `num_frames`. image: uint8 `[H, W, 3]` (image-to-video); video: uint8 `[T, H, W, 3]`
+        (video-to-video). seed: an int in [0, 2**64), or a CPU `torch.Generator` that the stream
+        draws its noise from (and advances, as a diffusers pipeline does). prompt_embeds:
+        precomputed `[1, S, text_dim]` embeddings instead of `prompt`.
         """
         if num_frames is not None and (not isinstance(num_frames, int) or num_frames <= 0):
             raise ValueError(f"num_frames must be a positive integer or None (endless), got {num_frames!r}")
         if image is not None and video is not None:
             raise ValueError("pass image (image-to-video) or video (video-to-video), not both")
-        if not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        generator = noise_generator(seed)
         cond = self._embed(prompt, prompt_embeds, "prompt")
         uncond = None
         if self.spec.uses_cfg:
             uncond = self._embed(negative_prompt or "", negative_prompt_embeds, "negative_prompt", allow_empty=True)
-        return Stream(self, cond, uncond, image, video, num_frames, seed)
+        return Stream(self, cond, uncond, image, video, num_frames, generator)
 
     def generate(self, prompt: str | None = None, **kwargs) -> Video:
         """Generate a whole video (all chunks collected): `engine.generate(...).save("out.mp4")`."""
@@ -202,7 +219,7 @@ class Engine:
                 "use generate_stream(num_frames=None) to stream without end"
             )
         with self.generate_stream(prompt, num_frames=num_frames, **kwargs) as stream:
-            frames = [chunk.frames for chunk in stream]
+            frames = [chunk.video_frames for chunk in stream]
         return Video(np.concatenate(frames), fps=self.config.fps)
 
     def _embed(self, text: str | None, embeds: Tensor | None, what: str, allow_empty: bool = False) -> Tensor:
@@ -248,11 +265,18 @@ class Stream:
     """
 
     def __init__(
-        self, engine: Engine, cond: Tensor, uncond: Tensor | None, image, video, num_frames: int | None, seed: int
+        self,
+        engine: Engine,
+        cond: Tensor,
+        uncond: Tensor | None,
+        image,
+        video,
+        num_frames: int | None,
+        generator: torch.Generator,
     ) -> None:
         self.engine = engine
         self.num_frames = num_frames
-        self._generator = torch.Generator("cpu").manual_seed(seed)
+        self._generator = generator
         self._uncond = uncond
         self._prompt = _PromptBlend(cond, engine.config.prompt_blend_chunks)
         self._history = HistoryMemory(
@@ -422,14 +446,20 @@ class Stream:
             "transformer_s": lanes.seconds(decoded.launched.begin, decoded.launched.end),
             "decode_s": lanes.seconds(decoded.begin, decoded.end),
         }
-        return Chunk(k, k * self._frames_per_chunk, frames, latents, timings)
+        first = k * self._frames_per_chunk
+        in_video = len(frames) if self.num_frames is None else min(len(frames), self.num_frames - first)
+        return Chunk(k, first, frames, latents, timings, in_video)
 
     def _text_context(self) -> TextContext:
         """The text K/V of the next chunk's prompt (a new context only when the embedding changed)."""
         embeds = self._prompt.next()
         if embeds is not self._text_key:  # text K/V are computed once per prompt (and per blend chunk)
-            both = embeds if self._uncond is None else _pad_cat(embeds, self._uncond)
-            self._text, self._text_key = self.engine.transformer.encode_text(both), embeds
+            if self._uncond is None:
+                self._text = self.engine.transformer.encode_text(embeds)
+            else:  # one CFG batch; each half attends to its own tokens only (TextContext.lengths)
+                lengths = (embeds.shape[1], self._uncond.shape[1])
+                self._text = self.engine.transformer.encode_text(_pad_cat(embeds, self._uncond), lengths)
+            self._text_key = embeds
         return self._text
 
 
@@ -478,6 +508,22 @@ class _PromptBlend:
         return value
 
 
+def noise_generator(seed: int | torch.Generator) -> torch.Generator:
+    """The CPU generator a stream draws from: a new one seeded with `seed`, or the caller's own."""
+    if isinstance(seed, torch.Generator):
+        if seed.device.type != "cpu":
+            raise ValueError(
+                f"seed: the stream draws its noise on the CPU (the reference's random stream), so the "
+                f"generator must be a CPU torch.Generator, got one on {seed.device}"
+            )
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
 def _pad_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Zero-pad two `[1, S, D]` embeddings to the same length (zeros are the reference's padding)."""
     s = max(a.shape[1], b.shape[1])
@@ -486,4 +532,5 @@ def _pad_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _pad_cat(a: Tensor, b: Tensor) -> Tensor:
+    """One `[2, S, D]` batch of two embeddings; the padding is masked by the text lengths, never attended."""
     return torch.cat(_pad_pair(a, b))

@@ -9,7 +9,8 @@ from helios_rt.cli import main
 from helios_rt.video import Mp4Writer, read_video
 
 
-def test_generate_demo_writes_a_playable_mp4(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("num_frames", [40, 66])
+def test_generate_demo_writes_exactly_the_frames_asked_for(tmp_path, capsys, num_frames: int) -> None:
     out = tmp_path / "demo.mp4"
     code = main(
         [
@@ -19,7 +20,7 @@ def test_generate_demo_writes_a_playable_mp4(tmp_path, capsys) -> None:
             "--prompt",
             "a tropical fish among corals",
             "--num-frames",
-            "40",
+            str(num_frames),
             "--height",
             "64",
             "--width",
@@ -32,9 +33,17 @@ def test_generate_demo_writes_a_playable_mp4(tmp_path, capsys) -> None:
     )
     assert code == 0
     frames = read_video(out)
-    assert frames.shape == (66, 64, 64, 3)  # two chunks of 33: every frame that was made is kept
+    assert frames.shape == (num_frames, 64, 64, 3)  # two chunks of 33 made; the second trimmed for 40
     err = capsys.readouterr().err
-    assert "wrote 66 frames" in err and "first frame after" in err and "FPS" in err
+    assert f"wrote {num_frames} frames" in err and "first frame after" in err and "FPS" in err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64), "1.5"])
+def test_generate_rejects_a_bad_seed_before_loading(seed: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "demo", "--prompt", "x", "--seed", seed])
+    assert exit_info.value.code == 2
+    assert "--seed" in capsys.readouterr().err
 
 
 def test_generate_reports_bad_input_without_a_traceback(tmp_path, capsys) -> None:

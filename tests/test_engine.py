@@ -41,6 +41,41 @@ def test_stream_yields_chunks_of_33_uint8_frames(engine: Engine) -> None:
     assert not np.array_equal(chunks[0].frames, chunks[1].frames)
 
 
+def test_last_chunk_says_how_many_of_its_frames_are_in_the_video(engine: Engine) -> None:
+    with engine.generate_stream("a tropical fish among corals", num_frames=40, seed=3) as stream:
+        chunks = list(stream)
+    assert [c.num_video_frames for c in chunks] == [33, 7]
+    assert chunks[1].video_frames.shape == (7, 64, 64, 3)
+    np.testing.assert_array_equal(chunks[1].video_frames, chunks[1].frames[:7])
+    video = engine.generate("a tropical fish among corals", num_frames=40, seed=3)
+    assert len(video) == 40
+    np.testing.assert_array_equal(video.frames, np.concatenate([chunks[0].frames, chunks[1].frames[:7]]))
+
+
+def test_a_generator_seeds_like_its_seed_and_advances(engine: Engine) -> None:
+    by_seed = engine.generate("a red kite over a beach", num_frames=33, seed=7).frames
+    g = torch.Generator().manual_seed(7)
+    by_generator = engine.generate("a red kite over a beach", num_frames=33, seed=g).frames
+    np.testing.assert_array_equal(by_seed, by_generator)
+    assert not torch.equal(g.get_state(), torch.Generator().manual_seed(7).get_state()), (
+        "the caller's generator advances"
+    )
+
+
+@pytest.mark.parametrize(
+    "seed, error, match",
+    [
+        (-1, ValueError, "2\\*\\*64"),
+        (2**64, ValueError, "2\\*\\*64"),
+        (1.5, TypeError, "float"),
+        (True, TypeError, "bool"),
+    ],
+)
+def test_bad_seeds_are_refused(engine: Engine, seed, error, match) -> None:
+    with pytest.raises(error, match=match):
+        engine.generate_stream("a red kite", num_frames=33, seed=seed)
+
+
 def test_same_seed_same_video_other_seed_other_video(engine: Engine) -> None:
     a = engine.generate("a red kite over a beach", num_frames=33, seed=7).frames
     b = engine.generate("a red kite over a beach", num_frames=33, seed=7).frames

@@ -6,7 +6,7 @@ interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no CUDA; th
 otherwise). The op table must pick Triton for every op the engine runs that has a kernel: the Q/K
 prologue, attention, modulated LayerNorm and gated residual inside the transformer, and the
 sampler's flow step and stage transition (cfg_combine too, though this no-CFG config does not call
-it: its order against `split_cond_uncond` is tested in test_kernels_sampler.py). One DMD step per
+it: the Base pipeline with CFG 5 runs on the Triton kernels in test_engine_fidelity.py). One DMD step per
 stage and no amplified first chunk keep it to 9 transformer forwards (~1.5 min on the interpreter);
 the other five pairs run with the reference ops in test_engine_oracle.py.
 
