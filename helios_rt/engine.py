@@ -12,7 +12,9 @@ computed, ordered by events; the host waits only for the decode of the chunk it 
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 from .checkpoint import CheckpointError, find_component, read_json
 from .compile.chunk_program import ChunkKind, ChunkProgram
 from .config import EngineConfig
+from .errors import StreamFailedError
 from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
 from .model.transformer import HeliosTransformer, TextContext, load_transformer
 from .model.vae import WanVAE
@@ -102,6 +105,8 @@ class Engine:
             # without graphs (a CPU) the chunk program runs its body eagerly: it is what a graph would capture
             self.chunk_program = ChunkProgram(self.sampler, batch=1, cuda_graph=graphs == "chunk")
         self._history_mod = transformer.history_modulation()
+        self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()  # closed with the engine
+        self._closed = False
 
     def _programs_on(self) -> bool:
         """`programs="auto"`: on for CUDA with the reference op table, off elsewhere.
@@ -178,6 +183,33 @@ class Engine:
                     f"use {lower or upper} or {upper}"
                 )
 
+    # ---- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the networks, programs and every stream's buffers now, device memory included.
+
+        Without it the memory goes back only when the last reference (a stream, a notebook variable,
+        a traceback) dies; a server that swaps models needs it back at a known point. Streams from
+        this engine are closed too. The engine cannot generate afterwards.
+        """
+        for stream in list(self._streams):
+            stream.close()
+        self.transformer = self.vae = self.sampler = self.chunk_program = None
+        self._prompts = self._history_mod = None
+        self._closed = True
+        gc.collect()  # modules hold reference cycles; collect them now rather than at some later point
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine is closed; load the model again with Engine.from_pretrained()")
+
     # ---- generation ------------------------------------------------------------------------------
     def generate_stream(
         self,
@@ -203,12 +235,15 @@ class Engine:
             raise ValueError(f"num_frames must be a positive integer or None (endless), got {num_frames!r}")
         if image is not None and video is not None:
             raise ValueError("pass image (image-to-video) or video (video-to-video), not both")
+        self._check_open()
         generator = noise_generator(seed)
         cond = self._embed(prompt, prompt_embeds, "prompt")
         uncond = None
         if self.spec.uses_cfg:
             uncond = self._embed(negative_prompt or "", negative_prompt_embeds, "negative_prompt", allow_empty=True)
-        return Stream(self, cond, uncond, image, video, num_frames, generator)
+        stream = Stream(self, cond, uncond, image, video, num_frames, generator)
+        self._streams.add(stream)
+        return stream
 
     def generate(self, prompt: str | None = None, **kwargs) -> Video:
         """Generate a whole video (all chunks collected): `engine.generate(...).save("out.mp4")`."""
@@ -291,6 +326,7 @@ class Stream:
         self._index = 0  # the next chunk to hand over
         self._launched = 0  # chunks whose compute has been issued
         self._closed = False
+        self.failure: BaseException | None = None  # what stopped the stream, once something did
         self._text, self._text_key = None, None
         self._lanes = lanes_for(engine.device, engine.overlap_decode)
         # two latent slots: chunk k's decode reads slot k % 2 while chunk k+1's compute writes the other
@@ -336,9 +372,30 @@ class Stream:
         return self
 
     def __next__(self) -> Chunk:
+        """The next chunk; after an exception inside a chunk, every call raises `StreamFailedError`.
+
+        A generator that raised is finished and would end with StopIteration, so a stream cut short
+        by an error (or Ctrl-C in a notebook) would look complete; the failure is kept instead.
+        """
+        if self.failure is not None:
+            raise StreamFailedError(self._failure_message()) from self.failure
         if self._closed:
             raise StopIteration
-        return next(self._iterator)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except BaseException as err:
+            self.failure = err
+            raise
+
+    def _failure_message(self) -> str:
+        err = self.failure
+        cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        return (
+            f"this stream failed at chunk {self._index} ({cause}) and cannot continue; "
+            "start a new one with engine.generate_stream()"
+        )
 
     def __enter__(self) -> Stream:
         return self
@@ -362,6 +419,8 @@ class Stream:
         index: the next chunk, or with `overlap_decode` (on by default on CUDA) the one after it,
         since chunk k+1 is already running on the GPU when chunk k is handed over.
         """
+        if self.failure is not None:
+            raise StreamFailedError(self._failure_message()) from self.failure
         if self._closed:
             raise RuntimeError("this stream is closed; start a new one with engine.generate_stream()")
         self._prompt.switch(self.engine._embed(prompt, prompt_embeds, "prompt"))
