@@ -1,59 +1,90 @@
-"""Frames in and out: mp4 writing through PyAV (incrementally, so a long run can be watched while it
-grows and an interrupted run keeps what it made), and reading images and videos for I2V and V2V."""
+"""Frames in and out: mp4 writing through PyAV, and reading images and videos for I2V and V2V.
+
+The writer appends each batch of frames (a chunk) as a fragment of a fragmented mp4 and hands it to
+the OS before returning (`fmp4`), so the file grows playable chunk by chunk: whatever stops the
+process afterwards (SIGKILL, a crash, a full disk) keeps every chunk written before it.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .errors import InputError, OutputError
+from .fmp4 import continue_fragments, encode_batch
+
 
 class Mp4Writer:
-    """Append uint8 `[T, H, W, 3]` frames to an H.264 mp4 as they arrive; `close()` finalises the file."""
+    """Append uint8 `[T, H, W, 3]` frames to an H.264 mp4; each `write` is on disk, playable, when it returns.
+
+    A write that fails (disk full, file-size limit) raises `OutputError` after cutting the file back
+    to the frames written before it, so the file stays playable. `close()` only closes the file (a
+    writer that wrote nothing removes it: an empty mp4 is not a video).
+    """
 
     def __init__(self, path: str | Path, fps: int = 24, crf: int = 18) -> None:
-        import av
-
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.path = Path(path)
         if self.path.suffix.lower() != ".mp4":
             raise ValueError(f"output path {self.path} must end in .mp4")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(str(self.path), mode="w")
-        self._stream = self._container.add_stream("libx264", rate=Fraction(fps))
-        self._stream.pix_fmt = "yuv420p"
-        self._stream.options = {"crf": str(crf)}
+        self.fps, self.crf = fps, crf
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path} ({err.strerror}); choose another --out") from None
         self._size: tuple[int, int] | None = None
+        self._init: bytes | None = None
+        self._sequence, self._decode_time = 1, 0
+        self.bytes_written = 0
         self.frames_written = 0
 
     def write(self, frames: np.ndarray | torch.Tensor) -> None:
-        import av
-
+        if self._fd is None:
+            raise RuntimeError(f"the writer of {self.path} is closed")
         frames = _as_uint8_numpy(frames)
         if self._size is None:
             h, w = frames.shape[1:3]
             if h % 2 or w % 2:
                 raise ValueError(f"H.264 needs even frame sizes, got {h}x{w}")
-            self._stream.height, self._stream.width = h, w
-            self._size = (h, w)
         elif frames.shape[1:3] != self._size:
             raise ValueError(f"frame size changed from {self._size} to {frames.shape[1:3]}")
-        for frame in frames:
-            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                self._container.mux(packet)
+        batch = encode_batch(frames, self.fps, self.crf)
+        if self._init is not None and batch.init != self._init:
+            raise RuntimeError("the encoder changed its stream header between chunks; the file cannot continue")
+        data, sequence, decode_time = continue_fragments(batch.fragments, self._sequence, self._decode_time)
+        self._append((batch.init if self._init is None else b"") + data, len(frames))
+        self._size, self._init = frames.shape[1:3], batch.init
+        self._sequence, self._decode_time = sequence, decode_time
         self.frames_written += len(frames)
 
+    def _append(self, data: bytes, frames: int) -> None:
+        """Write all of `data` or none of it: on an error the partial tail is cut off again."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as err:
+            os.ftruncate(self._fd, self.bytes_written)
+            first = self.frames_written
+            raise OutputError(
+                f"could not write frames {first}-{first + frames - 1} to {self.path} ({err.strerror}); "
+                f"kept {first} frames in {self.path}"
+            ) from None
+        self.bytes_written += len(data)
+
     def close(self) -> None:
-        if self._container is None:
+        if self._fd is None:
             return
-        for packet in self._stream.encode():
-            self._container.mux(packet)
-        self._container.close()
-        self._container = None
+        os.close(self._fd)
+        self._fd = None
+        if self.frames_written == 0:
+            self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> Mp4Writer:
         return self
@@ -88,20 +119,27 @@ class Video:
 
 
 def read_video(path: str | Path) -> np.ndarray:
-    """Decode every frame of a video file to uint8 `[T, H, W, 3]`."""
+    """Decode every frame of a video file's first video stream to uint8 `[T, H, W, 3]`."""
     import av
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"video {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"{path} is not a file" if path.exists() else f"video {path} does not exist")
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path} has no video stream (only {_stream_kinds(container)}); pass a video file")
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     except av.error.FFmpegError as err:
-        raise ValueError(f"{path} is not a readable video ({err})") from None
+        raise InputError(f"{path} is not a readable video ({err})") from None
     if not frames:
-        raise ValueError(f"{path} has no video frames")
+        raise InputError(f"{path} has no video frames")
     return np.stack(frames)
+
+
+def _stream_kinds(container) -> str:
+    kinds = sorted({s.type for s in container.streams})
+    return ", ".join(kinds) + " streams" if kinds else "no streams"
 
 
 def read_image(path: str | Path) -> np.ndarray:
