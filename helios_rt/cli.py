@@ -1,11 +1,32 @@
-"""`helios-rt`: the command line. `generate` streams a video to an mp4 as its chunks arrive."""
+"""`helios-rt`: the command line. `generate` streams a video to an mp4 as its chunks arrive.
+
+Every failure is one line on stderr naming the problem and the fix, and an exit code that says whose
+fix it is (a traceback only with `--debug`):
+
+| code | meaning |
+|---|---|
+| 0 | done |
+| 1 | an unexpected error (a bug: rerun with --debug and report the traceback) |
+| 2 | usage: an option, a combination of options, the output path, the device |
+| 3 | input: the prompt, prompt embeddings, image or video |
+| 4 | checkpoint: missing, malformed or non-finite weights and configs |
+| 5 | runtime: generation or writing failed (e.g. non-finite latents, disk full); frames written are kept |
+| 130, 143 | stopped by SIGINT (Ctrl-C) or SIGTERM; frames written are kept |
+
+Options are checked before any weight is read, so a bad option costs a second, not a model load.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_CHECKPOINT, EXIT_RUNTIME = 1, 2, 3, 4, 5
 
 
 def _positive_int(text: str) -> int:
@@ -49,10 +70,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helios-rt", description="Helios video generation runtime")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a video and write it to an mp4 as it is made")
     gen.add_argument("--model", required=True, help="'demo' (built-in, untrained) or a Helios checkpoint folder")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", default=None, help="the text (or pass --prompt-embeds)")
+    gen.add_argument("--prompt-embeds", type=Path, default=None,
+                     help="a .safetensors file with prompt_embeds [1, S, text_dim] (and optionally "
+                     "negative_prompt_embeds), instead of --prompt")  # fmt: skip
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--image", type=Path, default=None, help="image-to-video: the first frame")
     gen.add_argument("--video", type=Path, default=None, help="video-to-video: the video to continue")
@@ -60,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_seed, default=0)
     add_engine_arguments(gen)
     gen.add_argument("--out", type=Path, default=Path("out.mp4"))
+    gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks on errors")
     from .benchmarking import add_bench_parser, add_profile_parser
     from .compile.report import add_plan_parser
 
@@ -88,27 +114,125 @@ def _engine_config(args: argparse.Namespace):
     )
 
 
-def generate(args: argparse.Namespace) -> int:
-    from .engine import Engine
-    from .video import Mp4Writer, read_image, read_video
+class Failure(Exception):
+    """A failure the CLI reports as one line with `code`; `__cause__` is the original error."""
 
-    image = read_image(args.image) if args.image else None
-    video = read_video(args.video) if args.video else None
-    started = time.perf_counter()
-    engine = Engine.from_pretrained(args.model, _engine_config(args))
-    stream = engine.generate_stream(
-        args.prompt,
-        image=image,
-        video=video,
-        num_frames=args.num_frames,
-        seed=args.seed,
-        negative_prompt=args.negative_prompt,
-    )
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@contextmanager
+def failing_as(code: int, os_error_code: int | None = None, anything: bool = False) -> Iterator[None]:
+    """Report errors of one phase of a command with its exit code (typed errors keep their own).
+
+    A ValueError or TypeError means the phase's kind of mistake (an option while parsing, an input
+    while reading it); OSError may have its own code (reading a checkpoint: its files); `anything`
+    makes every error the phase's own (while generating, all of them are runtime errors).
+    """
+    from .checkpoint import CheckpointError
+    from .errors import GenerationError, InputError, UsageError
+
+    typed = {CheckpointError: EXIT_CHECKPOINT, UsageError: EXIT_USAGE, InputError: EXIT_INPUT}
+    try:
+        yield
+    except Failure:
+        raise
+    except Exception as err:
+        kind = next((c for t, c in typed.items() if isinstance(err, t)), None)
+        if kind is None and isinstance(err, GenerationError):
+            kind = EXIT_RUNTIME
+        if kind is None and isinstance(err, OSError) and os_error_code is not None:
+            kind = os_error_code
+        if kind is None and (anything or isinstance(err, (ValueError, TypeError, OSError))):
+            kind = code
+        if kind is None:
+            raise
+        raise Failure(kind, str(err) or type(err).__name__) from err
+
+
+def generate(args: argparse.Namespace) -> int:
+    from .interrupts import GracefulStop
+
+    with failing_as(EXIT_USAGE):
+        config = _check_options(args)
+    with failing_as(EXIT_INPUT):
+        inputs = _read_inputs(args)
+    with GracefulStop() as stop:
+        started = time.perf_counter()
+        with failing_as(EXIT_USAGE, os_error_code=EXIT_CHECKPOINT):
+            from .engine import Engine
+
+            engine = Engine.from_pretrained(args.model, config)
+        with failing_as(EXIT_INPUT):
+            stream = engine.generate_stream(num_frames=args.num_frames, seed=args.seed, **inputs)
+        return _write(args, stream, stop, started)
+
+
+def _check_options(args: argparse.Namespace):
+    """Everything about the command that can be wrong, before a file is read or a weight loaded."""
+    from .guards import check_device, check_output_path
+
+    if (args.prompt is None) == (args.prompt_embeds is None):
+        raise _usage("pass exactly one of --prompt TEXT and --prompt-embeds FILE.safetensors")
+    if args.image is not None and args.video is not None:
+        raise _usage("pass --image (image-to-video) or --video (video-to-video), not both")
+    check_output_path(args.out)
+    config = _engine_config(args)
+    check_device(config.resolved_device())
+    config.resolved_graphs()  # graphs and overlap need CUDA: refused here rather than after the load
+    config.resolved_overlap()
+    return config
+
+
+def _usage(message: str) -> Exception:
+    from .errors import UsageError
+
+    return UsageError(message)
+
+
+def _read_inputs(args: argparse.Namespace) -> dict:
+    """The prompt (checked), its embeddings, image and video, as `generate_stream` keywords."""
+    from .model.text import validate_prompt
+    from .prompt_file import read_prompt_embeds
+    from .video import read_image, read_video
+
+    inputs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt)
+    if args.prompt is not None:
+        validate_prompt(args.prompt)
+    if args.negative_prompt:
+        validate_prompt(args.negative_prompt, "negative_prompt")
+    if args.prompt_embeds is not None:
+        inputs["prompt_embeds"], inputs["negative_prompt_embeds"] = read_prompt_embeds(args.prompt_embeds)
+    inputs["image"] = read_image(args.image) if args.image else None
+    inputs["video"] = read_video(args.video) if args.video else None
+    return inputs
+
+
+def _write(args: argparse.Namespace, stream, stop, started: float) -> int:
+    """Write the chunks as they come; a signal or a write error stops at a chunk boundary, keeping the file."""
+    from .errors import OutputError
+    from .interrupts import exit_code, signal_of
+    from .video import Mp4Writer
+
     progress = _Progress(args.num_frames)
-    with Mp4Writer(args.out, fps=args.fps) as writer, stream:
-        for chunk in stream:
-            writer.write(chunk.video_frames)
-            progress.update(writer.frames_written)
+    with failing_as(EXIT_RUNTIME, anything=True), stream, Mp4Writer(args.out, fps=args.fps) as writer:
+        try:
+            for chunk in stream:
+                with stop.deferred():  # a signal waits until the chunk is whole on disk
+                    writer.write(chunk.video_frames)
+                progress.update(writer.frames_written)
+        except Exception as err:
+            if isinstance(err, OutputError):  # its message says what was kept
+                raise
+            raise Failure(EXIT_RUNTIME, f"{err}; kept {writer.frames_written} frames in {args.out}") from err
+        except BaseException as err:
+            signum = signal_of(err)
+            if signum is None:
+                raise
+            name = "SIGINT" if err.__class__ is KeyboardInterrupt else "SIGTERM"
+            progress.done(f"helios-rt: stopped by {name}: kept {writer.frames_written} frames in {args.out}")
+            return exit_code(signum)
     progress.done(
         f"wrote {writer.frames_written} frames to {args.out} in {time.perf_counter() - started:.1f} s "
         f"({_stream_rates(stream)})"
@@ -143,22 +267,44 @@ class _Progress:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import Interrupted
+
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
-        if args.command == "generate":
-            return generate(args)
-        if args.command == "plan":
-            from .compile.report import run_plan
+        return _run(args)
+    except Failure as failure:
+        return _report(failure.code, str(failure), failure.__cause__, debug)
+    except (ValueError, FileNotFoundError) as err:  # plan, bench, profile: options and paths
+        return _report(EXIT_USAGE, str(err), err, debug)
+    except (KeyboardInterrupt, Interrupted, Exception) as err:
+        from .interrupts import exit_code, signal_of
 
-            return run_plan(args)
-        if args.command in ("bench", "profile"):
-            from .benchmarking import run_bench, run_profile
+        signum = signal_of(err)
+        if signum is not None:  # before the first chunk (while loading): nothing was written
+            return _report(exit_code(signum), "stopped by a signal before any frame was written", err, debug)
+        return _report(EXIT_INTERNAL, f"unexpected {type(err).__name__}: {err} (rerun with --debug)", err, debug)
 
-            return run_bench(args) if args.command == "bench" else run_profile(args)
-    except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
-        print(f"helios-rt: error: {err}", file=sys.stderr)
-        return 2
-    return 1
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        return generate(args)
+    if args.command == "plan":
+        from .compile.report import run_plan
+
+        return run_plan(args)
+    if args.command in ("bench", "profile"):
+        from .benchmarking import run_bench, run_profile
+
+        return run_bench(args) if args.command == "bench" else run_profile(args)
+    return EXIT_INTERNAL
+
+
+def _report(code: int, message: str, cause: BaseException | None, debug: bool) -> int:
+    if debug and cause is not None:
+        traceback.print_exception(cause, file=sys.stderr)
+    print(f"helios-rt: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import torch
 from .checkpoint import CheckpointError, find_component, read_json
 from .compile.chunk_program import ChunkKind, ChunkProgram
 from .config import EngineConfig
-from .errors import StreamFailedError
+from .errors import InputError, StreamFailedError
+from .guards import check_finite_input
 from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
 from .model.transformer import HeliosTransformer, TextContext, load_transformer
 from .model.vae import WanVAE
@@ -234,7 +235,7 @@ class Engine:
         if num_frames is not None and (not isinstance(num_frames, int) or num_frames <= 0):
             raise ValueError(f"num_frames must be a positive integer or None (endless), got {num_frames!r}")
         if image is not None and video is not None:
-            raise ValueError("pass image (image-to-video) or video (video-to-video), not both")
+            raise InputError("pass image (image-to-video) or video (video-to-video), not both")
         self._check_open()
         generator = noise_generator(seed)
         cond = self._embed(prompt, prompt_embeds, "prompt")
@@ -260,14 +261,17 @@ class Engine:
     def _embed(self, text: str | None, embeds: Tensor | None, what: str, allow_empty: bool = False) -> Tensor:
         if embeds is not None:
             if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[-1] != self.transformer.config.text_dim:
-                raise ValueError(
+                raise InputError(
                     f"{what}_embeds must be [1, S, {self.transformer.config.text_dim}], got {list(embeds.shape)}"
                 )
-            return embeds.float().to(self.device)
+            return check_finite_input(embeds.float().to(self.device), f"{what}_embeds")
         if text is None:
-            raise ValueError(f"pass {what} (text) or {what}_embeds")
+            raise InputError(f"pass {what} (text) or {what}_embeds")
         if self._prompts is None:
-            raise ValueError(f"this checkpoint has no text_encoder/; pass {what}_embeds instead of text")
+            raise InputError(
+                f"this checkpoint has no text_encoder/; pass {what}_embeds instead of text "
+                "(helios-rt generate: --prompt-embeds FILE.safetensors)"
+            )
         if allow_empty and text == "":
             return self._prompts.encoder.encode([""]).to(self.device)
         return self._prompts.get(validate_prompt(text, what)).to(self.device)
@@ -280,12 +284,12 @@ class Engine:
         """Caller frames -> `[1, 3, T, H, W]` in [-1, 1] at the engine's resolution."""
         x = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, Tensor) else frames
         if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
-            raise ValueError(
+            raise InputError(
                 f"frames must be uint8 [T, H, W, 3] (an image is [H, W, 3]), got {x.dtype} {list(x.shape)}"
             )
         h, w = x.shape[1:3]
         if (h, w) != (self.config.height, self.config.width):
-            raise ValueError(
+            raise InputError(
                 f"input frames are {h}x{w} but the engine runs at {self.config.height}x"
                 f"{self.config.width}; resize them or build the engine at their resolution"
             )
@@ -344,7 +348,7 @@ class Stream:
         if image is not None:
             img = torch.as_tensor(np.asarray(image)) if not isinstance(image, Tensor) else image
             if img.ndim != 3:
-                raise ValueError(f"image must be uint8 [H, W, 3], got {list(img.shape)}")
+                raise InputError(f"image must be uint8 [H, W, 3], got {list(img.shape)}")
             latent = engine.encode_pixels(img[None], g)
             window = img[None].expand(engine.vae.config.num_frames(engine.config.latent_frames_per_chunk), -1, -1, -1)
             fake = engine.encode_pixels(window, g)[:, :, -1:]
@@ -358,7 +362,7 @@ class Stream:
         frames = torch.as_tensor(np.asarray(video)) if not isinstance(video, Tensor) else video
         window = engine.vae.config.num_frames(engine.config.latent_frames_per_chunk)
         if frames.ndim != 4 or frames.shape[0] < window:
-            raise ValueError(
+            raise InputError(
                 f"video must be uint8 [T, H, W, 3] with at least {window} frames, got {list(frames.shape)}"
             )
         usable = frames.shape[0] // window * window

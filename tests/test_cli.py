@@ -62,7 +62,7 @@ def test_generate_reports_bad_input_without_a_traceback(tmp_path, capsys) -> Non
             "64",
         ]
     )
-    assert code == 2
+    assert code == 3  # an input error
     assert "prompt is empty" in capsys.readouterr().err
 
 

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from ..checkpoint import CheckpointError, find_component, index_tensors, load_state_dict, weight_files
+from ..errors import InputError
 
 Tensor = torch.Tensor
 MAX_TEXT_TOKENS = 512
@@ -31,8 +32,15 @@ def clean_prompt(text: str) -> str:
 def validate_prompt(text: object, what: str = "prompt") -> str:
     if not isinstance(text, str):
         raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # bytes that were not UTF-8, decoded with surrogateescape (argv)
+        raise InputError(
+            f"{what} is not valid UTF-8 text (undecodable byte at character {err.start}); "
+            "pass the prompt in UTF-8 (e.g. convert it with iconv)"
+        ) from None
     if not clean_prompt(text):
-        raise ValueError(f"{what} is empty; describe the video to generate (e.g. 'a tropical fish among corals')")
+        raise InputError(f"{what} is empty; describe the video to generate (e.g. 'a tropical fish among corals')")
     return text
 
 
