@@ -211,7 +211,29 @@ def load_state_dict(
         for name, tensor in _read_tensors(path, names):
             # outside the read: a device error (out of memory) must not be reported as a corrupt file
             state[name] = tensor.to(device=device, dtype=dtype_of(name))
+    check_finite_weights(state, folder)
     return state
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Refuse weights holding NaN or Inf, naming them: they would only show as black videos.
+
+    Checked after the cast, so a value that overflows the model's dtype (1e5 in float16) is caught too.
+    One flag per tensor is computed where the tensor lives and all are read in one host sync.
+    """
+    if not state:
+        return
+    names = list(state)
+    flags = torch.stack([torch.isfinite(t).all() for t in state.values()]).cpu()
+    bad = [name for name, ok in zip(names, flags.tolist(), strict=True) if not ok]
+    if bad:
+        shown = ", ".join(f"{n} ({state[n].dtype})" for n in bad[:3]) + (
+            f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        )
+        raise CheckpointError(
+            f"{folder}: {len(bad)} tensor(s) hold NaN or Inf after loading: {shown}; the checkpoint is "
+            "corrupt (re-download it) or its values overflow this dtype (load it in bfloat16 or float32)"
+        )
 
 
 def _read_tensors(path: Path, names: list[str]) -> list[tuple[str, torch.Tensor]]:

@@ -26,7 +26,7 @@ import torch
 from .checkpoint import CheckpointError, find_component, read_json
 from .compile.chunk_program import ChunkKind, ChunkProgram
 from .config import EngineConfig
-from .errors import InputError, StreamFailedError
+from .errors import InputError, NonFiniteError, StreamFailedError
 from .guards import check_finite_input
 from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
 from .model.transformer import HeliosTransformer, TextContext, load_transformer
@@ -481,9 +481,10 @@ class Stream:
                 latents = engine.sampler.sample(cond, 1, self._generator, first_chunk=k == 0)
                 self._history.push(latents)
             slot.copy_(latents)
+            finite = torch.isfinite(slot).all()  # on the device; read at the hand-over, which syncs anyway
             end = lanes.mark("compute")
         self._launched += 1
-        return _Launched(k, slot, begin, end)
+        return _Launched(k, slot, begin, end, finite)
 
     def _decode(self, launched: _Launched) -> _Decoded:
         """Issue the VAE decode of a launched chunk on the decode lane, after its compute."""
@@ -491,6 +492,7 @@ class Stream:
         with nvtx_range(f"decode {launched.index}"), lanes.on("decode"):
             lanes.wait("decode", launched.end)
             lanes.used_on("decode", launched.latents)
+            lanes.used_on("decode", launched.finite)
             begin = lanes.mark("decode")
             latents = launched.latents.clone()
             frames = self.engine.vae.decode_frames(latents, normalized=True)
@@ -503,6 +505,11 @@ class Stream:
         lanes, k = self._lanes, decoded.launched.index
         lanes.host_wait(decoded.end)
         with lanes.on("decode"):  # the copies queue behind the decode, not behind chunk k+1's compute
+            if not decoded.launched.finite.item():  # done long ago: the decode waited for it
+                raise NonFiniteError(
+                    f"chunk {k}'s latents hold NaN or Inf, so its frames would be black; generation stops "
+                    "here. Check the prompt embeddings, the guidance scale and the dtype (float16 overflows)"
+                )
             frames, latents = decoded.frames.cpu().numpy(), decoded.latents.cpu()
         self.handover_times.append(time.perf_counter())
         timings = {
@@ -532,6 +539,7 @@ class _Launched:
     latents: Tensor  # the chunk's slot
     begin: Any
     end: Any  # a mark on the compute lane after the chunk's latents are in the slot
+    finite: Tensor  # a 0-d bool on the device: every latent is finite
 
 
 @dataclass
