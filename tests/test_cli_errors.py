@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from helios_rt.cli import EXIT_CHECKPOINT, EXIT_INPUT, EXIT_USAGE, main
+from helios_rt.video import read_video
 
 # a checkpoint path that would fail with EXIT_CHECKPOINT if it were read: the cases below fail before it
 NO_MODEL = "/nonexistent/Helios-Distilled"
@@ -113,3 +114,17 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, capsys) -> 
     assert err.strip().splitlines()[-1].startswith("helios-rt: error: ")
     assert main([*args, "--debug"]) == EXIT_CHECKPOINT  # after the command too
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_prompt_embeds_from_a_file_make_the_video_the_prompt_makes(tmp_path, capsys) -> None:
+    from helios_rt.demo import DEMO_TRANSFORMER
+    from helios_rt.model.text import HashPromptEncoder
+
+    embeds = HashPromptEncoder(DEMO_TRANSFORMER.text_dim).encode(["a lighthouse"])
+    path = embeds_file(tmp_path / "e.safetensors", prompt_embeds=embeds)
+    by_text, by_file = tmp_path / "text.mp4", tmp_path / "file.mp4"
+    common = ["generate", "--model", "demo", *SMALL, "--num-frames", "33", "--dtype", "float32"]
+    assert main([*common, "--prompt", "a lighthouse", "--out", str(by_text)]) == 0
+    assert main([*common, "--prompt-embeds", str(path), "--out", str(by_file)]) == 0
+    assert read_video(by_file).shape == (33, 64, 64, 3)
+    assert by_text.read_bytes() == by_file.read_bytes()  # same frames, and the encoder is deterministic
