@@ -195,7 +195,7 @@ def _read_inputs(args: argparse.Namespace) -> dict:
     """The prompt (checked), its embeddings, image and video, as `generate_stream` keywords."""
     from .model.text import validate_prompt
     from .prompt_file import read_prompt_embeds
-    from .video import read_image, read_video
+    from .video import VideoFile, read_image
 
     inputs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt)
     if args.prompt is not None:
@@ -205,7 +205,7 @@ def _read_inputs(args: argparse.Namespace) -> dict:
     if args.prompt_embeds is not None:
         inputs["prompt_embeds"], inputs["negative_prompt_embeds"] = read_prompt_embeds(args.prompt_embeds)
     inputs["image"] = read_image(args.image) if args.image else None
-    inputs["video"] = read_video(args.video) if args.video else None
+    inputs["video"] = VideoFile(args.video) if args.video else None  # checked now, decoded frame by frame later
     return inputs
 
 

@@ -30,13 +30,13 @@ from .errors import InputError, NonFiniteError, StreamFailedError
 from .guards import check_finite_input
 from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
 from .model.transformer import HeliosTransformer, TextContext, load_transformer
-from .model.vae import WanVAE
+from .model.vae import LatentPosterior, WanVAE
 from .ops import OpSet, op_names
 from .overlap import lanes_for
 from .profiling import nvtx_range
 from .sampling.chunk import ChunkSampler, Conditioning, SamplingSpec
 from .sampling.history import HistoryLayout, HistoryMemory, augment_image_latents, augment_video_latents
-from .video import Video
+from .video import Video, first_and_last_frames
 
 Tensor = torch.Tensor
 
@@ -280,6 +280,34 @@ class Engine:
         """uint8 `[T, H, W, 3]` frames -> the VAE posterior sample, normalised for the transformer."""
         return self.vae.encode(self._pixels(frames), generator=generator, normalize=True).float()
 
+    def encode_windows(self, frames: np.ndarray | Tensor, window: int, generator: torch.Generator) -> Tensor:
+        """uint8 `[k * window, H, W, 3]` -> each window encoded on its own, latents concatenated in time.
+
+        The same as `encode_pixels` of each window in turn, with one encoder call for all of them:
+        the posteriors are sampled window by window, so the random draws are the reference's. (The
+        batched convolutions round differently, ~1e-6; on the CPU, PyTorch runs batch-1 3-D
+        convolutions through a slow path, so one batched call is several times faster.)
+        """
+        k = len(frames) // window
+        if k == 0 or len(frames) != k * window:
+            raise ValueError(f"encode_windows needs a positive multiple of {window} frames, got {len(frames)}")
+        pixels = torch.cat([self._pixels(frames[i * window : (i + 1) * window]) for i in range(k)])
+        posterior = self.vae.encode_posterior(pixels)
+        samples = [
+            LatentPosterior(posterior.mean[i : i + 1], posterior.logvar[i : i + 1]).sample(generator) for i in range(k)
+        ]
+        return self.vae.normalize_latents(torch.cat(samples, dim=2)).float()
+
+    def skip_encode_draws(self, frames: int, generator: torch.Generator) -> None:
+        """Advance `generator` exactly as `encode_pixels` of `frames` frames would, without encoding them.
+
+        The posterior is sampled on the meta device: the noise is drawn as `LatentPosterior.sample`
+        always draws it, and nothing is computed.
+        """
+        c, t = self.vae.config.z_dim, self.vae.config.num_latent_frames(frames)
+        mean = torch.empty(1, c, t, *self.latent_hw, dtype=self.vae.dtype, device="meta")
+        LatentPosterior(mean, mean).sample(generator)
+
     def _pixels(self, frames: np.ndarray | Tensor) -> Tensor:
         """Caller frames -> `[1, 3, T, H, W]` in [-1, 1] at the engine's resolution."""
         x = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, Tensor) else frames
@@ -358,18 +386,28 @@ class Stream:
             self._history.init_video(*self._video_latents(video))
 
     def _video_latents(self, video) -> tuple[Tensor, Tensor]:
+        """The V2V prefix and history latents, encoding only the windows the history can see.
+
+        The reference encodes every window of `window` frames aligned to the video's end, then noises
+        each; the history keeps only its newest `rolling` latent frames, so only the last
+        ceil(rolling / chunk_frames) windows can reach it. The older windows are not read or encoded,
+        but their random draws (posterior sample, then sigmas and noise) are made in the reference's
+        order and discarded: the generator ends where the reference's does, so the result is the same.
+        """
         engine, g = self.engine, self._generator
-        frames = torch.as_tensor(np.asarray(video)) if not isinstance(video, Tensor) else video
-        window = engine.vae.config.num_frames(engine.config.latent_frames_per_chunk)
-        if frames.ndim != 4 or frames.shape[0] < window:
-            raise InputError(
-                f"video must be uint8 [T, H, W, 3] with at least {window} frames, got {list(frames.shape)}"
-            )
-        usable = frames.shape[0] // window * window
-        first = engine.encode_pixels(frames[:1], g)
-        start = frames.shape[0] - usable
-        chunks = [engine.encode_pixels(frames[start + i : start + i + window], g) for i in range(0, usable, window)]
-        return augment_video_latents(first, torch.cat(chunks, dim=2), g, engine.config.latent_frames_per_chunk)
+        n = engine.config.latent_frames_per_chunk
+        window = engine.vae.config.num_frames(n)
+        seen = -(-engine.history_layout.rolling // n)
+        first, tail, total = first_and_last_frames(video, seen * window)
+        if total < window:
+            raise InputError(f"video must be uint8 [T, H, W, 3] with at least {window} frames, got {total} frames")
+        windows = total // window
+        kept = min(windows, seen)
+        first_latent = engine.encode_pixels(first, g)
+        for _ in range(windows - kept):
+            engine.skip_encode_draws(window, g)
+        latents = engine.encode_windows(tail[len(tail) - kept * window :], window, g)
+        return augment_video_latents(first_latent, latents, g, n, dropped_chunks=windows - kept)
 
     # ---- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Chunk]:

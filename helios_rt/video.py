@@ -8,6 +8,8 @@ process afterwards (SIGKILL, a crash, a full disk) keeps every chunk written bef
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,22 +120,88 @@ class Video:
         return len(self.frames)
 
 
+class VideoFile:
+    """A video file read lazily: iterating decodes its first video stream one uint8 `[H, W, 3]` frame at a time.
+
+    Opening checks that the file exists and has a video stream, so a bad `--video` fails before the
+    model loads; decoding waits until the frames are consumed. V2V (`generate_stream(video=...)`)
+    keeps only the frames its history can see, so a long input is never held in memory whole.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import av
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(
+                f"{self.path} is not a file" if self.path.exists() else f"video {self.path} does not exist"
+            )
+        try:
+            with av.open(str(self.path)) as container:
+                if not container.streams.video:
+                    raise InputError(
+                        f"{self.path} has no video stream (only {_stream_kinds(container)}); pass a video file"
+                    )
+        except av.error.FFmpegError as err:
+            raise InputError(f"{self.path} is not a readable video ({err})") from None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (_rgb(frame) for frame in self.decoded())
+
+    def decoded(self) -> Iterator:
+        """The decoded `av.VideoFrame`s, not yet converted to RGB (the conversion costs more than decoding)."""
+        import av
+
+        count = 0
+        try:
+            with av.open(str(self.path)) as container:
+                for frame in container.decode(video=0):
+                    count += 1
+                    yield frame
+        except av.error.FFmpegError as err:
+            raise InputError(f"{self.path} is not a readable video ({err})") from None
+        if count == 0:
+            raise InputError(f"{self.path} has no video frames")
+
+
+def _rgb(frame) -> np.ndarray:
+    return frame.to_ndarray(format="rgb24")
+
+
 def read_video(path: str | Path) -> np.ndarray:
     """Decode every frame of a video file's first video stream to uint8 `[T, H, W, 3]`."""
-    import av
+    return np.stack(list(VideoFile(path)))
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} is not a file" if path.exists() else f"video {path} does not exist")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise InputError(f"{path} has no video stream (only {_stream_kinds(container)}); pass a video file")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    except av.error.FFmpegError as err:
-        raise InputError(f"{path} is not a readable video ({err})") from None
-    if not frames:
-        raise InputError(f"{path} has no video frames")
+
+def first_and_last_frames(
+    video: np.ndarray | torch.Tensor | Iterable, last: int
+) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor, int]:
+    """(first frame `[1, H, W, 3]`, the last `last` frames (fewer if the video is shorter), frame count).
+
+    `video` is `[T, H, W, 3]` (sliced, not copied) or an iterable of `[H, W, 3]` frames, read once
+    while holding at most `last` of them: what V2V needs from a video of any length.
+    """
+    if isinstance(video, (np.ndarray, torch.Tensor)):
+        if video.ndim != 4 or len(video) == 0:
+            raise InputError(f"video must be uint8 [T, H, W, 3] with T >= 1, got {list(video.shape)}")
+        return video[:1], video[max(len(video) - last, 0) :], len(video)
+    # a file's frames stay decoded but unconverted until they are known to be kept
+    frames, convert = (video.decoded(), _rgb) if isinstance(video, VideoFile) else (video, np.asarray)
+    first, tail, count = None, deque(maxlen=last), 0
+    for frame in frames:
+        first = frame if first is None else first
+        tail.append(frame)
+        count += 1
+    if first is None:
+        raise InputError("video has no frames")
+    return _stack([convert(first)]), _stack(convert(f) for f in tail), count
+
+
+def _stack(frames: Iterable) -> np.ndarray:
+    frames = [np.asarray(f) for f in frames]
+    if any(f.ndim != 3 for f in frames):
+        shape = next(list(f.shape) for f in frames if f.ndim != 3)
+        raise InputError(f"video frames must be uint8 [H, W, 3], got a frame of shape {shape}")
     return np.stack(frames)
 
 

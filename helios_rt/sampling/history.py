@@ -247,13 +247,24 @@ def augment_video_latents(
     chunk_frames: int = 9,
     image_sigma: tuple[float, float] = NOISE_SIGMA_RANGE,
     video_sigma: tuple[float, float] = NOISE_SIGMA_RANGE,
+    dropped_chunks: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """V2V conditioning noise: the first frame with one sigma, then each chunk of the video with one
-    sigma per frame, in the reference's draw order. video_latents: `[B, C, k * chunk_frames, H, W]`."""
+    sigma per frame, in the reference's draw order. video_latents: `[B, C, k * chunk_frames, H, W]`.
+
+    dropped_chunks: chunks older than `video_latents` that the reference noises too but the history
+    cannot see; their draws are made first (on the meta device: drawn, never computed) and discarded,
+    so the generator continues as the reference's does.
+    """
     frames = video_latents.shape[2]
     if frames == 0 or frames % chunk_frames:
         raise ValueError(f"video latents have {frames} frames, expected a positive multiple of {chunk_frames}")
+    if dropped_chunks < 0:
+        raise ValueError(f"dropped_chunks={dropped_chunks} must be >= 0")
     first_latent = _blend(first_latent, _uniform(1, image_sigma, generator, first_latent.device), generator)
+    dropped = torch.empty_like(video_latents[:, :, :chunk_frames], device="meta")
+    for _ in range(dropped_chunks):
+        _blend(dropped, _uniform(chunk_frames, video_sigma, generator, "meta").view(1, 1, -1, 1, 1), generator)
     out = torch.empty_like(video_latents)
     for start in range(0, frames, chunk_frames):
         chunk = video_latents[:, :, start : start + chunk_frames]
