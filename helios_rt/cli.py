@@ -178,11 +178,24 @@ def _check_options(args: argparse.Namespace):
     if args.image is not None and args.video is not None:
         raise _usage("pass --image (image-to-video) or --video (video-to-video), not both")
     check_output_path(args.out)
+    _check_prompt_cleaning(args)
     config = _engine_config(args)
     check_device(config.resolved_device())
     config.resolved_graphs()  # graphs and overlap need CUDA: refused here rather than after the load
     config.resolved_overlap()
     return config
+
+
+def _check_prompt_cleaning(args: argparse.Namespace) -> None:
+    """A text prompt for a checkpoint's umT5 encoder is cleaned with ftfy: if missing, fail here, not after the load."""
+    if args.prompt is None or args.model == "demo" or not (Path(args.model) / "text_encoder").is_dir():
+        return
+    from .model.text import require_ftfy
+
+    try:
+        require_ftfy()
+    except ImportError as err:
+        raise _usage(str(err)) from None
 
 
 def _usage(message: str) -> Exception:

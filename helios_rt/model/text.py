@@ -23,10 +23,34 @@ Tensor = torch.Tensor
 MAX_TEXT_TOKENS = 512
 
 
-def clean_prompt(text: str) -> str:
-    """Unescape HTML entities (twice, as the reference does) and collapse whitespace."""
+def clean_prompt(text: str, fix_text: bool = True) -> str:
+    """The Helios pipelines' `prompt_clean`: ftfy's `fix_text`, HTML entities unescaped twice, whitespace
+    collapsed.
+
+    ftfy changes ordinary prompts (curly quotes, full-width letters, mojibake), so umT5 embeddings are
+    the reference's only with it: it is required (the `helios_rt[text]` extra), never skipped. With
+    `fix_text=False` the ftfy step is left out: for the demo's hashed words and the emptiness check.
+    """
+    if fix_text and text.strip():  # ftfy cannot turn blank text into words: an empty prompt needs no ftfy
+        text = _ftfy().fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
+
+
+def _ftfy():
+    try:
+        import ftfy
+    except ImportError:
+        raise ImportError(
+            "text prompts for a umT5 text encoder are cleaned as the Helios pipelines clean them, with "
+            "ftfy, which is not installed: pip install ftfy (or helios_rt[text]), or pass prompt embeddings"
+        ) from None
+    return ftfy
+
+
+def require_ftfy() -> None:
+    """Fail now, naming the install, if text prompts cannot be cleaned (before a checkpoint is loaded)."""
+    _ftfy()
 
 
 def validate_prompt(text: object, what: str = "prompt") -> str:
@@ -39,7 +63,7 @@ def validate_prompt(text: object, what: str = "prompt") -> str:
             f"{what} is not valid UTF-8 text (undecodable byte at character {err.start}); "
             "pass the prompt in UTF-8 (e.g. convert it with iconv)"
         ) from None
-    if not clean_prompt(text):
+    if not clean_prompt(text, fix_text=False):
         raise InputError(f"{what} is empty; describe the video to generate (e.g. 'a tropical fish among corals')")
     return text
 
@@ -127,7 +151,7 @@ class HashPromptEncoder:
     def encode(self, prompts: list[str]) -> Tensor:
         out = torch.zeros(len(prompts), MAX_TEXT_TOKENS, self.text_dim)
         for i, prompt in enumerate(prompts):
-            for j, word in enumerate(clean_prompt(prompt).split(" ")[:MAX_TEXT_TOKENS]):
+            for j, word in enumerate(clean_prompt(prompt, fix_text=False).split(" ")[:MAX_TEXT_TOKENS]):
                 seed = int.from_bytes(hashlib.sha256(word.lower().encode()).digest()[:8], "little")
                 out[i, j] = torch.randn(self.text_dim, generator=torch.Generator().manual_seed(seed))
         return out
