@@ -1,8 +1,10 @@
-"""Launcher helpers shared by the kernels: input validation with errors that name the tensor."""
+"""Launcher helpers shared by the kernels: input validation with errors that name the tensor, and the
+registration of each kernel launch as a PyTorch operator."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -61,3 +63,26 @@ def check_out(out: Tensor | None, like_shape: tuple[int, ...], dtype: torch.dtyp
 def row_warps(block: int) -> int:
     """Warps for a one-row-per-program kernel: about 16 fp32 values per thread, 4..16 warps."""
     return max(4, min(16, block // 512))
+
+
+def fused_op(name: str, mutates: tuple[str, ...]) -> Callable[[Callable], Callable]:
+    """Register a kernel launch as the PyTorch operator `helios_rt::<name>`.
+
+    The launch writes only into the `mutates` arguments, which the public launcher validated and
+    allocated (with `torch.empty`, so a dispatch mode sees the allocation) before calling it. That
+    makes the op a plain, allocation-free dispatcher op: the memory planner's tracing mode records
+    it as one step and the executor replays it on arena views; on meta tensors its fake does
+    nothing (the outputs already have their shapes), so a whole chunk runs on meta whatever the op
+    table. The schema is inferred from the launch's type hints.
+    """
+
+    def wrap(launch: Callable) -> Callable:
+        op = torch.library.custom_op(f"helios_rt::{name}", launch, mutates_args=mutates)
+        op.register_fake(_writes_nothing_new)
+        return op
+
+    return wrap
+
+
+def _writes_nothing_new(*args, **kwargs) -> None:
+    return None

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from helios_rt.ops.registry import register_impl
 
-from ._common import FLOAT_DTYPES, Tensor, check, check_out, check_tensor, interpreting, next_pow2
+from ._common import FLOAT_DTYPES, Tensor, check, check_out, check_tensor, fused_op, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -97,14 +97,23 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, heads, eps, key_scale, n_hi
     qo = torch.empty((b, n, heads, dh), dtype=q.dtype, device=q.device)
     ko = torch.empty_like(qo)
     if q.numel():
-        use_ks = key_scale is not None and n_hist > 0
-        cfg = qk_norm_rope_config(hd)
-        _qk_norm_rope_kernel[(b * n,)](
-            q, k, q_weight, k_weight, cos, sin, key_scale if use_ks else cos, qo, ko,
-            n, hd, n_hist, float(eps), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            HALF=dh // 2, KEY_SCALE=use_ks, **cfg,
-        )  # fmt: skip
+        _qk_norm_rope_launch(q, k, q_weight, k_weight, cos, sin, float(eps), key_scale, n_hist, qo, ko)
     return qo, ko
+
+
+@fused_op("qk_norm_rope", mutates=("qo", "ko"))
+def _qk_norm_rope_launch(
+    q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor, eps: float,
+    key_scale: Tensor | None, n_hist: int, qo: Tensor, ko: Tensor,
+) -> None:  # fmt: skip
+    b, n, heads, dh = qo.shape
+    hd = heads * dh
+    use_ks = key_scale is not None and n_hist > 0
+    _qk_norm_rope_kernel[(b * n,)](
+        q, k, q_weight, k_weight, cos, sin, key_scale if use_ks else cos, qo, ko,
+        n, hd, n_hist, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        HALF=dh // 2, KEY_SCALE=use_ks, **qk_norm_rope_config(hd),
+    )  # fmt: skip
 
 
 @triton.jit
@@ -222,6 +231,27 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@fused_op("attention", mutates=("out",))
+def _attention_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+    _launch_attention(q, k, v, out, None, None, None, None, 0, out.shape[-1])
+
+
+@fused_op("compressed_context_attention", mutates=("out",))
+def _compressed_context_attention_launch(
+    q: Tensor, k: Tensor, v: Tensor, rstd: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
+    key_scale: Tensor | None, n_hist: int, out: Tensor,
+) -> None:  # fmt: skip
+    _launch_attention(q, k, v, out, rstd, (q_weight, k_weight), (cos, sin), key_scale, n_hist, out.shape[-1])
+
+
+@fused_op("qk_rstd", mutates=("out",))
+def _qk_rstd_launch(q: Tensor, k: Tensor, eps: float, out: Tensor) -> None:
+    b, n, hd = q.shape
+    _rstd_kernel[(b * n, 2)](
+        q, k, out, b * n, n, hd, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), **rstd_config(hd),
+    )  # fmt: skip
+
+
 def _launch_attention(q, k, v, out, rstd, weights, rope, key_scale, n_hist, dh) -> None:
     b, lq, heads, _ = out.shape
     lk = k.shape[1]
@@ -262,7 +292,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Ten
     check(lk > 0, "k: need at least one key (softmax over an empty set)")
     out = check_out(out, (b, lq, heads, dh), q.dtype, q.device, inner_contiguous=True)
     if out.numel():
-        _launch_attention(q, k, v, out, None, None, None, None, 0, dh)
+        _attention_launch(q, k, v, out)
     return out
 
 
@@ -270,10 +300,8 @@ def qk_rstd(q: Tensor, k: Tensor, eps: float, out: Tensor | None = None) -> Tens
     """Per-token RMSNorm rstd of q and k `[B, L, H*Dh]` across all heads: `[2, B, L]` float32."""
     b, n, hd = q.shape
     out = check_out(out, (2, b, n), torch.float32, q.device, contiguous=True)
-    _rstd_kernel[(b * n, 2)](
-        q, k, out, b * n, n, hd, float(eps), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        **rstd_config(hd),
-    )  # fmt: skip
+    if out.numel():
+        _qk_rstd_launch(q, k, float(eps), out)
     return out
 
 
@@ -293,5 +321,5 @@ def compressed_context_attention(q, k, v, q_weight, k_weight, cos, sin, heads, e
         return attention(qr, kr, v, out=out)
     if out.numel():
         rstd = qk_rstd(q, k, eps)
-        _launch_attention(q, k, v, out, rstd, (q_weight, k_weight), (cos, sin), key_scale, n_hist, dh)
+        _compressed_context_attention_launch(q, k, v, rstd, q_weight, k_weight, cos, sin, key_scale, n_hist, out)
     return out

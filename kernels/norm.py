@@ -12,7 +12,7 @@ import triton.language as tl
 
 from helios_rt.ops.registry import register_impl
 
-from ._common import FLOAT_DTYPES, Tensor, check, check_out, check_tensor, next_pow2, row_warps
+from ._common import FLOAT_DTYPES, Tensor, check, check_out, check_tensor, fused_op, next_pow2, row_warps
 
 MAX_D = 8192
 
@@ -62,10 +62,15 @@ def modulate_layernorm(
         check_tensor(name, t, (b, 2, d), torch.float32, inner_contiguous=True, device=x.device)
     out = check_out(out, (b, n, d), x.dtype, x.device, inner_contiguous=True)
     if x.numel():
-        cfg = launch_config(d)
-        _modulate_layernorm_kernel[(b * n,)](
-            x, shift, scale, out, n, d, n_hist, float(eps),
-            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1), **cfg,
-        )  # fmt: skip
+        _modulate_layernorm_launch(x, shift, scale, n_hist, float(eps), out)
     return out
+
+
+@fused_op("modulate_layernorm", mutates=("out",))
+def _modulate_layernorm_launch(x: Tensor, shift: Tensor, scale: Tensor, n_hist: int, eps: float, out: Tensor) -> None:
+    b, n, d = x.shape
+    _modulate_layernorm_kernel[(b * n,)](
+        x, shift, scale, out, n, d, n_hist, eps,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1), **launch_config(d),
+    )  # fmt: skip

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from helios_rt.ops.registry import register_impl
 
-from ._common import FLOAT_DTYPES, Tensor, check, check_out, check_tensor, next_pow2
+from ._common import FLOAT_DTYPES, Tensor, check, check_out, check_tensor, fused_op, next_pow2
 
 
 @triton.jit
@@ -50,11 +50,17 @@ def gate_residual(x: Tensor, y: Tensor, gate: Tensor, n_hist: int, out: Tensor |
     check(0 <= n_hist <= n, f"n_hist must be in [0, L={n}], got {n_hist}")
     out = check_out(out, (b, n, d), x.dtype, x.device, inner_contiguous=True)
     if x.numel():
-        cfg = launch_config(d)
-        grid = (b * n, triton.cdiv(d, cfg["BLOCK_D"]))
-        _gate_residual_kernel[grid](
-            x, y, gate, out, n, d, n_hist,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-            gate.stride(0), gate.stride(1), **cfg,
-        )  # fmt: skip
+        _gate_residual_launch(x, y, gate, n_hist, out)
     return out
+
+
+@fused_op("gate_residual", mutates=("out",))
+def _gate_residual_launch(x: Tensor, y: Tensor, gate: Tensor, n_hist: int, out: Tensor) -> None:
+    b, n, d = x.shape
+    cfg = launch_config(d)
+    grid = (b * n, triton.cdiv(d, cfg["BLOCK_D"]))
+    _gate_residual_kernel[grid](
+        x, y, gate, out, n, d, n_hist,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
+        gate.stride(0), gate.stride(1), **cfg,
+    )  # fmt: skip

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from helios_rt.ops.registry import register_impl
 
-from ._common import FLOAT_DTYPES, Tensor, check, check_out, check_tensor, next_pow2
+from ._common import FLOAT_DTYPES, Tensor, check, check_out, check_tensor, fused_op, next_pow2
 
 
 @triton.jit
@@ -77,13 +77,21 @@ def flow_step(
         check(s.numel() == 1, f"{name} must have exactly one element, got shape {tuple(s.shape)}")
     out = check_out(out, tuple(x.shape), x.dtype, x.device, contiguous=True)
     if x.numel():
-        cfg = flow_step_config(c, w)
-        grid = (b * t * h, triton.cdiv(w, cfg["BLOCK_W"]))
-        _flow_step_kernel[grid](
-            v_patch, x, start, out, sigma_t, sigma_next, c, t, h, w,
-            v_patch.stride(0), v_patch.stride(1), PT=pt, PH=ph, PW=pw, **cfg,
-        )  # fmt: skip
+        _flow_step_launch(v_patch, x, start, sigma_t, sigma_next, [pt, ph, pw], out)
     return out
+
+
+@fused_op("flow_step", mutates=("out",))
+def _flow_step_launch(
+    v_patch: Tensor, x: Tensor, start: Tensor, sigma_t: Tensor, sigma_next: Tensor, patch: list[int], out: Tensor
+) -> None:
+    b, c, t, h, w = x.shape
+    cfg = flow_step_config(c, w)
+    grid = (b * t * h, triton.cdiv(w, cfg["BLOCK_W"]))
+    _flow_step_kernel[grid](
+        v_patch, x, start, out, sigma_t, sigma_next, c, t, h, w,
+        v_patch.stride(0), v_patch.stride(1), PT=patch[0], PH=patch[1], PW=patch[2], **cfg,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -115,10 +123,16 @@ def stage_transition(x: Tensor, block_noise: Tensor, alpha: float, beta: float, 
     check_tensor("block_noise", block_noise, up, FLOAT_DTYPES, contiguous=True, device=x.device)
     out = check_out(out, up, x.dtype, x.device, contiguous=True)
     if x.numel():
-        cfg = stage_transition_config(w)
-        grid = (b * c * t * 2 * h, triton.cdiv(2 * w, cfg["BLOCK_W"]))
-        _stage_transition_kernel[grid](x, block_noise, out, h, w, float(alpha), float(beta), **cfg)
+        _stage_transition_launch(x, block_noise, float(alpha), float(beta), out)
     return out
+
+
+@fused_op("stage_transition", mutates=("out",))
+def _stage_transition_launch(x: Tensor, block_noise: Tensor, alpha: float, beta: float, out: Tensor) -> None:
+    b, c, t, h, w = x.shape
+    cfg = stage_transition_config(w)
+    grid = (b * c * t * 2 * h, triton.cdiv(2 * w, cfg["BLOCK_W"]))
+    _stage_transition_kernel[grid](x, block_noise, out, h, w, alpha, beta, **cfg)
 
 
 CFG_CHUNK = 4096
@@ -173,11 +187,18 @@ def cfg_combine(pred: Tensor, scale: float, zero_star: bool, out: Tensor | None 
     if n == 0:
         return out
     nc = triton.cdiv(n, CFG_CHUNK)
-    part = torch.empty((b, nc, 2), dtype=torch.float32, device=pred.device)
+    part = torch.empty((b, nc, 2), dtype=torch.float32, device=pred.device)  # scratch, planned like out
+    _cfg_combine_launch(pred, float(scale), bool(zero_star), part, out)
+    return out
+
+
+@fused_op("cfg_combine", mutates=("part", "out"))
+def _cfg_combine_launch(pred: Tensor, scale: float, zero_star: bool, part: Tensor, out: Tensor) -> None:
+    b, nc = part.shape[0], part.shape[1]
+    n = pred[0].numel()
     if zero_star:
         _cfg_partials_kernel[(b, nc)](pred, part, n, b, nc, BLOCK=CFG_CHUNK, num_warps=8)
     _cfg_apply_kernel[(b, nc)](
-        pred, part, out, n, b, nc, float(scale),
-        ZERO_STAR=bool(zero_star), NC_POW2=next_pow2(nc), BLOCK=CFG_CHUNK, num_warps=8,
+        pred, part, out, n, b, nc, scale,
+        ZERO_STAR=zero_star, NC_POW2=next_pow2(nc), BLOCK=CFG_CHUNK, num_warps=8,
     )  # fmt: skip
-    return out
