@@ -116,14 +116,35 @@ def qk_norm_rope(
     return qr.to(q.dtype), kr.to(q.dtype)
 
 
+ATTENTION_SCRATCH_BYTES = 64 << 20  # the float32 score tile of one query chunk
+
+
 @register_reference("attention")
 def attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
-    """Full bidirectional softmax attention, scale 1/sqrt(Dh).
+    """Full bidirectional softmax attention, scale 1/sqrt(Dh), with float32 scores.
 
-    q: `[B, Lq, H, Dh]`; k, v: `[B, Lk, H, Dh]`; returns `[B, Lq, H, Dh]` in q.dtype.
+    q: `[B, Lq, H, Dh]`; k, v: `[B, Lk, H, Dh]`; returns `[B, Lq, H, Dh]` in q.dtype (into `out`).
+    Written as `bmm` / `softmax` per batch row and in query chunks (a score tile of at most
+    ATTENTION_SCRATCH_BYTES), not as `F.scaled_dot_product_attention`: every op then has an out=
+    form, so the memory planner plans the reference path like the kernels, and the planned chunk
+    and the eager one run the same arithmetic (bit-equal results).
     """
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return _write(o.transpose(1, 2), out)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    rows = max(1, min(lq, ATTENTION_SCRATCH_BYTES // (4 * h * max(lk, 1))))
+    scale = 1.0 / math.sqrt(d)
+    for i in range(b):
+        kt = k[i].float().permute(1, 2, 0)  # [H, Dh, Lk]
+        vh = v[i].float().transpose(0, 1)  # [H, Lk, Dh]
+        for r in range(0, lq, rows):
+            qc = q[i, r : r + rows].float().transpose(0, 1)  # [H, n, Dh]
+            scores = torch.bmm(qc, kt)
+            scores.mul_(scale)
+            probs = torch._softmax(scores, -1, False)
+            out[i, r : r + rows].copy_(torch.bmm(probs, vh).transpose(0, 1))
+    return out
 
 
 @register_reference("gelu_tanh")

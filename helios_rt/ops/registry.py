@@ -126,13 +126,29 @@ class OpSet:
         _ensure_references()
         self.device = torch.device(device)
         self.kernels = kernels
-        self._resolved: dict[str, Callable] = {}
-        self._chosen: dict[str, str] = {}
         use_triton = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda")
         if use_triton:
             if not _triton_usable(self.device):
                 raise ValueError(f"kernels='triton' needs a CUDA device or TRITON_INTERPRET=1; device is {self.device}")
             _load_backend("triton")
+        self._resolve(use_triton)
+
+    @classmethod
+    def for_planning(cls, kernels: KernelChoice = "auto", target: str = "cuda") -> OpSet:
+        """The op table a `target` device would resolve, on meta tensors: nothing runs, so the
+        backends need not run here (plan the GPU's Triton path on a CPU machine)."""
+        ops = cls.__new__(cls)
+        _ensure_references()
+        ops.device, ops.kernels = torch.device("meta"), kernels
+        use_triton = kernels == "triton" or (kernels == "auto" and target == "cuda")
+        if use_triton:
+            _load_backend("triton")
+        ops._resolve(use_triton)
+        return ops
+
+    def _resolve(self, use_triton: bool) -> None:
+        self._resolved: dict[str, Callable] = {}
+        self._chosen: dict[str, str] = {}
         for name, op in _TABLE.items():
             impl = op.impls.get("triton") if use_triton else None
             if impl is not None and self.device.type == "cuda" and self.device.index is not None:
