@@ -62,9 +62,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
-    parser.add_argument("--graphs", default="auto", choices=["auto", "chunk", "step", "off"],
-                        help="CUDA graphs: chunk (one replay per chunk), step (one per step: finer Nsight "
-                        "timelines), off (eager)")  # fmt: skip
+    parser.add_argument("--graphs", default="auto", choices=["auto", "chunk", "off"],
+                        help="chunk: each chunk one planned program (one CUDA graph replay on a GPU); "
+                        "off: the ops run eagerly (debugging, per-op profiles)")  # fmt: skip
     parser.add_argument("--fps", type=_positive_int, default=24)
 
 
@@ -181,8 +181,7 @@ def _check_options(args: argparse.Namespace):
     _check_prompt_cleaning(args)
     config = _engine_config(args)
     check_device(config.resolved_device())
-    config.resolved_graphs()  # graphs and overlap need CUDA: refused here rather than after the load
-    config.resolved_overlap()
+    config.resolved_overlap()  # the decode overlap needs CUDA: refused here rather than after the load
     return config
 
 

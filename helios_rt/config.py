@@ -225,13 +225,10 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
     vae_dtype: str = "auto"  # "auto" follows dtype
     kernels: str = "auto"  # "auto", "reference", "triton"
-    # static stage programs (planned arena, CUDA graphs): "auto" = on for CUDA with the reference ops
-    # (they cannot plan Triton kernels yet; on a CPU they only add overhead), "on" (raise if impossible),
-    # "off" (eager)
-    programs: str = "auto"
-    # CUDA graphs of the programs: "auto" (= "chunk" on CUDA, none elsewhere), "chunk" (one graph per
-    # chunk: stages, steps, transitions, history update), "step" (one graph per step: finer NVTX
-    # timelines, more launches), "off" (the programs run eagerly)
+    # the compiled chunk: "chunk" runs each chunk as one planned program on one arena, captured as one
+    # CUDA graph per chunk kind on CUDA (on a CPU the same program runs from its arena, uncaptured);
+    # "off" runs the op table eagerly through the caching allocator (debugging, per-op profiles);
+    # "auto" = "chunk" on CUDA, "off" on a CPU (where the planner's per-op checks cost more than they save)
     graphs: str = "auto"
     # decode chunk k on a second CUDA stream while chunk k+1 is computed; None = on for CUDA. With it
     # on, Stream.set_prompt takes effect one chunk later (chunk k+1 is already running)
@@ -262,10 +259,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}={value!r}: use 'auto' or one of {sorted(set(_DTYPES))}")
         if self.kernels not in ("auto", "reference", "triton"):
             raise ValueError(f"EngineConfig.kernels={self.kernels!r}: use 'auto', 'reference' or 'triton'")
-        if self.programs not in ("auto", "on", "off"):
-            raise ValueError(f"EngineConfig.programs={self.programs!r}: use 'auto', 'on' or 'off'")
-        if self.graphs not in ("auto", "chunk", "step", "off"):
-            raise ValueError(f"EngineConfig.graphs={self.graphs!r}: use 'auto', 'chunk', 'step' or 'off'")
+        if self.graphs not in ("auto", "chunk", "off"):
+            raise ValueError(f"EngineConfig.graphs={self.graphs!r}: use 'auto', 'chunk' or 'off'")
         if self.overlap_decode not in (None, True, False):
             raise ValueError(f"EngineConfig.overlap_decode={self.overlap_decode!r}: use None (auto), True or False")
         if self.pyramid_steps is not None:
@@ -292,12 +287,9 @@ class EngineConfig:
         return self.device
 
     def resolved_graphs(self) -> str:
-        """The graphs to capture: 'chunk', 'step' or 'off'; asking for graphs on a CPU device is refused."""
-        cuda = self.resolved_device().startswith("cuda")
+        """'chunk' (the compiled chunk, captured on CUDA) or 'off' (eager)."""
         if self.graphs == "auto":
-            return "chunk" if cuda else "off"
-        if self.graphs != "off" and not cuda:
-            raise ValueError(f"EngineConfig.graphs={self.graphs!r} needs a CUDA device; use graphs='off' (or 'auto')")
+            return "chunk" if self.resolved_device().startswith("cuda") else "off"
         return self.graphs
 
     def resolved_overlap(self) -> bool:

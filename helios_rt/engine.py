@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, find_component, read_json
-from .compile.chunk_program import ChunkKind, ChunkProgram
+from .compile.chunk_program import ChunkKind, ChunkProgram, TextShape
 from .config import EngineConfig
 from .errors import InputError, NonFiniteError, StreamFailedError
 from .guards import check_finite_input
 from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
 from .model.transformer import HeliosTransformer, TextContext, load_transformer
 from .model.vae import LatentPosterior, WanVAE
-from .ops import OpSet, op_names
+from .ops import OpSet
 from .overlap import lanes_for
 from .profiling import nvtx_range
 from .sampling.chunk import ChunkSampler, Conditioning, SamplingSpec
@@ -91,37 +91,13 @@ class Engine:
         )
         self.sampler = ChunkSampler(transformer, spec, self.history_layout, self.latent_hw, self.device)
         self.chunk_program: ChunkProgram | None = None
-        graphs = config.resolved_graphs()
         self.overlap_decode = config.resolved_overlap()
-        programs = self._programs_on()
-        if graphs == "step" and not programs:
-            raise ValueError(
-                "EngineConfig.graphs='step' captures the static stage programs, which are off here "
-                f"(programs={config.programs!r}, kernels={config.kernels!r}); use graphs='chunk' or programs='on'"
-            )
-        if programs:
-            # one static program per stage shape; a prompt given as embeddings of another length re-plans
-            self.sampler.compile(batch=1, text_len=MAX_TEXT_TOKENS, cuda_graph=graphs == "step")
-        if graphs == "chunk" or (programs and graphs == "off"):
-            # without graphs (a CPU) the chunk program runs its body eagerly: it is what a graph would capture
-            self.chunk_program = ChunkProgram(self.sampler, batch=1, cuda_graph=graphs == "chunk")
+        if config.resolved_graphs() == "chunk":
+            # the compiled chunk: planned on first use of a kind, captured per kind at warm-up on CUDA
+            self.chunk_program = ChunkProgram(self.sampler, batch=1, text=TextShape(MAX_TEXT_TOKENS))
         self._history_mod = transformer.history_modulation()
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()  # closed with the engine
         self._closed = False
-
-    def _programs_on(self) -> bool:
-        """`programs="auto"`: on for CUDA with the reference op table, off elsewhere.
-
-        A program pays off through CUDA graphs and the planned arena; on a CPU it only adds the plan
-        checks and its out=-capable math attention (about 1.9x slower transformer on the demo).
-        Programs cannot plan Triton kernels yet (no meta implementations), so with Triton the chunk
-        graph captures the eager op table (its intermediates live in the graph's memory pool).
-        """
-        if self.config.programs == "auto":
-            ops = self.transformer.ops
-            reference = all(ops.backend_of(name) == "reference" for name in op_names())
-            return self.device.type == "cuda" and reference
-        return self.config.programs == "on"
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -152,10 +128,11 @@ class Engine:
             return cls(transformer, vae, prompts, spec, config)
 
     def warmup(self, image_or_video: bool = False) -> None:
-        """Warm up and capture the chunk graphs before the first stream, so its first chunk replays one.
+        """Plan and capture the chunk graphs before the first stream, so its first chunk replays one.
 
-        Captures the first chunk's graph (text-to-video, or with `image_or_video` the I2V/V2V one) and
-        the steady-state one. Without a chunk program (programs off, graphs='step') it does nothing.
+        For prompts of the text encoder's length (512 tokens): the first chunk's kind (text-to-video,
+        or with `image_or_video` the I2V/V2V one) and the steady-state one. A stream warms up the
+        kinds it needs by itself (before its first chunk); this moves that cost out of the stream.
         """
         program = self.chunk_program
         if program is None:
@@ -164,11 +141,12 @@ class Engine:
             cfg = self.transformer.config
             zeros = torch.zeros(1, MAX_TEXT_TOKENS, cfg.text_dim, device=self.device)
             both = torch.cat([zeros, zeros]) if self.spec.uses_cfg else zeros  # [cond; uncond] with CFG
-            program.set_text(self.transformer.encode_text(both))
+            text = self.transformer.encode_text(both)
+            program.replan(text)
+            program.set_text(text)
             keep = self.history_layout.keep_first_frame
-            amplified = self.spec.amplify_first_chunk
-            first = ChunkKind(amplified, keep and not image_or_video)
-            program.prepare(list(dict.fromkeys([first, ChunkKind(False, False)])))
+            first = ChunkKind(self.spec.amplify_first_chunk, keep and not image_or_video)
+            program.capture(list(dict.fromkeys([first, ChunkKind(False, False)])))
 
     def _check_resolution(self) -> None:
         """Height and width must survive the VAE (x8), the patch (x2) and the pyramid's halvings."""
@@ -511,7 +489,7 @@ class Stream:
             program = engine.chunk_program
             if program is not None:
                 program.attach(self._history)
-                program.set_text(text)
+                self._bind(program, text)
                 latents = program.run(program.kind(first_chunk=k == 0), self._generator)
             else:
                 short, mid, long = self._history.windows()
@@ -524,6 +502,19 @@ class Stream:
         self._launched += 1
         return _Launched(k, slot, begin, end, finite)
 
+    def _bind(self, program: ChunkProgram, text: TextContext) -> None:
+        """Bind the chunk's prompt K/V; before the first chunk (and after a prompt of a new shape)
+        plan and, with CUDA graphs, capture the kinds this stream runs: a warm-up between chunks."""
+        fresh = not program.accepts(text)
+        if fresh:
+            program.replan(text)  # explicit, outside any capture
+        program.set_text(text)
+        if program.cuda_graph and (fresh or self._launched == 0):
+            kinds = [program.kind(first_chunk=self._launched == 0), ChunkKind(False, False)]
+            with nvtx_range("warmup"):
+                program.capture(list(dict.fromkeys(kinds)))
+            program.attach(self._history)
+
     def _decode(self, launched: _Launched) -> _Decoded:
         """Issue the VAE decode of a launched chunk on the decode lane, after its compute."""
         lanes = self._lanes
@@ -533,7 +524,8 @@ class Stream:
             lanes.used_on("decode", launched.finite)
             begin = lanes.mark("decode")
             latents = launched.latents.clone()
-            frames = self.engine.vae.decode_frames(latents, normalized=True)
+            with self.engine.sampler.section("decode"):
+                frames = self.engine.vae.decode_frames(latents, normalized=True)
             end = lanes.mark("decode")
         self._slot_free[launched.index % 2] = end
         return _Decoded(launched, latents, frames, begin, end)

@@ -1,11 +1,13 @@
-"""The chunk body a CUDA graph captures makes no host decision on tensor values (issue 7, item 1).
+"""The chunk a CUDA graph captures plans on meta tensors, whatever the op table (issues 7 and 12).
 
 A CUDA graph records kernels, not Python: a body that reads a device value on the host (`.item()`,
 `bool(t)`, `nonzero`, a data-dependent shape) either fails to capture or bakes in the value of the
-capture. Running the body on meta tensors finds every such read without a GPU: meta tensors have
-shapes and dtypes but no values, so any of them raises. The body runs here for each way a chunk is
-sampled (distilled DMD pyramid, the pyramid with UniPC + CFG-Zero* as in Helios-Mid, the base
-single-resolution UniPC + CFG), with and without stage programs, over every chunk kind.
+capture, and one that allocates outside the planned arena draws on the graph's pool. Planning the
+body on meta tensors finds both without a GPU: meta tensors have no values (a host read raises), and
+the planner refuses random draws and ops that cannot write into a given buffer. The body is planned
+here for each way a chunk is sampled (distilled DMD pyramid, the pyramid with UniPC + CFG-Zero* as in
+Helios-Mid, the base single-resolution UniPC + CFG), for the reference and the Triton op tables (the
+kernels are custom ops with fake implementations: no launch happens), over every chunk kind.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import pytest
 import torch
 
 from helios_rt import Engine, EngineConfig
-from helios_rt.compile.chunk_program import ChunkKind, ChunkProgram
-from helios_rt.compile.program import meta_model
+from helios_rt.compile.chunk_program import META, ChunkKind, ChunkProgram, TextShape, meta_model
+from helios_rt.compile.workspace import UnplannableOp
+from helios_rt.ops import OpSet
 from helios_rt.sampling.chunk import ChunkSampler
 from helios_rt.sampling.pyramid import block_noise_factor
 from helios_rt.sampling.schedules import ScheduleConfig
 
-META = torch.device("meta")
 CONFIG = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference")
 
 
@@ -43,24 +45,44 @@ def engine() -> Engine:
     return Engine.from_pretrained("demo", CONFIG)
 
 
-@pytest.mark.parametrize("programs", [False, True], ids=["eager-ops", "stage-programs"])
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
 @pytest.mark.parametrize("how", ["distilled", "mid", "base"])
-def test_chunk_body_runs_on_meta_tensors(engine: Engine, how: str, programs: bool) -> None:
+def test_chunk_plans_on_meta_tensors(engine: Engine, how: str, kernels: str) -> None:
     spec = sampling_specs(engine)[how]
+    ops = OpSet.for_planning(kernels)
     model = meta_model(engine.transformer)
-    sampler = ChunkSampler(model, spec, engine.history_layout, engine.latent_hw, META)
+    model.ops = ops
+    sampler = ChunkSampler(model, spec, engine.history_layout, engine.latent_hw, META, ops)
     if spec.pyramid:  # factored once per engine on the host before any capture (a Cholesky needs values)
-        sampler._block_factor = block_noise_factor(spec.schedule.gamma, model.config.patch_size[1:]).to(META)
-    if programs:
-        sampler.compile(batch=1, text_len=16, cuda_graph=False)
-    program = ChunkProgram(sampler)
-    batch = 2 if spec.uses_cfg else 1
-    program.set_text(model.encode_text(torch.zeros(batch, 16, model.config.text_dim, device=META)))
+        sampler.set_block_factor(block_noise_factor(spec.schedule.gamma, model.config.patch_size[1:]))
+    program = ChunkProgram(sampler, text=TextShape(16))
+    assert ops.backend_of("attention") == kernels
     kinds = {ChunkKind(spec.amplify_first_chunk, True), ChunkKind(spec.amplify_first_chunk, False),
              ChunkKind(False, False)}  # fmt: skip
     for kind in sorted(kinds, key=str):
-        out = program.run(kind, torch.Generator().manual_seed(0))
-        assert out.device == META and out.shape == (1, model.config.in_channels, 9, *engine.latent_hw)
+        plan = program.plan(kind)
+        assert plan.arena_bytes >= plan.lower_bound_bytes > 0
+        fused = [s.op for s in plan.steps if s.op.startswith("helios_rt.")]
+        assert bool(fused) == (kernels == "triton"), f"{kernels}: custom ops in the plan: {sorted(set(fused))}"
+        if kernels == "triton":
+            assert "helios_rt.attention.default" in fused and "helios_rt.modulate_layernorm.default" in fused
+
+
+def test_a_host_read_in_the_body_fails_the_plan(engine: Engine, monkeypatch) -> None:
+    """The premise: a value-dependent read in the body fails planning, naming the op."""
+    model = meta_model(engine.transformer)
+    sampler = ChunkSampler(model, engine.spec, engine.history_layout, engine.latent_hw, META)
+    sampler.set_block_factor(block_noise_factor(0.25, model.config.patch_size[1:]))
+    program = ChunkProgram(sampler, text=TextShape(16))
+    sample = ChunkSampler.sample  # patched on the class: the program plans on a meta copy of the sampler
+
+    def with_a_host_read(self, *args, **kwargs):
+        latents = sample(self, *args, **kwargs)
+        return latents * float(latents.sum())
+
+    monkeypatch.setattr(ChunkSampler, "sample", with_a_host_read)
+    with pytest.raises(UnplannableOp, match="reads a tensor value on the host"):
+        program.plan(ChunkKind(False, False))
 
 
 def test_a_host_read_of_a_value_fails_on_meta() -> None:

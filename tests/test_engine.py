@@ -84,11 +84,11 @@ def test_same_seed_same_video_other_seed_other_video(engine: Engine) -> None:
     assert not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("programs", ["off", "on"], ids=["eager", "chunk-program"])
-def test_memory_stays_flat_over_40_chunks(engine: Engine, programs: str) -> None:
-    """Eager, and through the chunk program's static buffers (what a CUDA chunk graph replays)."""
-    if programs == "on":
-        engine = Engine.from_pretrained("demo", SMALL.replace(programs="on"))
+@pytest.mark.parametrize("graphs", ["off", "chunk"], ids=["eager", "compiled-chunk"])
+def test_memory_stays_flat_over_40_chunks(engine: Engine, graphs: str) -> None:
+    """Eager, and through the compiled chunk's arena and static buffers (what a CUDA chunk graph replays)."""
+    if graphs == "chunk":
+        engine = Engine.from_pretrained("demo", SMALL.replace(graphs="chunk"))
     stream = engine.generate_stream("waves", num_frames=None, seed=0)
     sizes = {}
     for chunk in stream:

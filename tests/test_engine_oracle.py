@@ -4,7 +4,8 @@ Six (pipeline x task) pairs, three chunks each. The final latents must agree to 
 sides run the same math; differences come from operation order and are ~1e-6 per forward, growing
 through the autoregressive history) and the uint8 frames by at most one level (a value that lands
 within rounding distance of a .5 boundary may round either way). The engine runs through its static
-stage programs (`programs="on"`); test_engine_programs.py compares them with the eager path.
+compiled chunk (`graphs="chunk"`: planned on meta, run from its arena); test_chunk_program.py
+compares it with the eager path.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def test_engine_matches_pipeline(pipeline_and_folder, task: str) -> None:
             device="cpu",
             dtype="float32",
             kernels="reference",
-            programs="on",
+            graphs="chunk",
             **engine_kwargs,
         ),
     )

@@ -24,17 +24,39 @@ def report_14b():
 
 def test_14b_at_384x640_plans_fast_and_tight():
     report, seconds = report_14b()
-    assert seconds < 60
-    assert [(s.noisy_tokens, s.history_tokens) for s in report.stages] == [(540, 2400), (2160, 2400), (8640, 2400)]
-    assert [s.latent_hw for s in report.stages] == [(12, 20), (24, 40), (48, 80)]
-    full = report.stages[2]
-    assert full.lower_bound_bytes <= full.arena_bytes <= 1.15 * full.lower_bound_bytes
+    assert seconds < 90
+    assert report.kernels == "triton"  # what a CUDA engine runs by default
+    assert [k.kind for k in report.kinds] == [
+        "first chunk (amplified), writes the prefix frame",
+        "first chunk (amplified)",
+        "chunk",
+    ]
+    for k in report.kinds:
+        assert k.lower_bound_bytes <= k.arena_bytes <= 1.15 * k.lower_bound_bytes, k
     # the residual stream alone is 11040 x 5120 bf16; the FFN hidden 8640+2400 tokens x 13824
-    assert full.lower_bound_bytes > 11040 * 13824 * 2
-    assert report.arena_bytes == full.arena_bytes
+    assert report.kinds[-1].lower_bound_bytes > 11040 * 13824 * 2
+    assert report.arena_bytes == max(k.arena_bytes for k in report.kinds)
     assert report.persistent["text K/V: 40 blocks x 512 tokens"] == 2 * 40 * 512 * 5120 * 2
     assert 26 * 2**30 < report.weights_bytes < 28 * 2**30  # about 14.3e9 parameters, mostly bf16
     assert report.fits() == {"24 GB": False, "48 GB": True, "80 GB": True}
+
+
+def test_the_plan_is_the_engines_compiled_chunk():
+    """`helios-rt plan` at the demo's config gives the arenas the engine's own compiled chunk plans."""
+    from helios_rt import Engine, EngineConfig
+    from helios_rt.compile.chunk_program import ChunkKind
+    from helios_rt.compile.cost import ChunkShape
+    from helios_rt.demo import DEMO_TRANSFORMER
+
+    engine = Engine.from_pretrained("demo", EngineConfig(height=64, width=64, device="cpu", dtype="float32",
+                                                         kernels="reference", graphs="chunk"))  # fmt: skip
+    shape = ChunkShape(height=64, width=64, text_len=512)
+    report = plan_engine(DEMO_TRANSFORMER, 64, 64, torch.float32, shape=shape, kernels="reference", spec=engine.spec)
+    program = engine.chunk_program
+    kinds = [ChunkKind(True, True), ChunkKind(True, False), ChunkKind(False, False)]
+    assert [program.plan(k).arena_bytes for k in kinds] == [k.arena_bytes for k in report.kinds]
+    assert [program.plan(k).lower_bound_bytes for k in kinds] == [k.lower_bound_bytes for k in report.kinds]
+    assert report.arena_bytes == program.arena_bytes
 
 
 def test_weights_respect_the_float32_kept_parameters():
@@ -48,14 +70,14 @@ def test_weights_respect_the_float32_kept_parameters():
 
 
 def test_report_dict_and_text():
-    report = plan_engine(TINY, 64, 128, torch.float32, model_name="tiny")
+    report = plan_engine(TINY, 64, 128, torch.float32, model_name="tiny", kernels="reference")
     d = json.loads(json.dumps(report.to_dict()))
     assert d["total_bytes"] == report.weights_bytes + report.persistent_bytes + report.arena_bytes + report.vae_bytes
-    assert [s["tokens"] for s in d["stages"]] == [s.tokens for s in report.stages]
-    assert all(s["ratio"] >= 1.0 for s in d["stages"]) and set(d["fits"]) == {"24 GB", "48 GB", "80 GB"}
+    assert [k["arena_bytes"] for k in d["kinds"]] == [k.arena_bytes for k in report.kinds]
+    assert all(k["ratio"] >= 1.0 for k in d["kinds"]) and set(d["fits"]) == {"24 GB", "48 GB", "80 GB"}
     text = report.format()
-    for needle in ("stage", "lower bound", "history latents", "text K/V", "RoPE", "transformer weights",
-                   "VAE decode (ESTIMATE", "fits: 24 GB yes"):  # fmt: skip
+    for needle in ("chunk kind", "lower bound", "history latents", "text K/V", "RoPE", "transformer weights",
+                   "VAE decode (ESTIMATE", "fits: 24 GB yes", "reference ops"):  # fmt: skip
         assert needle in text, needle
 
 
@@ -69,7 +91,7 @@ def test_cli_prints_the_report(capsys):
     args = _parse(["plan", "--model", "tiny", "--height", "64", "--width", "128", "--dtype", "fp32", "--json"])
     assert args.func is run_plan and run_plan(args) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["model"] == "tiny" and d["dtype"] == "float32" and len(d["stages"]) == 3
+    assert d["model"] == "tiny" and d["dtype"] == "float32" and len(d["kinds"]) == 3
 
 
 def test_cli_rejects_an_unknown_model():

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from helios_rt.compile.workspace import (
-    ArenaOps,
     Executor,
     PlanMismatch,
     UnplannableOp,
@@ -138,20 +137,26 @@ def test_multi_output_and_dtype_converting_ops_execute_through_out():
 
 
 @pytest.mark.parametrize("b,lq,lk,h,d", [(1, 13, 7, 2, 16), (2, 113, 203, 3, 8)])
-def test_math_attention_matches_sdpa_through_the_arena(b, lq, lk, h, d):
+def test_reference_attention_runs_from_the_arena_and_matches_sdpa(b, lq, lk, h, d, monkeypatch):
+    from helios_rt.ops import reference
+
+    monkeypatch.setattr(reference, "ATTENTION_SCRATCH_BYTES", 4 * h * lk * 10)  # 10 query rows per chunk
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, n, h, d, generator=g) for n in (lq, lk, lk))
-    ops = ArenaOps(OpSet("cpu", "reference"), "math", scratch_bytes=4 * h * lk * 10)  # 10 query rows per chunk
-    plan = plan_program(ops.attention, *meta_like(q, k, v))
+    attention = OpSet("cpu", "reference").attention
+    plan = plan_program(attention, *meta_like(q, k, v))
     assert not any("scaled_dot_product" in s.op for s in plan.steps)
     with Executor(plan, allocate_arena(plan, "cpu")):
-        got = ops.attention(q, k, v)
+        got = attention(q, k, v)
     ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_attention_plans_only_its_output():
+def test_a_fused_kernel_traces_as_one_custom_op_that_writes_its_planned_output():
+    pytest.importorskip("triton")
+    from helios_rt.kernels import attention as kernels
+
     q = torch.empty(2, 11, 4, 16, device=META)
-    plan = plan_program(ArenaOps(OpSet("cpu", "reference"), "kernel").attention, q, q, q)
-    assert [s.op for s in plan.steps] == ["aten.empty.memory_format"]
+    plan = plan_program(kernels.attention, q, q, q)
+    assert [s.op for s in plan.steps] == ["aten.empty.memory_format", "helios_rt.attention.default"]
     assert plan.memory.requests[0].nbytes == q.numel() * 4

@@ -32,7 +32,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_at_least(1), default=2, help="CPU suite: best of this many runs")
     p.add_argument("--verbose", action="store_true", help="also print the projection's per-op-class tables")
     p.add_argument("--engine-option", action="append", default=[], type=_engine_option, metavar="KEY=VALUE",
-                   help="CPU suite: an EngineConfig field for helios_rt's side, e.g. programs=off")  # fmt: skip
+                   help="CPU suite: an EngineConfig field for helios_rt's side, e.g. graphs=chunk")  # fmt: skip
     return p
 
 

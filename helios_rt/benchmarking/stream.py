@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -91,39 +92,31 @@ class _CudaTimer:
 class StageTimer:
     """Per-chunk milliseconds of each pyramid stage, stage transition and VAE decode of an engine.
 
-    Wraps the engine's sampler and VAE methods (instance attributes, removed by `close`); CUDA events
-    on a CUDA engine, host timers otherwise. `end_chunk()` files the timings of one chunk (on CUDA
-    after a device synchronize, which is why a timed stream does not overlap its decode). An engine
-    that replays chunk graphs never calls these methods after the capture, so it is refused.
+    Times the sections the sampler names (`ChunkSampler.section`: "stage s", "transition s",
+    "denoise", and the stream's "decode") through its public `section_hook`; CUDA events on a CUDA
+    engine, host timers otherwise. `end_chunk()` files the timings of one chunk (on CUDA after a
+    device synchronize, which is why a timed stream does not overlap its decode). An engine that
+    replays chunk graphs runs no Python inside a chunk, so it is refused.
     """
 
     def __init__(self, engine) -> None:
         if graphed(engine):
             raise ValueError(
-                "per-stage timing needs an engine without chunk graphs (EngineConfig(graphs='off' or 'step')): "
+                "per-stage timing needs an engine without chunk graphs (EngineConfig(graphs='off')): "
                 "a replayed graph runs no Python, so there is nothing to time per stage"
             )
+        if engine.sampler.section_hook is not None:
+            raise ValueError("the engine's sections are timed already (one StageTimer per engine)")
         self.engine = engine
         self.timer = _CudaTimer() if engine.device.type == "cuda" else _HostTimer()
         self.samples: dict[str, list[float]] = {}
-        sampler, vae = engine.sampler, engine.vae
-        self._patched = [(sampler, "_stage_loop"), (sampler, "_transition"), (sampler, "_base_loop")]
-        self._patched.append((vae, "decode_frames"))
-        stage_loop, transition, base_loop, decode = (getattr(o, n) for o, n in self._patched)
+        engine.sampler.section_hook = self._timed
 
-        def timed(key_fn, fn):
-            def wrapper(*args, **kwargs):
-                token = self.timer.start()
-                out = fn(*args, **kwargs)
-                self.timer.stop(key_fn(args), token)
-                return out
-
-            return wrapper
-
-        sampler._stage_loop = timed(lambda a: f"stage {a[4]}", stage_loop)
-        sampler._transition = timed(lambda a: f"transition {a[2]}", transition)
-        sampler._base_loop = timed(lambda a: "denoise", base_loop)
-        vae.decode_frames = timed(lambda a: "decode", decode)
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        token = self.timer.start()
+        yield
+        self.timer.stop(name, token)
 
     def end_chunk(self) -> None:
         chunk: dict[str, float] = {}
@@ -133,8 +126,8 @@ class StageTimer:
             self.samples.setdefault(key, []).append(ms)
 
     def close(self) -> None:
-        for obj, name in self._patched:
-            obj.__dict__.pop(name, None)
+        if self.engine.sampler is not None and self.engine.sampler.section_hook == self._timed:
+            self.engine.sampler.section_hook = None
 
     def __enter__(self) -> StageTimer:
         return self

@@ -1,33 +1,34 @@
-"""A whole chunk as one static program: one CUDA graph replay per chunk.
+"""The one compiler of a chunk: trace it on meta tensors, plan it into one arena, run it there, capture it.
 
-The chunk program runs, on static buffers, everything a chunk does after its prompt is known: the
-patch embedding of the history windows, every pyramid stage's steps (forward, CFG combine, flow /
-UniPC / Euler step), the stage transitions with their block noise, and the in-place history update.
-It is `ChunkSampler.sample` itself, run either through the compiled stage programs (planned arena)
-or through the sampler's eager op table (the Triton kernels, which cannot be planned yet: under
-capture their intermediates come from the graph's memory pool, just as fixed). Its buffers outlive
-every run:
+A chunk is `ChunkSampler.sample` plus what surrounds it (the patch embedding of the history windows,
+the copy of the result into a static output, the in-place history update), run with whatever op
+table the engine chose: the PyTorch references, the Triton kernels (registered as `helios_rt::` custom
+ops with fake implementations, so they trace like any aten op), later flash-attn or FP8 GEMMs. The
+same body is used three ways, per `ChunkKind`:
 
-- the history memory (`history`): the chunk reads its windows and pushes its result, in place;
-- the noise (`noise`, a `StaticNoise`): refilled before each run from the stream's generator, so
-  the random numbers are those of the eager path (graph-safe: never baked into the graph);
-- the output (`output`): the chunk's clean latents, overwritten by the next run;
-- the text K/V: the stage programs' buffers, or the program's own copy without them, filled outside
-  the graph when the prompt changes (a new prompt is a copy; a new text length re-captures).
+1. **plan** (`_plan`): the body runs once on meta copies of the model, the sampler and the state
+   under the planner's dispatch mode (`workspace.plan_program`); every intermediate becomes a buffer
+   of one arena placed by the C++ planner. A host read of a tensor value, a random draw or an op
+   that cannot write into a given buffer fails here, on any machine, naming the op.
+2. **run** (`_execute`): the body runs on the real state under the `Executor`, which hands each
+   allocating op its view of the arena and checks the op sequence against the plan: a steady-state
+   chunk allocates nothing.
+3. **capture** (`capture`, CUDA): the same executed body recorded as one CUDA graph per kind, at
+   warm-up only; a chunk's run replays it and runs no Python.
 
-Which graph a chunk replays is decided on the host by its `ChunkKind`: the first chunk of a
-distilled model takes the amplified plan (more steps), and a chunk whose history has no prefix
-frame yet writes one. A kind runs eagerly the first time it is seen (that run is the warm-up: plans,
-RoPE tables, cuBLAS handles and caches are made outside any capture), is captured the second time
-and replayed from then on; `prepare()` does both ahead of time on scratch state. All kinds share one
-graph memory pool: every intermediate of a body dies inside it (its results are copied into the
-static buffers above), so no graph's live memory can be overwritten by another's replay.
+All kinds share one arena (they never run at the same time; it is sized for the largest plan) and
+one graph memory pool. The buffers that outlive a chunk are not in the arena (`ChunkState`): the
+history memory, the noise (refilled from the stream's generator before each run, so a graph never
+bakes in its capture's random numbers), the output, the text K/V and the history modulation.
 
+Which graph a chunk replays is a host decision: the first chunk of a distilled model takes the
+amplified plan (more steps), and a chunk whose history has no prefix frame yet writes one.
 A stream owns its own `HistoryMemory`; `attach()` moves that state into the program's buffer (and
-the previous owner's state back out), so several streams of one engine can take turns.
+the previous owner's back out), so several streams of one engine take turns on one program.
 
-Without CUDA graphs (on a CPU, or `cuda_graph=False`) `run()` runs the same body eagerly: that is
-how the CPU tests check the program against the eager sampler, bit for bit.
+A prompt is a copy into the static text K/V (`set_text`). Text of another shape (embeddings of
+another length, or CFG halves of unequal length) needs other plans: `replan(text)` is that explicit
+call, and it refuses to run while a graph is being captured.
 """
 
 from __future__ import annotations
@@ -37,18 +38,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.transformer import TextContext
+from ..model.transformer import HeliosTransformer, TextContext
 from ..profiling import nvtx_range
 from ..sampling.chunk import ChunkSampler, Conditioning
 from ..sampling.history import HistoryMemory
 from ..sampling.noise import StaticNoise
+from .workspace import Executor, ProgramPlan, allocate_arena, plan_program
 
 Tensor = torch.Tensor
+META = torch.device("meta")
 
 
 @dataclass(frozen=True)
 class ChunkKind:
-    """What makes one chunk's op sequence differ from another's (one graph per kind).
+    """What makes one chunk's op sequence differ from another's (one plan and one graph per kind).
 
     amplified: the distilled first chunk's plan (`amplify_first_chunk`); set_prefix: the history
     push takes this chunk's first latent frame as the prefix.
@@ -58,37 +61,168 @@ class ChunkKind:
     set_prefix: bool
 
 
+@dataclass(frozen=True)
+class TextShape:
+    """The shape of a prompt's K/V the plans were made for: tokens, and per row its own (or None)."""
+
+    tokens: int
+    lengths: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, text: TextContext) -> TextShape:
+        return cls(text.keys[0].shape[1], text.lengths)
+
+
+@dataclass
+class ChunkState:
+    """The buffers a chunk reads and writes that outlive it (outside the arena)."""
+
+    history: HistoryMemory
+    noise: StaticNoise
+    output: Tensor
+    text: TextContext
+    history_mod: Tensor
+
+
+def chunk_body(sampler: ChunkSampler, state: ChunkState, kind: ChunkKind, batch: int) -> None:
+    """One chunk on static state: history tokens, every stage and step, the result and the history update."""
+    tokens = sampler.embed_history(*state.history.windows())
+    cond = Conditioning(state.text, tokens, state.history_mod)
+    latents = sampler.sample(cond, batch, state.noise, first_chunk=kind.amplified)
+    state.output.copy_(latents)
+    state.history.push(state.output, set_prefix=kind.set_prefix)
+
+
+def meta_model(model: HeliosTransformer) -> HeliosTransformer:
+    """An empty copy of `model` on the meta device with the same parameter dtypes (for planning)."""
+    with torch.device(META):
+        copy = HeliosTransformer(model.config, model.ops)
+    params = dict(model.named_parameters())
+    for name, p in copy.named_parameters():
+        p.data = torch.empty_like(params[name], device=META)
+    return copy.eval()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class ChunkProgram:
-    """One chunk of `sampler` on static buffers.
+    """One chunk of `sampler`, planned into one arena and (on CUDA, at warm-up) captured per kind.
 
-    The sampler either runs compiled stage programs (planned arena; they must not capture graphs of
-    their own) or its eager op table (e.g. the Triton kernels, which the planner cannot plan yet;
-    under capture their intermediates come from the graph's memory pool, just as static).
-
-    batch: the sampler's batch; cuda_graph: capture one graph per `ChunkKind` (default: on CUDA).
+    batch: the sampler's batch; text: the shape of the prompt K/V to plan for (default: 512 tokens,
+    every row its own); cuda_graph: capture graphs at `capture()` (default: on CUDA).
     """
 
-    def __init__(self, sampler: ChunkSampler, batch: int = 1, cuda_graph: bool | None = None) -> None:
-        if sampler.programs is not None and sampler.programs.cuda_graph:
-            raise ValueError("the stage programs capture graphs of their own; compile them with cuda_graph=False")
+    def __init__(
+        self,
+        sampler: ChunkSampler,
+        batch: int = 1,
+        text: TextShape = TextShape(512),
+        cuda_graph: bool | None = None,
+    ) -> None:
         self.sampler, self.batch, self.device = sampler, batch, torch.device(sampler.device)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA sampler; it runs on {self.device}")
-        c, hw = sampler.model.config.in_channels, sampler.latent_hw
-        self.history = HistoryMemory(sampler.history_layout, batch, c, *hw, torch.float32, self.device)
-        self.noise = StaticNoise(sampler.noise_shapes(batch), self.device)
-        self.output = torch.zeros((batch, c, sampler.frames, *hw), dtype=torch.float32, device=self.device)
-        self.history_mod = sampler.model.history_modulation()
-        self._text: TextContext | None = None  # what the body reads
-        self._source: TextContext | None = None  # the caller's context last copied into `_text`
+        sampler.prepare()
+        self.state = self._state(sampler, text)
+        self.plans: dict[ChunkKind, ProgramPlan] = {}
+        self.arena: Tensor | None = None
+        self._meta: tuple[ChunkSampler, ChunkState] | None = None
         self._graphs: dict[ChunkKind, torch.cuda.CUDAGraph] = {}
-        self._warm: set[ChunkKind] = set()
         self._pool = None
-        self._generation = self._programs_generation()
+        self._source: TextContext | None = None  # the caller's context last copied into the state
         self._owner: weakref.ref[HistoryMemory] | None = None
 
+    # ---- construction ----------------------------------------------------------------------------
+    def _state(self, sampler: ChunkSampler, text: TextShape) -> ChunkState:
+        """Zeroed static state on the sampler's device (meta for the planning copy)."""
+        cfg, device = sampler.model.config, torch.device(sampler.device)
+        c, hw = cfg.in_channels, sampler.latent_hw
+        rows = self.batch * (2 if sampler.spec.uses_cfg else 1)
+        kv = (rows, text.tokens, cfg.num_attention_heads, cfg.attention_head_dim)
+        keys = [torch.zeros(kv, dtype=sampler.model.dtype, device=device) for _ in range(cfg.num_layers)]
+        values = [torch.zeros(kv, dtype=sampler.model.dtype, device=device) for _ in range(cfg.num_layers)]
+        return ChunkState(
+            history=HistoryMemory(sampler.history_layout, self.batch, c, *hw, torch.float32, device),
+            noise=StaticNoise(sampler.noise_shapes(self.batch), device),
+            output=torch.zeros((self.batch, c, sampler.frames, *hw), dtype=torch.float32, device=device),
+            text=TextContext(keys, values, text.lengths),
+            history_mod=sampler.model.history_modulation(),
+        )
+
+    def _meta_copy(self) -> tuple[ChunkSampler, ChunkState]:
+        """A meta-device sampler and state with the real ones' shapes, dtypes and constants' shapes."""
+        if self._meta is None:
+            real = self.sampler
+            sampler = ChunkSampler(meta_model(real.model), real.spec, real.history_layout, real.latent_hw, META,
+                                   ops=real.ops)  # fmt: skip
+            if real._block_factor is not None:
+                sampler.set_block_factor(real._block_factor)
+            sampler.prepare()
+            self._meta = (sampler, self._state(sampler, self.text_shape))
+        return self._meta
+
+    # ---- plans -----------------------------------------------------------------------------------
+    @property
+    def text_shape(self) -> TextShape:
+        return TextShape.of(self.state.text)
+
+    def plan(self, kind: ChunkKind) -> ProgramPlan:
+        """The plan of `kind` (made on first use, on meta tensors); grows the arena when it needs more.
+
+        A larger arena invalidates the graphs captured on the old one: they are dropped (and the
+        refusal under capture keeps this from happening inside one).
+        """
+        if kind not in self.plans:
+            if _capturing(self.device):
+                raise RuntimeError(f"ChunkProgram: {kind} has no plan; plan every kind before capturing (capture())")
+            sampler, state = self._meta_copy()
+            with nvtx_range(f"plan {kind}"):
+                self.plans[kind] = plan_program(chunk_body, sampler, state, kind, self.batch)
+            needed = max(p.arena_bytes for p in self.plans.values())
+            if self.arena is None or self.arena.numel() < needed:
+                self.arena = allocate_arena(max(self.plans.values(), key=lambda p: p.arena_bytes), self.device)
+                self._forget_graphs()
+        return self.plans[kind]
+
+    def replan(self, text: TextContext) -> None:
+        """Make the program take prompts shaped like `text`: new static text buffers, plans and graphs.
+
+        Explicit, and never under capture: called by the stream when a prompt of a new shape arrives.
+        """
+        if _capturing(self.device):
+            raise RuntimeError("ChunkProgram.replan cannot run while a CUDA graph is being captured")
+        shape = TextShape.of(text)
+        if shape == self.text_shape:
+            return
+        history = self.state.history
+        self.state = self._state(self.sampler, shape)
+        self.state.history = history  # the stream state lives on; only the text buffers change
+        self._meta = None
+        self.plans.clear()
+        self.arena = None
+        self._forget_graphs()
+        self._source = None
+
+    def accepts(self, text: TextContext) -> bool:
+        """Whether `text` fits the planned text buffers (else `replan(text)` first)."""
+        return TextShape.of(text) == self.text_shape and len(text.keys) == len(self.state.text.keys)
+
     # ---- state -----------------------------------------------------------------------------------
+    @property
+    def history(self) -> HistoryMemory:
+        return self.state.history
+
+    @property
+    def output(self) -> Tensor:
+        return self.state.output
+
+    @property
+    def noise(self) -> StaticNoise:
+        return self.state.noise
+
     def kind(self, first_chunk: bool) -> ChunkKind:
         """The kind of the next chunk of the attached history."""
         amplified = first_chunk and self.sampler.spec.amplify_first_chunk
@@ -111,96 +245,82 @@ class ChunkProgram:
         self._owner = None
 
     def set_text(self, text: TextContext) -> None:
-        """Bind a prompt's K/V into static buffers, outside any graph (a new prompt is a new source).
+        """Copy a prompt's K/V into the static text buffers, outside any graph (a new prompt is a copy).
 
-        With stage programs those are the programs' buffers (a text length they were not planned for
-        re-plans them); otherwise the program keeps its own copy, which the eager forward reads.
-        Either way a change of length drops the captured graphs; a change of prompt is a copy.
+        A batch-1 K/V is broadcast over the CFG-free batch. Text of another shape is refused: call
+        `replan(text)` first (an explicit, capture-free step).
         """
-        programs = self.sampler.programs
-        if programs is not None:
-            programs.bind_text(text)
-            self._text = text
-            if self._programs_generation() != self._generation:
-                self._forget_graphs()
-                self._generation = self._programs_generation()
-            return
-        layout = [(t.shape, t.dtype) for t in text.keys + text.values]
-        current = None if self._text is None else [(t.shape, t.dtype) for t in self._text.keys + self._text.values]
-        if current != layout or self._text.lengths != text.lengths:
-            self._text = TextContext([k.clone() for k in text.keys], [v.clone() for v in text.values], text.lengths)
-            self._forget_graphs()
-        elif text is not self._source:
-            for dst, src in zip(self._text.keys + self._text.values, text.keys + text.values, strict=True):
-                dst.copy_(src)
+        if not self.accepts(text):
+            raise ValueError(
+                f"ChunkProgram.set_text: the prompt's K/V are shaped {TextShape.of(text)}, the program was planned "
+                f"for {self.text_shape}; call replan(text) first"
+            )
+        if text is not self._source:
+            for dst, src in zip(self.state.text.keys + self.state.text.values, text.keys + text.values, strict=True):
+                dst.copy_(src.expand_as(dst))
         self._source = text  # held, so that `is` never matches a new context at a reused address
-
-    def _programs_generation(self) -> int:
-        return self.sampler.programs.generation if self.sampler.programs is not None else 0
-
-    def _forget_graphs(self) -> None:
-        self._graphs.clear()
-        self._warm.clear()
 
     # ---- running ---------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, kind: ChunkKind, generator: torch.Generator) -> Tensor:
-        """Draw the chunk's noise on `generator` and run the chunk; returns the static `output`."""
-        if self._text is None:
+        """Draw the chunk's noise on `generator` and run the chunk; returns the static `output`.
+
+        A captured kind replays its graph; any other runs the planned body on the arena.
+        """
+        if self._source is None:
             raise RuntimeError("ChunkProgram.run: no prompt bound; call set_text() first")
         self.noise.fill(generator)
-        if self.cuda_graph and kind in self._graphs:
+        if kind in self._graphs:
             self._graphs[kind].replay()
-        elif self.cuda_graph and kind in self._warm:
-            self._capture(kind).replay()
-        else:  # without graphs always; with them the kind's first (warm-up) run
-            self._body(kind)
-            self._warm.add(kind)
+        else:
+            self._execute(kind)
         self.history.prefix_set = self.history.prefix_set or kind.set_prefix
         return self.output
 
-    def prepare(self, kinds: list[ChunkKind]) -> None:
-        """Warm up and capture `kinds` ahead of the first chunk, on scratch state (the owner's is kept).
+    def _execute(self, kind: ChunkKind) -> None:
+        plan = self.plan(kind)
+        with Executor(plan, self.arena):
+            chunk_body(self.sampler, self.state, kind, self.batch)
 
-        The noise buffers are zeroed for it; the next `run()` refills them.
+    @torch.no_grad()
+    def capture(self, kinds: list[ChunkKind]) -> None:
+        """Plan, warm up and capture `kinds` (the one place graphs are made), on scratch state.
+
+        Runs before a stream's first chunk (`Engine.warmup`): every plan is made first, so the arena
+        has its final size; each kind then runs once eagerly (cuBLAS handles, Triton compiles) and is
+        captured. The owner's history is kept (detached first); the noise and the program's own
+        history are zeroed afterwards and refilled by the next `run()`.
         """
-        if self._text is None:
-            raise RuntimeError("ChunkProgram.prepare: no prompt bound; call set_text() first")
+        if self._source is None:
+            raise RuntimeError("ChunkProgram.capture: no prompt bound; call set_text() first")
+        for kind in kinds:
+            self.plan(kind)
         self.detach()
         for buf in self.noise.buffers:
             buf.zero_()
-        with torch.no_grad():
-            for kind in kinds:
-                if kind not in self._warm:
-                    self._body(kind)
-                    self._warm.add(kind)
-                if self.cuda_graph and kind not in self._graphs:
-                    self._capture(kind)
+        for kind in kinds:
+            if kind in self._graphs:
+                continue
+            self._execute(kind)  # warm-up
+            if self.cuda_graph:
+                graph = torch.cuda.CUDAGraph()
+                with nvtx_range(f"capture {kind}"), torch.cuda.graph(graph, pool=self._pool):
+                    self._execute(kind)
+                self._pool = self._pool or graph.pool()
+                self._graphs[kind] = graph
         self.history.buffer.zero_()
         self.history.prefix_set = False
 
-    def _body(self, kind: ChunkKind) -> None:
-        """The chunk: history tokens, the sampler's stages and steps, the history update (no host syncs)."""
-        tokens = self.sampler.embed_history(*self.history.windows())
-        cond = Conditioning(self._text, tokens, self.history_mod)
-        latents = self.sampler.sample(cond, self.batch, self.noise, first_chunk=kind.amplified)
-        self.output.copy_(latents)
-        self.history.push(self.output, set_prefix=kind.set_prefix)
-
-    def _capture(self, kind: ChunkKind) -> torch.cuda.CUDAGraph:
-        prefix_set = self.history.prefix_set  # the captured push must not change the host flag
-        graph = torch.cuda.CUDAGraph()
-        with nvtx_range(f"capture {kind}"), torch.cuda.graph(graph, pool=self._pool):
-            self._body(kind)
-        self.history.prefix_set = prefix_set
-        if self._pool is None:
-            self._pool = graph.pool()
-        self._graphs[kind] = graph
-        return graph
+    def _forget_graphs(self) -> None:
+        self._graphs.clear()
 
     @property
     def captured(self) -> tuple[ChunkKind, ...]:
         return tuple(self._graphs)
 
+    @property
+    def arena_bytes(self) -> int:
+        return 0 if self.arena is None else self.arena.numel()
 
-__all__ = ["ChunkKind", "ChunkProgram"]
+
+__all__ = ["ChunkKind", "ChunkProgram", "ChunkState", "TextShape", "chunk_body", "meta_model"]

@@ -1,28 +1,27 @@
 """`helios-rt plan`: does Helios fit on my GPU at this resolution? Answered before any weight is loaded.
 
-Every pyramid stage's program (one forward plus the sampler step) is planned on meta tensors with
-the attention modelled as a fused kernel that writes its output into a planned buffer (the
-FlashAttention footprint: no score matrix). The report gives per stage the tokens, the arena, the
-lower bound (peak of simultaneously live bytes) and their ratio, then the persistent buffers, the
-weights and the total against 24, 48 and 80 GB GPUs.
+The plan is the chunk the engine runs: `ChunkProgram`, the engine's own compiler, plans each chunk kind
+(the amplified first chunk, the steady state) on meta tensors with the op table the target GPU would
+use (the Triton kernels by default: attention writes its output into a planned buffer, no score
+matrix). The report gives per kind the arena, the lower bound (peak of simultaneously live bytes) and
+their ratio, then the static state (history, noise, output, text K/V), the weights and the total
+against 24, 48 and 80 GB GPUs. The kinds never run at the same time, so they share one arena.
 
-Totals: the stages run one after another, so they share one arena (the largest); the VAE decode of
-a chunk overlaps the next chunk's transformer, so its memory adds. The VAE decode is an ESTIMATE
+The VAE decode of a chunk overlaps the next chunk's transformer, so its memory adds. It is an ESTIMATE
 until the VAE is planned like the transformer:
 
     vae decode = VAE weights + frames (3 x F x H x W) + 6 x C_full x F x H x W      (elements x bytes)
 
 with F = 1 + 4 (latent frames - 1) pixel frames (the chunk decodes in one pass), C_full =
 decoder_base_dim x dim_mult[0] channels at full resolution; 6 feature maps of C_full channels is the
-peak of the full-resolution up block (its 2 C_full-channel upsampled input, a residual block's
-input, norm and conv outputs). The umT5 text encoder (once per prompt, offloadable) is not counted.
+peak of the full-resolution up block. The umT5 text encoder (once per prompt, offloadable) is not
+counted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,8 +30,12 @@ import torch
 
 from ..config import ModelConfig, preset
 from ..model.transformer import keeps_fp32
-from .cost import ChunkShape, meta_transformer, stage_layouts
-from .program import make_io, plan_step
+from ..ops import OpSet
+from ..sampling.chunk import ChunkSampler, SamplingSpec
+from ..sampling.history import HistoryLayout
+from ..sampling.schedules import ScheduleConfig
+from .chunk_program import META, ChunkKind, ChunkProgram, TextShape
+from .cost import ChunkShape, meta_transformer
 
 GIB = 1 << 30
 GPU_SIZES_GB = (24, 48, 80)
@@ -42,19 +45,14 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 
 
 @dataclass(frozen=True)
-class StageReport:
-    index: int
-    latent_hw: tuple[int, int]
-    noisy_tokens: int
-    history_tokens: int
+class KindReport:
+    """The plan of one chunk kind: its whole body (every stage and step) in one arena."""
+
+    kind: str
     arena_bytes: int
     lower_bound_bytes: int
     buffers: int
     steps: int
-
-    @property
-    def tokens(self) -> int:
-        return self.noisy_tokens + self.history_tokens
 
     @property
     def ratio(self) -> float:
@@ -71,7 +69,8 @@ class PlanReport:
     dtype: str
     batch: int
     text_len: int
-    stages: tuple[StageReport, ...]
+    kernels: str  # the op table the plan was made with
+    kinds: tuple[KindReport, ...]
     persistent: dict[str, int] = field(hash=False)  # name -> bytes
     weights_bytes: int
     vae_bytes: int  # estimate (see the module docstring)
@@ -79,8 +78,8 @@ class PlanReport:
 
     @property
     def arena_bytes(self) -> int:
-        """One arena shared by the stages, which never run at the same time."""
-        return max(s.arena_bytes for s in self.stages)
+        """One arena shared by the chunk kinds, which never run at the same time."""
+        return max(k.arena_bytes for k in self.kinds)
 
     @property
     def persistent_bytes(self) -> int:
@@ -96,8 +95,8 @@ class PlanReport:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for s, st in zip(d["stages"], self.stages, strict=True):
-            s.update(tokens=st.tokens, ratio=st.ratio)
+        for k, kr in zip(d["kinds"], self.kinds, strict=True):
+            k.update(ratio=kr.ratio)
         d.update(arena_bytes=self.arena_bytes, persistent_bytes=self.persistent_bytes, total_bytes=self.total_bytes,
                  reserve_bytes=RESERVE_BYTES, fits=self.fits())  # fmt: skip
         return d
@@ -106,15 +105,14 @@ class PlanReport:
         g = format_bytes
         lines = [
             f"helios-rt plan: {self.model}, {self.height}x{self.width}, {self.dtype}, batch {self.batch}, "
-            f"text {self.text_len} tokens (planned in {self.plan_seconds:.1f} s)",
+            f"text {self.text_len} tokens, {self.kernels} ops (planned in {self.plan_seconds:.1f} s)",
             "",
-            "stage  latent   tokens (noisy+history)   arena         lower bound   ratio  buffers    ops",
+            f"{'chunk kind':<50}  arena         lower bound   ratio  buffers    ops",
         ]
-        for s in self.stages:
+        for k in self.kinds:
             lines.append(
-                f"{s.index:>5}  {f'{s.latent_hw[0]}x{s.latent_hw[1]}':<7} {s.tokens:>7} "
-                f"{f'({s.noisy_tokens}+{s.history_tokens})':<15} {g(s.arena_bytes)}  "
-                f"{g(s.lower_bound_bytes)}  {s.ratio:5.3f}  {s.buffers:>7}  {s.steps:>5}"
+                f"{k.kind:<50} {g(k.arena_bytes)}  {g(k.lower_bound_bytes)}  {k.ratio:5.3f}  {k.buffers:>7}  "
+                f"{k.steps:>5}"
             )
         lines += ["", "persistent buffers"]
         lines += [f"  {name:<44} {g(b)}" for name, b in self.persistent.items()]
@@ -122,7 +120,7 @@ class PlanReport:
             f"  {'total persistent':<44} {g(self.persistent_bytes)}",
             "",
             f"{'transformer weights':<46} {g(self.weights_bytes)}",
-            f"{'arena (largest stage; the stages share it)':<46} {g(self.arena_bytes)}",
+            f"{'arena (largest kind; the kinds share it)':<46} {g(self.arena_bytes)}",
             f"{'VAE decode (ESTIMATE, see --help)':<46} {g(self.vae_bytes)}",
             f"{'total':<46} {g(self.total_bytes)}",
             f"{'+ reserve (CUDA context, cuBLAS, slack)':<46} {g(RESERVE_BYTES)}",
@@ -160,6 +158,34 @@ def vae_decode_bytes(shape: ChunkShape, dtype: torch.dtype) -> int:
     return weights + (cfg.out_channels + 6 * c_full) * pixels * item
 
 
+def distilled_spec(stages: int = 3, steps: tuple[int, ...] | None = None) -> SamplingSpec:
+    """Helios-Distilled's sampling (one DMD step per pyramid stage, amplified first chunk, no CFG)."""
+    schedule = ScheduleConfig(kind="dmd", stages=stages)
+    return SamplingSpec(schedule, True, True, False, steps or (1,) * stages, 1.0, True)
+
+
+def plan_chunk(
+    config: ModelConfig,
+    shape: ChunkShape,
+    dtype: torch.dtype,
+    ops: OpSet,
+    spec: SamplingSpec,
+) -> ChunkProgram:
+    """The engine's compiled chunk for `config` at `shape`, built and planned on meta tensors."""
+    model = meta_transformer(config, dtype)
+    model.ops = ops
+    layout = HistoryLayout(shape.history_sizes, shape.latent_frames, shape.keep_first_frame)
+    sampler = ChunkSampler(model, spec, layout, shape.latent_hw, META, ops)
+    if spec.pyramid:  # the factor's values do not matter to the plan, only its shape
+        n = config.patch_size[1] * config.patch_size[2]
+        sampler.set_block_factor(torch.empty(n, n, device=META))
+    program = ChunkProgram(sampler, shape.batch, TextShape(shape.text_len), cuda_graph=False)
+    first = ChunkKind(spec.amplify_first_chunk, shape.keep_first_frame)
+    for kind in dict.fromkeys([first, ChunkKind(spec.amplify_first_chunk, False), ChunkKind(False, False)]):
+        program.plan(kind)
+    return program
+
+
 def plan_engine(
     config: ModelConfig,
     height: int,
@@ -169,41 +195,30 @@ def plan_engine(
     text_len: int = 512,
     model_name: str = "",
     shape: ChunkShape | None = None,
+    kernels: str = "auto",
+    spec: SamplingSpec | None = None,
 ) -> PlanReport:
-    """Plan every pyramid stage of `config` at `height` x `width` pixels and total the engine's memory."""
+    """Plan the chunk kinds of `config` at `height` x `width` pixels and total the engine's memory.
+
+    kernels: the op table as a CUDA engine resolves it ("auto": the Triton kernels).
+    """
     t0 = time.perf_counter()
     shape = shape or ChunkShape(height=height, width=width, batch=batch, text_len=text_len)
-    model = meta_transformer(config, dtype)
-    item = torch.empty((), dtype=dtype).element_size()
-    stages, rope, statics, hist_tokens = [], 0, 0, 0
-    for s, layout in enumerate(stage_layouts(config, shape)):
-        io = make_io(model, layout, batch, text_len)
-        plan = plan_step(model, layout, io, attention="kernel")
-        hw = tuple(g * p for g, p in zip(layout.noisy_grid[1:], config.patch_size[1:], strict=True))
-        stages.append(StageReport(s, hw, layout.n_noisy, layout.n_hist, plan.arena_bytes,
-                                  plan.lower_bound_bytes, plan.buffers, len(plan.steps)))  # fmt: skip
-        rope += _nbytes(io.rope_cos, io.rope_sin)
-        statics += _nbytes(io.latents, io.start, io.output, io.timestep, io.sigma_t, io.sigma_next, io.history_mod)
-        hist_tokens = max(hist_tokens, _nbytes(io.history) if io.history is not None else 0)
-    latent_hw = shape.latent_hw
-    c = config.in_channels
-    history_frames = sum(shape.history_sizes) + (1 if shape.keep_first_frame else 0)
+    ops = OpSet.for_planning(kernels)
+    program = plan_chunk(config, shape, dtype, ops, spec or distilled_spec(shape.stages))
+    kinds = tuple(
+        KindReport(_kind_name(kind), p.arena_bytes, p.lower_bound_bytes, p.buffers, len(p.steps))
+        for kind, p in program.plans.items()
+    )
+    state = program.state
+    c, (h, w) = config.in_channels, shape.latent_hw
+    history_frames = state.history.buffer.shape[2]
     persistent = {
-        f"history latents [B,{c},{history_frames},{latent_hw[0]},{latent_hw[1]}] f32": batch
-        * c
-        * history_frames
-        * math.prod(latent_hw)
-        * 4,
-        "chunk noise (full-res start point) f32": batch * c * shape.latent_frames * math.prod(latent_hw) * 4,
-        "per-stage latents, start, output, t, sigmas": statics,
-        "history tokens (shared by the stages)": hist_tokens,
-        f"text K/V: {config.num_layers} blocks x {text_len} tokens": 2
-        * config.num_layers
-        * batch
-        * text_len
-        * config.dim
-        * item,
-        "RoPE tables (all stages)": rope,
+        f"history latents [B,{c},{history_frames},{h},{w}] f32": _nbytes(state.history.buffer),
+        "chunk noise (start point + block normals) f32": _nbytes(*state.noise.buffers),
+        "chunk output f32": _nbytes(state.output),
+        f"text K/V: {config.num_layers} blocks x {text_len} tokens": _nbytes(*state.text.keys, *state.text.values),
+        "RoPE tables, schedules, history modulation": _constants_bytes(program),
     }
     return PlanReport(
         model=model_name or "custom",
@@ -212,12 +227,25 @@ def plan_engine(
         dtype=str(dtype).removeprefix("torch."),
         batch=batch,
         text_len=text_len,
-        stages=tuple(stages),
+        kernels=ops.backend_of("attention"),
+        kinds=kinds,
         persistent=persistent,
         weights_bytes=weights_bytes(config, dtype),
         vae_bytes=vae_decode_bytes(shape, dtype),
         plan_seconds=time.perf_counter() - t0,
     )
+
+
+def _kind_name(kind: ChunkKind) -> str:
+    steps = "first chunk (amplified)" if kind.amplified else "chunk"
+    return steps + (", writes the prefix frame" if kind.set_prefix else "")
+
+
+def _constants_bytes(program: ChunkProgram) -> int:
+    """Bytes of the tables a chunk reads that are neither weights nor state (RoPE, sigmas, modulation)."""
+    sampler = program.sampler
+    tables = [t for _, rope in sampler._layouts.values() for t in rope]
+    return _nbytes(*tables, program.state.history_mod)
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -239,6 +267,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"],
+                   help="the op table to plan with, as a CUDA engine resolves it (auto: Triton)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_plan)
     return p
@@ -254,10 +284,11 @@ def _model_config(name: str) -> ModelConfig:
 
 def run_plan(args: argparse.Namespace) -> int:
     config = _model_config(args.model)
-    report = plan_engine(config, args.height, args.width, _DTYPES[args.dtype], args.batch, args.text_len, args.model)
+    report = plan_engine(config, args.height, args.width, _DTYPES[args.dtype], args.batch, args.text_len, args.model,
+                         kernels=args.kernels)  # fmt: skip
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format(), file=sys.stdout)
     return 0
 
 
-__all__ = ["PlanReport", "StageReport", "add_plan_parser", "plan_engine", "run_plan", "vae_decode_bytes",
-           "weights_bytes"]  # fmt: skip
+__all__ = ["KindReport", "PlanReport", "add_plan_parser", "distilled_spec", "plan_chunk", "plan_engine", "run_plan",
+           "vae_decode_bytes", "weights_bytes"]  # fmt: skip

@@ -17,16 +17,13 @@ same aten ops on tensors of the same shapes. That lets its memory be planned onc
   random op or a host read of a tensor value raises `UnplannableOp` naming the op. A step that does
   not allocate in the plan must return tensors that alias its inputs, or it raises.
 
-Attention goes through `ArenaOps`, an `OpSet` whose `attention` allocates its output with
-`torch.empty` (a planned buffer) instead of calling `F.scaled_dot_product_attention`, whose fused
-aten kernels have no out variants: "kernel" mode leaves the output to a fused kernel that writes
-into it (on meta: only the buffer, the FlashAttention footprint), "math" mode computes it from
-`bmm`/`_softmax` in query chunks whose scratch is planned like every other buffer.
+Every op of the op tables can be planned: the references are written with ops that have out=
+forms (attention included), and the fused kernels are custom ops that write into outputs their
+launchers allocated (see `kernels/_common.fused_op`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +32,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..ops import OpSet
 from .planner import BufferRequest, MemoryPlan, plan_memory
 
 Tensor = torch.Tensor
@@ -52,7 +48,6 @@ _HOST_READS = frozenset({aten._local_scalar_dense.default, aten.nonzero.default,
 _RANDOM = frozenset({"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal",
                      "normal_", "uniform_", "random_", "bernoulli", "bernoulli_", "exponential_", "cauchy_",
                      "geometric_", "log_normal_", "multinomial", "poisson", "native_dropout"})  # fmt: skip
-ATTENTION_SCRATCH_BYTES = 64 << 20  # "math" attention: the score tile of one query chunk
 
 
 class PlanMismatch(RuntimeError):
@@ -189,7 +184,7 @@ def _require_out_variant(func: Any) -> _OutVariant | None:
     if variant is None:
         raise UnplannableOp(
             f"{func} allocates its result but has no out= variant, so it cannot write into the arena; "
-            "route it through an op with an out= contract (see ArenaOps) or a kernel that takes out="
+            "route it through an op of the op table (they all have out= contracts)"
         )
     return variant
 
@@ -356,52 +351,3 @@ class Executor(TorchDispatchMode):
         super().__exit__(exc_type, exc, tb)
         if exc_type is None:
             self.finish()
-
-
-# ---- attention with a planned output -------------------------------------------------------------------
-class ArenaOps:
-    """The ops of an `OpSet`, with an `attention` whose result is a planned buffer.
-
-    attention="math": softmax(q k^T / sqrt(Dh)) v from `bmm` and `_softmax` in query chunks (float32
-    scores, scratch of at most ATTENTION_SCRATCH_BYTES per chunk), on any device. attention="kernel":
-    the output buffer is handed to the op set's fused attention (`out=`), which must write it without
-    allocating (the Triton kernel); on meta only the buffer is planned: a FlashAttention-style kernel's
-    footprint.
-    """
-
-    def __init__(self, ops: OpSet, attention: str = "math", scratch_bytes: int = ATTENTION_SCRATCH_BYTES) -> None:
-        if attention not in ("math", "kernel"):
-            raise ValueError(f"attention must be 'math' or 'kernel', got {attention!r}")
-        self._ops = ops
-        self.attention_mode = attention
-        self.scratch_bytes = scratch_bytes
-
-    def __getattr__(self, name: str) -> Callable:
-        return getattr(self._ops, name)
-
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
-        """q: `[B, Lq, H, Dh]`; k, v: `[B, Lk, H, Dh]`; returns `[B, Lq, H, Dh]` in q.dtype."""
-        if out is None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if self.attention_mode == "kernel":
-            if q.device.type != "meta":
-                self._ops.attention(q, k, v, out=out)
-            return out
-        return _math_attention(q, k, v, out, self.scratch_bytes)
-
-
-def _math_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor, scratch_bytes: int) -> Tensor:
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
-    rows = max(1, min(lq, scratch_bytes // (4 * h * max(lk, 1))))
-    scale = 1.0 / math.sqrt(d)
-    for i in range(b):
-        kt = k[i].float().permute(1, 2, 0)  # [H, Dh, Lk]
-        vh = v[i].float().transpose(0, 1)  # [H, Lk, Dh]
-        for r in range(0, lq, rows):
-            qc = q[i, r : r + rows].float().transpose(0, 1)  # [H, n, Dh]
-            scores = torch.bmm(qc, kt)
-            scores.mul_(scale)
-            probs = torch._softmax(scores, -1, False)
-            out[i, r : r + rows].copy_(torch.bmm(probs, vh).transpose(0, 1))
-    return out

@@ -13,15 +13,17 @@ generator), and `cfg_combine` for CFG and CFG-Zero* (a zero-init step is `cond *
 the host). The op references round exactly as the functions of `schedules`/`pyramid`/`guidance`
 they replace. UniPC and Euler steps stay on those PyTorch functions.
 
-Static programs (`compile`): after `compile()` every transformer forward runs through the stage's
-`Program` (planned arena, no allocation): for DMD stages the forward and the flow step, for CFG
-stages the batch-2 forward and the CFG combine (the UniPC / Euler step then runs eagerly on the
-program's output). Noise, stage transitions, history embedding and text K/V stay outside (see
-`compile.stages`). Without `compile()` the sampler runs eagerly through its op table.
+The sampler defines the math and knows nothing of compilation: `compile.chunk_program` runs
+`sample` on meta tensors to plan it, then on a planned arena (and under CUDA-graph capture). For that
+the step loop makes no host decision on tensor values and creates no constants while it runs:
+`prepare()` builds every layout, RoPE table, schedule plan, CFG-Zero* flag and the block-noise factor
+first (the lazily filled caches would otherwise be allocated inside a planned run).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +31,7 @@ import torch
 
 from ..model.layout import TokenLayout, build_layout, rope_tables
 from ..model.transformer import HeliosTransformer, HistoryTokens, TextContext
-from ..ops import OpSet, op_names
+from ..ops import OpSet
 from ..profiling import nvtx_range
 from .guidance import zero_init_steps
 from .history import HistoryLayout
@@ -165,51 +167,50 @@ class ChunkSampler:
         }
         self._layouts: dict[tuple[int, int], tuple[TokenLayout, tuple[Tensor, Tensor]]] = {}
         self._plans: dict[bool, Any] = {}
-        self.programs = None  # compile.stages.StagePrograms after `compile()`
+        self._zeroed: dict[tuple[int, int], tuple[bool, ...]] = {}
         self._block_factor: Tensor | None = None
+        # public: a callable name -> context manager entered around each section (see `section`)
+        self.section_hook: Callable[[str], contextlib.AbstractContextManager] | None = None
 
-    # ---- static programs -------------------------------------------------------------------------
-    def compile(self, batch: int = 1, text_len: int = 512, cuda_graph: bool | None = None):
-        """Build one static program per stage shape (largest first, sharing arena and conditioning).
+    # ---- constants -------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Build every constant a chunk reads (both chunk plans, each stage's layout and RoPE tables,
+        CFG-Zero* flags, the block-noise factor), so that `sample` only computes."""
+        for first in (False, True):
+            for s, stage in enumerate(self._stages(first)):
+                self._zero_flags(s, stage.num_steps)
+        hws = self.plan(False).hw if self.spec.pyramid else (self.latent_hw,)
+        for hw in dict.fromkeys((*hws, self.latent_hw)):
+            self.layout(hw)
+        if self.spec.pyramid and self._block_factor is None:
+            self.set_block_factor(block_noise_factor(self.spec.schedule.gamma, self.model.config.patch_size[1:]))
 
-        The programs run the reference ops; a sampler whose op table picked another backend (Triton)
-        is refused rather than silently run with other ops. Raises when a stage cannot be planned.
-        """
-        from ..compile.program import StepSpec
-        from ..compile.stages import StagePrograms, stage_layouts
+    def set_block_factor(self, factor: Tensor) -> None:
+        """The block-noise covariance factor (a Cholesky of the config: factored on the host, with values)."""
+        self._block_factor = factor.to(self.device)
 
-        ops = self.model.ops
-        others = sorted({f"{n}: {b}" for n in op_names() for b in [ops.backend_of(n), self.ops.backend_of(n)]
-                         if b != "reference"})  # fmt: skip
-        if others:
-            raise ValueError(
-                f"static programs run the reference ops, but this engine's op table uses {others} "
-                "(the Triton kernels cannot be planned on meta tensors yet); use kernels='reference' "
-                "or programs='off'"
-            )
-        pyramid = self.spec.pyramid
-        hws = self.plan(False).hw if pyramid else (self.latent_hw,)
-        dmd = pyramid and self.spec.is_distilled
-        kinds = {stage.kind for first in (False, True) for stage in self._stages(first)}
-        if dmd != (kinds == {"dmd"}):
-            raise ValueError(f"static programs: the stages step with {sorted(kinds)}, expected one kind")
-        step = StepSpec(
-            flow_step=dmd,
-            guidance_scale=self.spec.guidance_scale if self.spec.uses_cfg else None,
-            cfg_zero_star=self.spec.cfg_zero_star,
-        )
-        layouts = stage_layouts(hws, lambda hw: self.layout(hw)[0])
-        # DMD stages after the first run in the model dtype (see `sample`); stage 0 starts from float32 noise
-        dtypes = {hw: torch.float32 if i == 0 or not dmd else self.model.dtype for i, hw in enumerate(hws)}
-        with nvtx_range("compile"):
-            self.programs = StagePrograms(self.model, layouts, step, batch, text_len, dtypes, cuda_graph)
-        return self.programs
+    def section(self, name: str) -> contextlib.AbstractContextManager:
+        """An NVTX range around a part of the chunk ("stage s", "transition s", "denoise"), and the
+        `section_hook`'s context when one is set (benchmarks time the parts through it)."""
+        if self.section_hook is None:
+            return nvtx_range(name)
+        stack = contextlib.ExitStack()
+        stack.enter_context(nvtx_range(name))
+        stack.enter_context(self.section_hook(name))
+        return stack
+
+    def _zero_flags(self, stage: int, num_steps: int) -> tuple[bool, ...]:
+        """Which steps of `stage` CFG-Zero* zeroes, as host booleans (planned once, read by the loop)."""
+        key = (stage, num_steps)
+        if key not in self._zeroed:
+            flags = zero_init_steps(stage, num_steps, self.spec.zero_init_steps)
+            self._zeroed[key] = tuple(bool(f) for f in flags.tolist())
+        return self._zeroed[key]
 
     def _stages(self, first_chunk: bool) -> tuple[StagePlan, ...]:
         plan = self.plan(first_chunk)
         return plan.stages if self.spec.pyramid else (plan,)
 
-    # ---- constants -------------------------------------------------------------------------------
     def layout(self, hw: tuple[int, int]) -> tuple[TokenLayout, tuple[Tensor, Tensor]]:
         """Token layout and RoPE tables of a stage with noisy latents of size `hw` (cached)."""
         if hw not in self._layouts:
@@ -276,37 +277,31 @@ class ChunkSampler:
         """
         if isinstance(noise, torch.Generator):
             noise = GeneratorNoise(noise, self.device)
-        if self.programs is not None:
-            if batch != self.programs.batch:
-                raise ValueError(f"the static programs were built for batch {self.programs.batch}, not {batch}")
-            self.programs.bind(cond.text, cond.history)
         start = noise.chunk(self.noise_shapes(batch)[0])
         if not self.spec.pyramid:
-            return self._owned(self._base_loop(start, cond, self.plan(first_chunk)))
+            with self.section("denoise"):
+                return self._base_loop(start, cond, self.plan(first_chunk))
         plan = self.plan(first_chunk)
         # contiguous: it is also stage 0's start point, which the fused flow step reads densely
         latents = downsample_noise(start, len(plan.stages)).contiguous()
         for s, stage in enumerate(plan.stages):
-            with nvtx_range(f"stage {s}"):
-                if s > 0:
+            if s > 0:
+                with self.section(f"transition {s}"):
                     latents = self._transition(latents, plan, s, noise)
+            with self.section(f"stage {s}"):
                 start = latents
                 latents = self._stage_loop(latents, start, cond, stage, s, plan.hw[s])
                 if stage.kind == "dmd":
                     # the reference's last DMD step returns x0 in the model dtype, and the next stage's
                     # transition and steps run in it (exact cast: x0 was rounded to it in the step)
                     latents = latents.to(self.model.dtype)
-        return latents.float() if latents.dtype != torch.float32 else self._owned(latents)
-
-    def _owned(self, latents: Tensor) -> Tensor:
-        """A program's static output is overwritten by its next run: the caller gets a copy."""
-        return latents.clone() if self.programs is not None and self.programs.owns(latents) else latents
+        return latents.float() if latents.dtype != torch.float32 else latents
 
     def _transition(self, latents: Tensor, plan: PyramidPlan, s: int, source: NoiseSource) -> Tensor:
         alpha, beta = plan.alpha_beta[s]
         b, c, t, h, w = latents.shape
         if self._block_factor is None:  # a constant of the config: factored once, not on every transition
-            self._block_factor = block_noise_factor(self.spec.schedule.gamma, plan.patch[1:], self.device)
+            self.set_block_factor(block_noise_factor(self.spec.schedule.gamma, plan.patch[1:]))
         shape = (b, c, t, 2 * h, 2 * w)
         z = source.block(s, block_normals_shape(*shape, plan.patch))
         noise = correlate_block_noise(z, self._block_factor, shape, plan.patch)
@@ -317,7 +312,7 @@ class ChunkSampler:
         self, latents: Tensor, start: Tensor, cond: Conditioning, stage: StagePlan, s: int, hw: tuple[int, int]
     ) -> Tensor:
         layout, rope = self.layout(hw)
-        zeroed = zero_init_steps(s, stage.num_steps, self.spec.zero_init_steps) if self.spec.cfg_zero_star else None
+        zeroed = self._zero_flags(s, stage.num_steps) if self.spec.cfg_zero_star else None
         unipc = (
             UniPCState(self.spec.schedule.solver_order, tuple(latents.shape), latents.dtype, self.device)
             if stage.kind == "unipc"
@@ -326,38 +321,9 @@ class ChunkSampler:
         patch_layout = stage.kind == "dmd"  # flow_step unpatchifies as it loads
         for i in range(stage.num_steps):
             with nvtx_range(f"step {i}"):
-                if self.programs is not None:
-                    latents = self._program_step(hw, stage, i, latents, start, zeroed, unipc)
-                    continue
                 flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, zeroed, i, patch_layout)
                 latents = self._step(stage, i, flow, latents, start, unipc)
         return latents
-
-    def _program_step(
-        self,
-        hw: tuple[int, int],
-        stage: StagePlan,
-        i: int,
-        latents: Tensor,
-        start: Tensor | None,
-        zeroed: Tensor | None,
-        unipc: UniPCState | None,
-    ) -> Tensor:
-        """Step i through the stage's program: DMD returns its next latents, CFG its guided flow."""
-        dmd = stage.kind == "dmd"
-        zero = None
-        if self.programs.step.guided and self.programs.step.cfg_zero_star:
-            zero = zeroed is not None and bool(zeroed[i])
-        out = self.programs.run(
-            hw,
-            latents,
-            stage.model_timesteps[i],
-            start if dmd and i == 0 else None,  # the stage's start point is fixed over its steps
-            stage.sigma_t[i : i + 1] if dmd else None,
-            stage.sigma_next[i : i + 1] if dmd else None,
-            zero,
-        )
-        return out if dmd else self._step(stage, i, out, latents, start, unipc)
 
     def _base_loop(self, latents: Tensor, cond: Conditioning, stage: StagePlan) -> Tensor:
         layout, rope = self.layout(self.latent_hw)
@@ -368,9 +334,6 @@ class ChunkSampler:
         )
         for i in range(stage.num_steps):
             with nvtx_range(f"step {i}"):
-                if self.programs is not None:
-                    latents = self._program_step(self.latent_hw, stage, i, latents, None, None, unipc)
-                    continue
                 flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, None, i)
                 latents = self._step(stage, i, flow, latents, None, unipc)
         return latents
@@ -399,7 +362,7 @@ class ChunkSampler:
         cond: Conditioning,
         layout: TokenLayout,
         rope: tuple[Tensor, Tensor],
-        zeroed: Tensor | None,
+        zeroed: tuple[bool, ...] | None,
         i: int,
         patch_layout: bool = False,
     ) -> Tensor:
@@ -416,7 +379,7 @@ class ChunkSampler:
         flow = self.model(x, timestep, cond.text, layout, rope, history, cond.history_mod, unpatchify=not patch_layout)
         if not self.spec.uses_cfg:
             return flow
-        if self.spec.cfg_zero_star and bool(zeroed[i]):
+        if self.spec.cfg_zero_star and zeroed[i]:
             return flow[:b] * 0.0  # the reference's zero-init step: `cond * 0.0` (signed zeros, NaN kept)
         # [cond; uncond] as stacked above (guidance.split_cond_uncond's order)
         return self.ops.cfg_combine(flow, self.spec.guidance_scale, self.spec.cfg_zero_star)
