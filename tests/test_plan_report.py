@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helios_rt.compile.report import add_plan_parser, plan_engine, run_plan, weights_bytes
+from helios_rt.compile.report import RESERVE_BYTES, add_plan_parser, plan_engine, run_plan, weights_bytes
 from helios_rt.config import HELIOS_14B, TINY
 from helios_rt.model.transformer import HeliosTransformer, keeps_fp32
 
@@ -38,7 +38,10 @@ def test_14b_at_384x640_plans_fast_and_tight():
     assert report.arena_bytes == max(k.arena_bytes for k in report.kinds)
     assert report.persistent["text K/V: 40 blocks x 512 tokens"] == 2 * 40 * 512 * 5120 * 2
     assert 26 * 2**30 < report.weights_bytes < 28 * 2**30  # about 14.3e9 parameters, mostly bf16
+    assert 10 * 2**30 < report.text_encoder_bytes < 11 * 2**30  # umT5-XXL's ~5.7e9 parameters in bf16
+    assert 4 * 2**30 < report.vae_bytes < 6 * 2**30  # the planned whole-chunk decode at 384x640
     assert report.fits() == {"24 GB": False, "48 GB": True, "80 GB": True}
+    assert report.fits_without_text_encoder() == {"24 GB": False, "48 GB": True, "80 GB": True}
 
 
 def test_the_plan_is_the_engines_compiled_chunk():
@@ -51,7 +54,8 @@ def test_the_plan_is_the_engines_compiled_chunk():
     engine = Engine.from_pretrained("demo", EngineConfig(height=64, width=64, device="cpu", dtype="float32",
                                                          kernels="reference", graphs="chunk"))  # fmt: skip
     shape = ChunkShape(height=64, width=64, text_len=512)
-    report = plan_engine(DEMO_TRANSFORMER, 64, 64, torch.float32, shape=shape, kernels="reference", spec=engine.spec)
+    report = plan_engine(DEMO_TRANSFORMER, 64, 64, torch.float32, shape=shape, kernels="reference", spec=engine.spec,
+                         text_encoder=None)  # fmt: skip
     program = engine.chunk_program
     kinds = [ChunkKind(True, True), ChunkKind(True, False), ChunkKind(False, False)]
     assert [program.plan(k).arena_bytes for k in kinds] == [k.arena_bytes for k in report.kinds]
@@ -70,14 +74,14 @@ def test_weights_respect_the_float32_kept_parameters():
 
 
 def test_report_dict_and_text():
-    report = plan_engine(TINY, 64, 128, torch.float32, model_name="tiny", kernels="reference")
+    report = plan_engine(TINY, 64, 128, torch.float32, model_name="tiny", kernels="reference", text_encoder=None)
     d = json.loads(json.dumps(report.to_dict()))
     assert d["total_bytes"] == report.weights_bytes + report.persistent_bytes + report.arena_bytes + report.vae_bytes
     assert [k["arena_bytes"] for k in d["kinds"]] == [k.arena_bytes for k in report.kinds]
     assert all(k["ratio"] >= 1.0 for k in d["kinds"]) and set(d["fits"]) == {"24 GB", "48 GB", "80 GB"}
     text = report.format()
     for needle in ("chunk kind", "lower bound", "history latents", "text K/V", "RoPE", "transformer weights",
-                   "VAE decode (ESTIMATE", "fits: 24 GB yes", "reference ops"):  # fmt: skip
+                   "planned decode peak", "fits, text encoder resident: 24 GB yes", "reference ops"):  # fmt: skip
         assert needle in text, needle
 
 
@@ -88,12 +92,34 @@ def _parse(argv):
 
 
 def test_cli_prints_the_report(capsys):
-    args = _parse(["plan", "--model", "tiny", "--height", "64", "--width", "128", "--dtype", "fp32", "--json"])
+    argv = [
+        "plan",
+        "--model",
+        "tiny",
+        "--height",
+        "64",
+        "--width",
+        "128",
+        "--dtype",
+        "fp32",
+        "--json",
+        "--gpu-memory",
+        "0.5",
+    ]
+    args = _parse(argv)
     assert args.func is run_plan and run_plan(args) == 0
     d = json.loads(capsys.readouterr().out)
+    assert d["budget"] == {"resident": False, "offloaded": False}  # the 1 GiB reserve alone exceeds 0.5 GB
     assert d["model"] == "tiny" and d["dtype"] == "float32" and len(d["kinds"]) == 3
 
 
 def test_cli_rejects_an_unknown_model():
     with pytest.raises(Exception, match="does not exist"):
         run_plan(_parse(["plan", "--model", "/nonexistent/helios"]))
+
+
+def test_a_budget_is_answered_from_the_total(capsys):
+    report = plan_engine(TINY, 64, 128, torch.float32, model_name="tiny", kernels="reference", text_encoder=None)
+    need_gb = (report.total_bytes + RESERVE_BYTES) / 2**30
+    assert report.fits((need_gb * 1.01,)) == {f"{need_gb * 1.01:g} GB": True}
+    assert report.fits((need_gb * 0.99,)) == {f"{need_gb * 0.99:g} GB": False}

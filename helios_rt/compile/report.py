@@ -7,15 +7,11 @@ matrix). The report gives per kind the arena, the lower bound (peak of simultane
 their ratio, then the static state (history, noise, output, text K/V), the weights and the total
 against 24, 48 and 80 GB GPUs. The kinds never run at the same time, so they share one arena.
 
-The VAE decode of a chunk overlaps the next chunk's transformer, so its memory adds. It is an ESTIMATE
-until the VAE is planned like the transformer:
-
-    vae decode = VAE weights + frames (3 x F x H x W) + 6 x C_full x F x H x W      (elements x bytes)
-
-with F = 1 + 4 (latent frames - 1) pixel frames (the chunk decodes in one pass), C_full =
-decoder_base_dim x dim_mult[0] channels at full resolution; 6 feature maps of C_full channels is the
-peak of the full-resolution up block. The umT5 text encoder (once per prompt, offloadable) is not
-counted.
+The VAE decode of a chunk overlaps the next chunk's transformer, so its memory adds: its weights
+plus the peak of its whole-chunk activations, planned the same way on meta tensors (its attention
+has no out= form, so that plan is for accounting only; the decode runs on the caching allocator).
+The umT5 text encoder is resident while the engine holds it (it encodes each new prompt); its
+weights are counted separately, so a budget can be checked with and without it.
 """
 
 from __future__ import annotations
@@ -36,6 +32,7 @@ from ..sampling.history import HistoryLayout
 from ..sampling.schedules import ScheduleConfig
 from .chunk_program import META, ChunkKind, ChunkProgram, TextShape
 from .cost import ChunkShape, meta_transformer
+from .workspace import plan_program
 
 GIB = 1 << 30
 GPU_SIZES_GB = (24, 48, 80)
@@ -73,7 +70,8 @@ class PlanReport:
     kinds: tuple[KindReport, ...]
     persistent: dict[str, int] = field(hash=False)  # name -> bytes
     weights_bytes: int
-    vae_bytes: int  # estimate (see the module docstring)
+    vae_bytes: int  # VAE weights + the planned peak of one chunk's decode
+    text_encoder_bytes: int  # umT5 weights (0 when the model has none)
     plan_seconds: float
 
     @property
@@ -87,18 +85,29 @@ class PlanReport:
 
     @property
     def total_bytes(self) -> int:
+        """Transformer, chunk and decode: what generation needs with the text encoder off the GPU."""
         return self.weights_bytes + self.persistent_bytes + self.arena_bytes + self.vae_bytes
 
-    def fits(self) -> dict[str, bool]:
-        """GPU size (N GB cards carry about N GiB) -> whether total + RESERVE_BYTES fits."""
-        return {f"{n} GB": self.total_bytes + RESERVE_BYTES <= n * GIB for n in GPU_SIZES_GB}
+    @property
+    def total_with_text_encoder_bytes(self) -> int:
+        return self.total_bytes + self.text_encoder_bytes
+
+    def fits(self, budgets_gb: tuple[float, ...] = GPU_SIZES_GB) -> dict[str, bool]:
+        """GPU size (N GB cards carry about N GiB) -> whether the total with the text encoder resident,
+        plus RESERVE_BYTES, fits."""
+        need = self.total_with_text_encoder_bytes + RESERVE_BYTES
+        return {f"{n:g} GB": need <= n * GIB for n in budgets_gb}
+
+    def fits_without_text_encoder(self, budgets_gb: tuple[float, ...] = GPU_SIZES_GB) -> dict[str, bool]:
+        return {f"{n:g} GB": self.total_bytes + RESERVE_BYTES <= n * GIB for n in budgets_gb}
 
     def to_dict(self) -> dict:
         d = asdict(self)
         for k, kr in zip(d["kinds"], self.kinds, strict=True):
             k.update(ratio=kr.ratio)
         d.update(arena_bytes=self.arena_bytes, persistent_bytes=self.persistent_bytes, total_bytes=self.total_bytes,
-                 reserve_bytes=RESERVE_BYTES, fits=self.fits())  # fmt: skip
+                 total_with_text_encoder_bytes=self.total_with_text_encoder_bytes, reserve_bytes=RESERVE_BYTES,
+                 fits=self.fits(), fits_without_text_encoder=self.fits_without_text_encoder())  # fmt: skip
         return d
 
     def format(self) -> str:
@@ -121,13 +130,20 @@ class PlanReport:
             "",
             f"{'transformer weights':<46} {g(self.weights_bytes)}",
             f"{'arena (largest kind; the kinds share it)':<46} {g(self.arena_bytes)}",
-            f"{'VAE decode (ESTIMATE, see --help)':<46} {g(self.vae_bytes)}",
-            f"{'total':<46} {g(self.total_bytes)}",
+            f"{'VAE weights + planned decode peak':<46} {g(self.vae_bytes)}",
+            f"{'total (text encoder off the GPU)':<46} {g(self.total_bytes)}",
+            f"{'umT5 text encoder weights':<46} {g(self.text_encoder_bytes)}",
+            f"{'total (text encoder resident)':<46} {g(self.total_with_text_encoder_bytes)}",
             f"{'+ reserve (CUDA context, cuBLAS, slack)':<46} {g(RESERVE_BYTES)}",
             "",
-            "fits: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in self.fits().items()),
+            "fits, text encoder resident: " + _yes_no(self.fits()),
+            "fits, text encoder offloaded after encoding: " + _yes_no(self.fits_without_text_encoder()),
         ]
         return "\n".join(lines)
+
+
+def _yes_no(fits: dict[str, bool]) -> str:
+    return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in fits.items())
 
 
 def format_bytes(n: int) -> str:
@@ -144,18 +160,35 @@ def weights_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
     return sum(p.numel() * (4 if keeps_fp32(n) else p.element_size()) for n, p in model.named_parameters())
 
 
-def vae_decode_bytes(shape: ChunkShape, dtype: torch.dtype) -> int:
-    """The VAE decode ESTIMATE of the module docstring (weights, frames, full-resolution activations)."""
+def vae_decode_bytes(shape: ChunkShape, dtype: torch.dtype, vae_config=None) -> int:
+    """VAE weights plus the planned peak of one chunk's decode (meta tensors, accounting-only plan)."""
     from ..model.vae import VAEConfig, WanVAE
 
-    cfg = VAEConfig()
+    cfg = vae_config or VAEConfig()
     with torch.device("meta"):
         vae = WanVAE(cfg)
-    item = torch.empty((), dtype=dtype).element_size()
-    weights = sum(p.numel() for p in vae.parameters()) * item
-    pixels = shape.pixel_frames * shape.height * shape.width
-    c_full = (cfg.decoder_base_dim or cfg.base_dim) * cfg.dim_mult[0]
-    return weights + (cfg.out_channels + 6 * c_full) * pixels * item
+    for p in vae.parameters():
+        p.data = p.data.to(dtype)
+    vae._init_latent_stats(META, dtype)
+    weights = sum(p.numel() for p in vae.parameters()) * torch.empty((), dtype=dtype).element_size()
+    z = torch.empty(1, cfg.z_dim, shape.latent_frames, *shape.latent_hw, device=META)
+    plan = plan_program(lambda latents: vae.decode_frames(latents, normalized=True), z, require_out=False)
+    return weights + plan.arena_bytes
+
+
+# umT5-XXL, the encoder of the released Helios checkpoints (google/umt5-xxl's encoder)
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+
+
+def text_encoder_bytes(dtype: torch.dtype, config: dict | None = UMT5_XXL) -> int:
+    """Bytes of the umT5 encoder's weights in `dtype` (the engine loads it in the model dtype)."""
+    if config is None:
+        return 0
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.device("meta"):
+        model = UMT5EncoderModel(UMT5Config(**config))
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
 def distilled_spec(stages: int = 3, steps: tuple[int, ...] | None = None) -> SamplingSpec:
@@ -197,6 +230,7 @@ def plan_engine(
     shape: ChunkShape | None = None,
     kernels: str = "auto",
     spec: SamplingSpec | None = None,
+    text_encoder: dict | None = UMT5_XXL,
 ) -> PlanReport:
     """Plan the chunk kinds of `config` at `height` x `width` pixels and total the engine's memory.
 
@@ -232,6 +266,7 @@ def plan_engine(
         persistent=persistent,
         weights_bytes=weights_bytes(config, dtype),
         vae_bytes=vae_decode_bytes(shape, dtype),
+        text_encoder_bytes=text_encoder_bytes(dtype, text_encoder),
         plan_seconds=time.perf_counter() - t0,
     )
 
@@ -269,6 +304,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"],
                    help="the op table to plan with, as a CUDA engine resolves it (auto: Triton)")  # fmt: skip
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                   help="also answer whether it fits a budget of this many GB")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_plan)
     return p
@@ -284,10 +321,40 @@ def _model_config(name: str) -> ModelConfig:
 
 def run_plan(args: argparse.Namespace) -> int:
     config = _model_config(args.model)
+    encoder = None if args.model == "tiny" else _text_encoder_config(args.model)
     report = plan_engine(config, args.height, args.width, _DTYPES[args.dtype], args.batch, args.text_len, args.model,
-                         kernels=args.kernels)  # fmt: skip
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format(), file=sys.stdout)
+                         kernels=args.kernels, text_encoder=encoder)  # fmt: skip
+    if args.json:
+        out = report.to_dict()
+        if args.gpu_memory is not None:
+            out["budget"] = _budget(report, args.gpu_memory)
+        print(json.dumps(out, indent=2), file=sys.stdout)
+    else:
+        print(report.format(), file=sys.stdout)
+        if args.gpu_memory is not None:
+            budget = {k: "fits" if v else "does not fit" for k, v in _budget(report, args.gpu_memory).items()}
+            print(f"budget {args.gpu_memory:g} GB: text encoder resident {budget['resident']}, "
+                  f"offloaded after encoding {budget['offloaded']}", file=sys.stdout)  # fmt: skip
     return 0
+
+
+def _budget(report: PlanReport, gb: float) -> dict[str, bool]:
+    key = f"{gb:g} GB"
+    return {"resident": report.fits((gb,))[key], "offloaded": report.fits_without_text_encoder((gb,))[key]}
+
+
+def _text_encoder_config(name: str) -> dict | None:
+    """umT5-XXL for the 14B preset; a checkpoint folder's own text_encoder/config.json (None without one)."""
+    if name == "helios-14b":
+        return UMT5_XXL
+    from ..checkpoint import find_component
+
+    try:
+        raw = json.loads((find_component(name, "text_encoder") / "config.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    keys = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
+    return {k: raw[k] for k in keys if k in raw}
 
 
 __all__ = ["KindReport", "PlanReport", "add_plan_parser", "distilled_spec", "plan_chunk", "plan_engine", "run_plan",

@@ -203,10 +203,15 @@ def _storage_key(t: Tensor) -> int:
 
 
 class _Planner(TorchDispatchMode):
-    """Records the op sequence and the lifetime of every storage the program creates."""
+    """Records the op sequence and the lifetime of every storage the program creates.
 
-    def __init__(self) -> None:
+    require_out: refuse an allocating op without an out= form (a program the Executor will run);
+    False measures a computation that only needs its memory accounted (e.g. the VAE decode's peak).
+    """
+
+    def __init__(self, require_out: bool = True) -> None:
         super().__init__()
+        self.require_out = require_out
         self.steps: list[Step] = []
         self.buffer_of: dict[int, int] = {}  # storage key -> buffer id
         self.sizes: list[int] = []
@@ -250,19 +255,23 @@ class _Planner(TorchDispatchMode):
                 (buffer, TensorSpec(tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, storage.nbytes()))
             )
         if allocs:
-            if len(allocs) != len(outs):
+            if len(allocs) != len(outs) and self.require_out:
                 raise UnplannableOp(f"{func} returns both new and aliased tensors; a static program cannot plan it")
-            _require_out_variant(func)
+            if self.require_out:
+                _require_out_variant(func)
         self.steps.append(Step(i, str(func), _input_specs(args, kwargs), tuple(allocs)))
         return out
 
 
-def plan_program(fn: Callable[..., Any], *args: Any, alignment: int = 256, **kwargs: Any) -> ProgramPlan:
+def plan_program(
+    fn: Callable[..., Any], *args: Any, alignment: int = 256, require_out: bool = True, **kwargs: Any
+) -> ProgramPlan:
     """Run `fn(*args, **kwargs)` (on meta tensors) and plan its intermediates in one arena.
 
-    Tensors that `fn` returns stay live to the end of the program.
+    Tensors that `fn` returns stay live to the end of the program. require_out=False plans memory
+    only (ops without out= forms allowed: the plan cannot be executed, only reported).
     """
-    planner = _Planner()
+    planner = _Planner(require_out)
     with planner:
         result = fn(*args, **kwargs)
     end = max(len(planner.steps) - 1, 0)
