@@ -243,6 +243,9 @@ class EngineConfig:
     zero_init_steps: int = 1  # CFG-Zero*: steps at the start of stage 0 whose prediction is zeroed
     prompt_blend_chunks: int = 3  # chunks over which a new prompt's embedding is interpolated
     fps: int = 24
+    # move the umT5 encoder (10.6 GiB in bf16) to host memory after each prompt is encoded and back for
+    # the next: `helios-rt plan` shows what that frees; a new prompt then pays the transfer
+    offload_text_encoder: bool = False
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):

@@ -124,7 +124,9 @@ class Engine:
             prompts = None
             if (root / "text_encoder").is_dir():
                 # umT5-XXL is ~5.7B parameters: float32 on a GPU would take 23 GB, so it follows the model dtype
-                prompts = UMT5PromptEncoder.from_pretrained(root, config.resolved_dtype(), device)
+                prompts = UMT5PromptEncoder.from_pretrained(
+                    root, config.resolved_dtype(), device, offload=config.offload_text_encoder
+                )
             return cls(transformer, vae, prompts, spec, config)
 
     def warmup(self, image_or_video: bool = False) -> None:

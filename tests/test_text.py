@@ -121,3 +121,22 @@ def test_prompt_cache_encodes_each_prompt_once() -> None:
     assert calls == [["a"], ["b"], ["c"], ["b"]]
     with pytest.raises(ValueError, match="prompt is empty"):
         cache.get(" ")
+
+
+def test_an_offloaded_encoder_runs_on_its_device_and_rests_in_host_memory(checkpoint, monkeypatch) -> None:
+    """offload=True: weights move to the encoder's device for each prompt and back to the host after
+    (on this CPU machine the device is the host too, so the moves are recorded, not measured)."""
+    moves: list[str] = []
+    resident = UMT5PromptEncoder.from_pretrained(checkpoint)
+    offloaded = UMT5PromptEncoder.from_pretrained(checkpoint, offload=True)
+    to = type(offloaded.encoder).to
+
+    def recorded(self, *args, **kwargs):
+        moves.append(str(args[0]))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(offloaded.encoder), "to", recorded)
+    got = offloaded.encode(["a red kite over the beach"])
+    assert moves == [str(offloaded.device), "cpu"]
+    torch.testing.assert_close(got, resident.encode(["a red kite over the beach"]), rtol=0, atol=0)
+    assert all(p.device.type == "cpu" for p in offloaded.encoder.parameters())

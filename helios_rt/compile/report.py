@@ -137,7 +137,8 @@ class PlanReport:
             f"{'+ reserve (CUDA context, cuBLAS, slack)':<46} {g(RESERVE_BYTES)}",
             "",
             "fits, text encoder resident: " + _yes_no(self.fits()),
-            "fits, text encoder offloaded after encoding: " + _yes_no(self.fits_without_text_encoder()),
+            "fits, text encoder offloaded after encoding (EngineConfig(offload_text_encoder=True)): "
+            + _yes_no(self.fits_without_text_encoder()),
         ]
         return "\n".join(lines)
 

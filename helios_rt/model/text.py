@@ -79,15 +79,22 @@ class PromptEncoder(Protocol):
 class UMT5PromptEncoder:
     """umT5 encoder + tokenizer read from a checkpoint's `text_encoder/` and `tokenizer/` folders."""
 
-    def __init__(self, tokenizer, encoder: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, tokenizer, encoder: torch.nn.Module, device: torch.device, offload: bool = False) -> None:
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.device = device
         self.text_dim = encoder.config.d_model
+        self.offload = offload  # keep the weights in host memory between prompts (see EngineConfig)
+        if offload:
+            self._park()
 
     @classmethod
     def from_pretrained(
-        cls, root: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        cls,
+        root: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        offload: bool = False,
     ) -> UMT5PromptEncoder:
         from transformers import AutoTokenizer
 
@@ -97,7 +104,7 @@ class UMT5PromptEncoder:
         except Exception as err:  # transformers raises many types for a broken folder; name the folder
             raise CheckpointError(f"cannot load the tokenizer from {tokenizer_dir}: {err}") from err
         encoder = load_umt5_encoder(find_component(root, "text_encoder"), dtype, device)
-        return cls(tokenizer, encoder, torch.device(device))
+        return cls(tokenizer, encoder, torch.device(device), offload)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Tensor:
@@ -111,8 +118,20 @@ class UMT5PromptEncoder:
             return_tensors="pt",
         )
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
-        hidden = self.encoder(ids, mask).last_hidden_state.float()
+        if self.offload:
+            self.encoder.to(self.device)
+        try:
+            hidden = self.encoder(ids, mask).last_hidden_state.float()
+        finally:
+            if self.offload:
+                self._park()
         return hidden * mask[..., None].to(hidden.dtype)
+
+    def _park(self) -> None:
+        """Weights to host memory; the device's copy goes back to the allocator (and to the driver)."""
+        self.encoder.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def load_umt5_encoder(folder: Path, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
