@@ -27,7 +27,7 @@ from .checkpoint import CheckpointError, find_component, read_json
 from .compile.chunk_program import ChunkKind, ChunkProgram, TextShape
 from .config import EngineConfig
 from .errors import InputError, NonFiniteError, StreamFailedError
-from .guards import check_finite_input
+from .guards import check_device, check_finite_input
 from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
 from .model.transformer import HeliosTransformer, TextContext, load_transformer
 from .model.vae import LatentPosterior, WanVAE
@@ -104,6 +104,7 @@ class Engine:
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> Engine:
         """Load a diffusers-layout Helios checkpoint folder, or `"demo"` for the built-in untrained model."""
         config = config or EngineConfig()
+        check_device(config.resolved_device())  # before any weight is read, for Python callers too
         if str(path) == "demo":
             from .demo import build_demo_engine
 

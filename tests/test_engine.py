@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import gc
-
 import numpy as np
 import pytest
 import torch
+from support.memory import live_tensor_bytes
 
 from helios_rt import Engine, EngineConfig
 from helios_rt.checkpoint import CheckpointError
@@ -17,17 +16,6 @@ SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     return Engine.from_pretrained("demo", SMALL)
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of every distinct storage that a live tensor holds."""
-    gc.collect()
-    seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta:
-            storage = obj.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
 
 
 def test_stream_yields_chunks_of_33_uint8_frames(engine: Engine) -> None:
@@ -192,3 +180,9 @@ def test_generate_needs_a_frame_count_and_a_closed_stream_takes_no_prompt(engine
 def test_options_that_do_not_apply_to_the_checkpoint_are_refused() -> None:
     with pytest.raises(ValueError, match="num_inference_steps applies to HeliosPipeline"):
         Engine.from_pretrained("demo", SMALL.replace(num_inference_steps=10))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_cuda_engine_without_cuda_is_refused_before_loading() -> None:
+    with pytest.raises(ValueError, match="device cuda: .*use the cpu device"):
+        Engine.from_pretrained("/nonexistent/checkpoint", EngineConfig(device="cuda"))

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
-import torch
+from support.memory import live_tensor_bytes
 
 from helios_rt import Engine, EngineConfig
 from helios_rt.errors import StreamFailedError
 
 SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference")
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of every distinct storage that a live tensor holds."""
-    gc.collect()
-    seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta:
-            storage = obj.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
 
 
 def test_an_exception_inside_next_leaves_the_stream_failed_with_its_cause(monkeypatch) -> None:
