@@ -43,7 +43,7 @@ def check_device(device: str) -> None:
         raise UsageError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
     if not torch.cuda.is_available():
         why = "this PyTorch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise UsageError(f"device {device}: {why}; use the cpu device (or auto)")
+        raise UsageError(f"device {device}: {why}; use device cpu (--device cpu) or auto")
     count = torch.cuda.device_count()
     if index is not None and index >= count:
         raise UsageError(f"device {device}: only {count} CUDA device(s) here (cuda:0 to cuda:{count - 1})")

@@ -100,7 +100,7 @@ def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys) -> None:
     assert main(["generate", "--model", NO_MODEL, "--prompt", "x", "--device", "cuda", "--out", out]) == EXIT_USAGE
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("helios-rt: error: device cuda: ")
-    assert lines[0].endswith("; use --device cpu (or auto)")
+    assert lines[0].endswith("; use device cpu (--device cpu) or auto")
 
 
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, capsys) -> None:

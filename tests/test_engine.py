@@ -184,5 +184,5 @@ def test_options_that_do_not_apply_to_the_checkpoint_are_refused() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_a_cuda_engine_without_cuda_is_refused_before_loading() -> None:
-    with pytest.raises(ValueError, match="device cuda: .*use the cpu device"):
+    with pytest.raises(ValueError, match="device cuda: .*use device cpu"):
         Engine.from_pretrained("/nonexistent/checkpoint", EngineConfig(device="cuda"))
