@@ -158,8 +158,8 @@ class ChunkProgram:
             real = self.sampler
             sampler = ChunkSampler(meta_model(real.model), real.spec, real.history_layout, real.latent_hw, META,
                                    ops=real.ops)  # fmt: skip
-            if real._block_factor is not None:
-                sampler.set_block_factor(real._block_factor)
+            if real.block_factor is not None:
+                sampler.set_block_factor(real.block_factor)
             sampler.prepare()
             self._meta = (sampler, self._state(sampler, self.text_shape))
         return self._meta

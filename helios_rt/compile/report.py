@@ -280,7 +280,7 @@ def _kind_name(kind: ChunkKind) -> str:
 def _constants_bytes(program: ChunkProgram) -> int:
     """Bytes of the tables a chunk reads that are neither weights nor state (RoPE, sigmas, modulation)."""
     sampler = program.sampler
-    tables = [t for _, rope in sampler._layouts.values() for t in rope]
+    tables = sampler.rope_tables()
     return _nbytes(*tables, program.state.history_mod)
 
 

@@ -185,6 +185,15 @@ class ChunkSampler:
         if self.spec.pyramid and self._block_factor is None:
             self.set_block_factor(block_noise_factor(self.spec.schedule.gamma, self.model.config.patch_size[1:]))
 
+    @property
+    def block_factor(self) -> Tensor | None:
+        """The block-noise covariance factor, once `prepare()` (or `set_block_factor`) made it."""
+        return self._block_factor
+
+    def rope_tables(self) -> list[Tensor]:
+        """Every RoPE table made so far (one cos/sin pair per stage shape): constants a chunk reads."""
+        return [t for _, rope in self._layouts.values() for t in rope]
+
     def set_block_factor(self, factor: Tensor) -> None:
         """The block-noise covariance factor (a Cholesky of the config: factored on the host, with values)."""
         self._block_factor = factor.to(self.device)
