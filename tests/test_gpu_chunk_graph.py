@@ -26,7 +26,7 @@ from helios_rt import Engine, EngineConfig
 from helios_rt.compile.chunk_program import ChunkKind
 from helios_rt.engine import Stream
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 CUDA = EngineConfig(height=64, width=64, device="cuda", dtype="float32", kernels="reference")
 PROMPT = "a tropical fish among corals"

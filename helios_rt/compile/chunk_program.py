@@ -295,6 +295,8 @@ class ChunkProgram:
             raise RuntimeError("ChunkProgram.capture: no prompt bound; call set_text() first")
         for kind in kinds:
             self.plan(kind)
+        if self.cuda_graph and all(kind in self._graphs for kind in kinds):
+            return  # captured already (every stream start asks): the owner's state stays attached
         self.detach()
         for buf in self.noise.buffers:
             buf.zero_()
