@@ -181,9 +181,7 @@ def test_engine_option_argument() -> None:
 
 
 def test_profile_arguments_and_nsys_line() -> None:
-    args = _parser().parse_args(
-        ["profile", "--model", "demo", "--steps", "2,2,2", "--height", "64", "--graphs", "off"]
-    )
+    args = _parser().parse_args(["profile", "--model", "demo", "--steps", "2,2,2", "--height", "64", "--graphs", "off"])
     assert (args.model, args.steps, args.height, args.width, args.chunks, args.warmup_chunks) == (
         "demo", (2, 2, 2), 64, None, 2, 1
     )  # fmt: skip
