@@ -134,6 +134,55 @@ def test_decode_matches_reference(pair, case):
     _assert_close(got, expected, F32_TOL, f"decode of {frames} latent frames at {h}x{w}")
 
 
+# Decoding in time slices changes only how many frames each conv sees per call; the frames are the
+# same up to float32 rounding (oneDNN sums a conv differently for different lengths: measured
+# <= 4.6e-6 on these configs, ~100x below F32_TOL).
+SLICE_VS_WHOLE_TOL = 2e-5
+
+
+@pytest.mark.parametrize("slice_frames", [1, 3])  # 1: the first slice is the pass-through frame alone
+def test_time_sliced_decode_matches_reference(pair, slice_frames):
+    name, _, ours, _ = pair
+    frames, h, w = DECODE_SIZES[name][0]
+    latents = _latents(ours.config.z_dim, frames, h, w)
+    got = ours.decode(latents, slice_frames=slice_frames)
+    _assert_close(got, _reference_decode(name, frames, h, w), F32_TOL, f"decode in slices of {slice_frames}")
+    _assert_close(got, ours.decode(latents), SLICE_VS_WHOLE_TOL, f"slices of {slice_frames} vs whole chunk")
+
+
+def test_time_sliced_frames_equal_whole_chunk_frames(wan21):
+    """uint8 frames written slice by slice into `out`: within one level of the whole-chunk frames
+    (rounding can move a value across a .5 boundary), and in the same places."""
+    _, ours, _ = wan21
+    latents = _latents(4, 5, 4, 6)[0]
+    whole = ours.decode_frames(latents)
+    out = torch.full_like(whole, 7)
+    sliced = ours.decode_frames(latents, slice_frames=2, out=out)
+    assert sliced.data_ptr() == out.data_ptr()
+    diff = (sliced.int() - whole.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, f"{int((diff > 0).sum())} pixels differ"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_decode_rejects_bad_slice_frames(wan21, bad):
+    _, ours, _ = wan21
+    with pytest.raises(ValueError, match="slice_frames must be a positive number"):
+        ours.decode(_latents(4, 3, 2, 2), slice_frames=bad)
+
+
+def test_time_sliced_decode_needs_less_memory_on_meta():
+    """The planned peak of one 384x640 chunk's decode (the Wan 2.1 VAE, bf16) falls with the slice."""
+    from helios_rt.compile.cost import ChunkShape
+    from helios_rt.compile.report import vae_decode_bytes
+
+    shape = ChunkShape(height=96, width=160)
+    whole, three, one = (vae_decode_bytes(shape, torch.bfloat16, slice_frames=s) for s in (None, 3, 1))
+    assert one < three < whole
+    # the causal-conv carry (2 frames per conv) is the floor of the one-frame slices: at least half saved
+    weights = vae_decode_bytes(ChunkShape(height=8, width=8, latent_frames=1), torch.bfloat16)
+    assert (one - weights) < 0.5 * (whole - weights)
+
+
 def test_decode_of_a_chunk_gives_33_frames(wan21):
     _, ours, _ = wan21
     assert ours.decode(_latents(4, 9, 2, 3)).shape[2] == 33

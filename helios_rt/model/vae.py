@@ -2,7 +2,8 @@
 
 A chunk's 9 latent frames decode in one pass into 33 frames (the first latent frame yields 1 frame,
 every other one 4), equal to the reference's frame-by-frame decode with its feature cache; see
-`vae_blocks` for why. Encoding takes 1 + 4k frames (a window, or one image as a 1-frame video).
+`vae_blocks` for why. `slice_frames` decodes the same chunk a few latent frames at a time with that
+cache carried between slices: the same frames, a fraction of the activation memory. Encoding takes 1 + 4k frames (a window, or one image as a 1-frame video).
 
 Latents leave the encoder and enter the decoder *raw*; the transformer works on *normalised*
 latents, `(z - latents_mean) / latents_std`. `normalize_latents` / `denormalize_latents` are the one
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import find_component, load_state_dict, read_json
-from .vae_blocks import CausalConv3d, Decoder, Encoder
+from .vae_blocks import CausalConv3d, Decoder, Encoder, TimeCarry
 
 Tensor = torch.Tensor
 # The reference encodes the first frame, then groups of 4 frames (whatever the temporal ratio).
@@ -227,23 +228,31 @@ class WanVAE(nn.Module):
 
     # -- decode ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, latents: Tensor, *, normalized: bool = False) -> Tensor:
+    def decode(self, latents: Tensor, *, normalized: bool = False, slice_frames: int | None = None) -> Tensor:
         """`[B, z_dim, T, h, w]` latents -> `[B, out_channels, 1 + 4 (T - 1), 8h, 8w]` in [-1, 1].
 
         `normalized=True` takes the transformer's latents (denormalised here first). The output is in
-        the VAE's dtype and clamped to [-1, 1], like the reference's `decode`.
+        the VAE's dtype and clamped to [-1, 1], like the reference's `decode`. `slice_frames`: decode
+        that many latent frames at a time (bounded memory, the same result; None: all at once).
         """
-        return self._decode(latents, normalized).contiguous()
-
-    def _decode(self, latents: Tensor, normalized: bool) -> Tensor:
-        """The decode in the blocks' channels-last layout: memory order `[B, T, H, W, C]`."""
         self._check_latents(latents)
-        z = self.denormalize_latents(latents) if normalized else latents.to(self.dtype)
-        return self.decoder(self.post_quant_conv(z)).clamp_(-1.0, 1.0)
+        slices = [self._decode_slice(z, normalized, carry) for z, carry in self._slices(latents, slice_frames)]
+        return slices[0].contiguous() if len(slices) == 1 else torch.cat(slices, dim=2)
 
     @torch.no_grad()
-    def decode_frames(self, latents: Tensor, *, normalized: bool = False, out: Tensor | None = None) -> Tensor:
-        """One video's latents `[z_dim, T, h, w]` (or `[1, z_dim, T, h, w]`) -> uint8 `[T', H, W, 3]`."""
+    def decode_frames(
+        self,
+        latents: Tensor,
+        *,
+        normalized: bool = False,
+        out: Tensor | None = None,
+        slice_frames: int | None = None,
+    ) -> Tensor:
+        """One video's latents `[z_dim, T, h, w]` (or `[1, z_dim, T, h, w]`) -> uint8 `[T', H, W, 3]`.
+
+        With `slice_frames`, each slice's pixels become uint8 before the next slice is decoded, so the
+        float pixels of only one slice are ever resident.
+        """
         if latents.dim() == 4:
             latents = latents.unsqueeze(0)
         if latents.dim() != 5 or latents.shape[0] != 1:
@@ -251,7 +260,40 @@ class WanVAE(nn.Module):
                 f"decode_frames takes one video's latents [z_dim, T, h, w] or [1, z_dim, T, h, w], got "
                 f"{list(latents.shape)}; use decode() for a batch"
             )
-        return to_uint8_frames(self._decode(latents, normalized)[0], out=out)
+        self._check_latents(latents)
+        pieces = self._slices(latents, slice_frames)
+        if len(pieces) == 1:
+            return to_uint8_frames(self._decode_slice(latents, normalized, None)[0], out=out)
+        c, t = self.config, self.config.num_frames(latents.shape[2])
+        h, w = latents.shape[3] * c.spatial_ratio, latents.shape[4] * c.spatial_ratio
+        frames = out
+        if frames is None:
+            frames = torch.empty(t, h, w, c.out_channels, dtype=torch.uint8, device=latents.device)
+        elif frames.dtype != torch.uint8 or tuple(frames.shape) != (t, h, w, c.out_channels):
+            raise ValueError(f"out must be uint8 {[t, h, w, c.out_channels]}, got {frames.dtype} {list(frames.shape)}")
+        start = 0
+        for z, carry in pieces:
+            pixels = self._decode_slice(z, normalized, carry)[0]
+            to_uint8_frames(pixels, out=frames[start : start + pixels.shape[1]])
+            start += pixels.shape[1]
+        return frames
+
+    def _slices(self, latents: Tensor, slice_frames: int | None) -> list[tuple[Tensor, TimeCarry | None]]:
+        """`(latent slice, the carry it continues)` in order; one whole slice without `slice_frames`."""
+        t = latents.shape[2]
+        if slice_frames is not None and (
+            not isinstance(slice_frames, int) or isinstance(slice_frames, bool) or slice_frames <= 0
+        ):
+            raise ValueError(f"slice_frames must be a positive number of latent frames or None, got {slice_frames!r}")
+        if slice_frames is None or slice_frames >= t:
+            return [(latents, None)]
+        carry = TimeCarry()
+        return [(latents[:, :, i : i + slice_frames], carry) for i in range(0, t, slice_frames)]
+
+    def _decode_slice(self, latents: Tensor, normalized: bool, carry: TimeCarry | None) -> Tensor:
+        """The decode in the blocks' channels-last layout: memory order `[B, T, H, W, C]`."""
+        z = self.denormalize_latents(latents) if normalized else latents.to(self.dtype)
+        return self.decoder(self.post_quant_conv(z), carry).clamp_(-1.0, 1.0)
 
     def _check_latents(self, z: Tensor) -> None:
         c = self.config.z_dim

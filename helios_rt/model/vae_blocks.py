@@ -14,6 +14,11 @@ Two places are not plain causal convs and reproduce the reference's first-slice 
 Module and parameter names equal diffusers' state-dict keys, so a checkpoint loads unchanged.
 Shapes depend only on the input's shape: no value-dependent control flow, no growing lists.
 
+A decode can also run in *time slices* (`TimeCarry`): each causal conv keeps the last `time_pad`
+frames of its padded input between slices, exactly the reference's feature cache, so slicing a chunk
+changes which frames are resident at once, not the math. A slice of one latent frame holds ~1/8 of
+a whole chunk's activations; the plan picks the slice size when a memory budget asks for it.
+
 Memory traffic, not FLOPs, separates a whole-chunk pass from the frame loop: activations are kept in
 `channels_last_3d` (the channel norm reduces over contiguous memory), norm + SiLU write straight into
 the time-padded input buffer of the next causal conv (`Staging`, one buffer per shape, reused within
@@ -32,18 +37,44 @@ Tensor = torch.Tensor
 MEMORY_FORMAT = torch.channels_last_3d
 
 
+class TimeCarry:
+    """What a time-sliced decode carries from one slice to the next (the reference's feature cache).
+
+    Per causal conv: the last `time_pad` frames of its padded input (zeros before the first slice).
+    `first` is true while the slice holding the sequence's first frame runs: the temporal upsampler
+    passes that frame through instead of doubling it. One carry per decode call; modules stay
+    stateless and reentrant.
+    """
+
+    def __init__(self) -> None:
+        self.first = True
+        self._frames: dict[int, Tensor] = {}
+
+    def lead(self, conv: nn.Module) -> Tensor | None:
+        """The frames that precede this slice's input of `conv` (None: zeros, the sequence start)."""
+        return self._frames.get(id(conv))
+
+    def keep(self, conv: nn.Module, padded: Tensor, pad: int) -> None:
+        """Remember the last `pad` frames of `conv`'s padded input for the next slice."""
+        self._frames[id(conv)] = padded[:, :, -pad:].clone(memory_format=MEMORY_FORMAT)
+
+
 class Staging:
     """Time-padded input buffers for causal convs: one per shape, its leading pad frames zeroed once.
 
     Owned by one decode/encode call (modules stay stateless and reentrant). A buffer is written just
     before its conv runs and is dead once the conv returns, so convs of one level share it; a memory
-    planner can hand these out as arena views instead.
+    planner can hand these out as arena views instead. With a `TimeCarry` the leading frames are the
+    carried ones of the conv that reads the buffer, written before each use.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, carry: TimeCarry | None = None) -> None:
         self._buffers: dict[tuple, Tensor] = {}
+        self.carry = carry
 
-    def padded(self, like: Tensor, channels: int, pad: int) -> tuple[Tensor, Tensor]:
+    def padded(
+        self, like: Tensor, channels: int, pad: int, conv: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor]:
         """`(buffer [B, channels, pad + T, H, W], view of its last T frames)` for `like` `[B, *, T, H, W]`."""
         b, _, t, h, w = like.shape
         key = (b, channels, pad + t, h, w, like.dtype, like.device)
@@ -52,6 +83,12 @@ class Staging:
             buf = torch.empty(key[:5], dtype=like.dtype, device=like.device, memory_format=MEMORY_FORMAT)
             buf[:, :, :pad].zero_()
             self._buffers[key] = buf
+        if self.carry is not None and pad:
+            lead = self.carry.lead(conv)
+            if lead is None:
+                buf[:, :, :pad].zero_()
+            else:
+                buf[:, :, :pad].copy_(lead)
         return buf, buf[:, :, pad:]
 
 
@@ -72,13 +109,15 @@ class CausalConv3d(nn.Conv3d):
             if staging is None:
                 x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
             else:
-                buf, body = staging.padded(x, x.shape[1], self.time_pad)
+                buf, body = staging.padded(x, x.shape[1], self.time_pad, self)
                 body.copy_(x)
-                x = buf
+                return self.forward_padded(buf, staging)
         return super().forward(x)
 
-    def forward_padded(self, x: Tensor) -> Tensor:
+    def forward_padded(self, x: Tensor, staging: Staging | None = None) -> Tensor:
         """`x` already carries the `time_pad` leading frames (written through `Staging.padded`)."""
+        if staging is not None and staging.carry is not None and self.time_pad:
+            staging.carry.keep(self, x, self.time_pad)
         return super().forward(x)
 
 
@@ -127,12 +166,12 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, staging: Staging) -> Tensor:
         h = self.conv_shortcut(x)
-        buf, body = staging.padded(x, x.shape[1], self.conv1.time_pad)
+        buf, body = staging.padded(x, x.shape[1], self.conv1.time_pad, self.conv1)
         self.norm1.silu_into(x, body)
-        x = self.conv1.forward_padded(buf)
-        buf, body = staging.padded(x, x.shape[1], self.conv2.time_pad)
+        x = self.conv1.forward_padded(buf, staging)
+        buf, body = staging.padded(x, x.shape[1], self.conv2.time_pad, self.conv2)
         self.norm2.silu_into(x, body)  # the reference's dropout sits here: identity at inference
-        return self.conv2.forward_padded(buf).add_(h)
+        return self.conv2.forward_padded(buf, staging).add_(h)
 
 
 class AttentionBlock(nn.Module):
@@ -190,17 +229,23 @@ class Upsample(nn.Module):
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
 
     def forward(self, x: Tensor, staging: Staging) -> Tensor:
-        if self.time_conv is not None and x.shape[2] > 1:
+        if self.time_conv is not None:
             x = self._time_upsample(x, staging)
         return _spatial_conv(self.resample[1], self.resample[0](x))
 
     def _time_upsample(self, x: Tensor, staging: Staging) -> Tensor:
+        """Each frame becomes two, except the sequence's first, which passes through (the reference's
+        "Rep" cache); in a later time slice every frame doubles."""
+        keep = 1 if staging.carry is None or staging.carry.first else 0
         b, c, t, h, w = x.shape
-        out = torch.empty(b, c, 1 + 2 * (t - 1), h, w, dtype=x.dtype, device=x.device, memory_format=MEMORY_FORMAT)
-        out[:, :, :1] = x[:, :, :1]
+        if t == keep:
+            return x
+        out = torch.empty(b, c, keep + 2 * (t - keep), h, w, dtype=x.dtype, device=x.device, memory_format=MEMORY_FORMAT)
+        out[:, :, :keep] = x[:, :, :keep]
         # channels [0, c) give the first of each new pair of frames, [c, 2c) the second
-        pairs = self.time_conv(x[:, :, 1:], staging).view(b, 2, c, t - 1, h, w).permute(0, 2, 3, 1, 4, 5)
-        out[:, :, 1:].view(b, c, t - 1, 2, h, w).copy_(pairs)
+        n = t - keep
+        pairs = self.time_conv(x[:, :, keep:], staging).view(b, 2, c, n, h, w).permute(0, 2, 3, 1, 4, 5)
+        out[:, :, keep:].view(b, c, n, 2, h, w).copy_(pairs)
         return out
 
 
@@ -291,16 +336,20 @@ class Decoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1], images=False)
         self.conv_out = CausalConv3d(dims[-1], out_channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        staging = Staging()
+    def forward(self, x: Tensor, carry: TimeCarry | None = None) -> Tensor:
+        """The whole sequence, or with `carry` the next time slice of it (frames follow the carried ones)."""
+        staging = Staging(carry)
         x = self.mid_block(self.conv_in(x.contiguous(memory_format=MEMORY_FORMAT), staging), staging)
         for block in self.up_blocks:
             # each up block ends a level: its staging buffers die with it, bounding the peak
-            x, staging = block(x, staging), Staging()
-        return _head(self.norm_out, self.conv_out, x, staging)
+            x, staging = block(x, staging), Staging(carry)
+        x = _head(self.norm_out, self.conv_out, x, staging)
+        if carry is not None:
+            carry.first = False
+        return x
 
 
 def _head(norm: RMSNorm, conv: CausalConv3d, x: Tensor, staging: Staging) -> Tensor:
-    buf, body = staging.padded(x, x.shape[1], conv.time_pad)
+    buf, body = staging.padded(x, x.shape[1], conv.time_pad, conv)
     norm.silu_into(x, body)
-    return conv.forward_padded(buf)
+    return conv.forward_padded(buf, staging)
