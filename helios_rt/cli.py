@@ -68,6 +68,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=_positive_int, default=24)
 
 
+    parser.add_argument("--precision", default="native", choices=["native", "fp8"],
+                        help="fp8: the block linears in e4m3 (an FP8 checkpoint from `helios-rt quantize`, "
+                        "or a float one quantised while loading)")  # fmt: skip
+    parser.add_argument("--decode-slice-frames", type=_positive_int, default=None, metavar="N",
+                        help="decode each chunk N latent frames at a time (the same frames, less memory; "
+                        "`helios-rt plan --gpu-memory GB` says when a budget needs it)")  # fmt: skip
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helios-rt", description="Helios video generation runtime")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -120,6 +126,9 @@ class Failure(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+        parallel=torchrun_parallel(),  # N ranks under torchrun, one process otherwise
+        precision=args.precision,
+        decode_slice_frames=args.decode_slice_frames,
 
 
 @contextmanager

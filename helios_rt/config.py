@@ -253,6 +253,17 @@ class EngineConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"EngineConfig.{name}={value!r}: must be a positive integer")
         if not isinstance(self.device, str):  # a torch.device is welcome; stored as its name
+    # decode each chunk this many latent frames at a time, carrying the causal convs' frames between
+    # slices (the same frames; ~2.3x less decode memory at 1 frame): `helios-rt plan --gpu-memory`
+    # says when a budget needs it. None decodes the whole chunk at once
+    decode_slice_frames: int | None = None
+    # "fp8": the linears inside the transformer blocks run in e4m3 through torch._scaled_mm (weights per
+    # output channel, activations per token; helios_rt.fp8), halving their weight memory; the rest keeps `dtype`
+    precision: str = "native"
+
+    # several processes, one stream: a helios_rt.parallel.ParallelConfig (sequence and CFG parallelism
+    # on torch.distributed, set by `torchrun ... -m helios_rt generate`); None = this process alone
+    parallel: Any = None
             object.__setattr__(self, "device", str(self.device))
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"EngineConfig.device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -293,6 +304,9 @@ class EngineConfig:
         """'chunk' (the compiled chunk, captured on CUDA) or 'off' (eager)."""
         if self.graphs == "auto":
             return "chunk" if self.resolved_device().startswith("cuda") else "off"
+        d = self.decode_slice_frames
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
+            raise ValueError(f"EngineConfig.decode_slice_frames={d!r}: None (whole chunk) or latent frames >= 1")
         return self.graphs
 
     def resolved_overlap(self) -> bool:

@@ -528,7 +528,13 @@ class Stream:
             begin = lanes.mark("decode")
             latents = launched.latents.clone()
             with self.engine.sampler.section("decode"):
-                frames = self.engine.vae.decode_frames(latents, normalized=True)
+                mesh = self.engine.parallel
+                if mesh is None or mesh.is_output_rank:
+                    frames = self.engine.vae.decode_frames(
+                        latents, normalized=True, slice_frames=self.engine.config.decode_slice_frames
+                    )
+                else:  # rank 0 decodes and writes; the other ranks go on to the next chunk
+                    frames = no_frames(self.engine.config.height, self.engine.config.width, self.engine.device)
             end = lanes.mark("decode")
         self._slot_free[launched.index % 2] = end
         return _Decoded(launched, latents, frames, begin, end)

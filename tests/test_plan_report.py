@@ -123,3 +123,49 @@ def test_a_budget_is_answered_from_the_total(capsys):
     need_gb = (report.total_bytes + RESERVE_BYTES) / 2**30
     assert report.fits((need_gb * 1.01,)) == {f"{need_gb * 1.01:g} GB": True}
     assert report.fits((need_gb * 0.99,)) == {f"{need_gb * 0.99:g} GB": False}
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_report_and_slices():
+    """The tiny model's report at 64x128 (whole-chunk decode) and the decode bytes of each slice size."""
+    from helios_rt.compile.cost import ChunkShape
+    from helios_rt.compile.report import DECODE_SLICE_CANDIDATES, vae_decode_bytes
+
+    report = plan_engine(TINY, 64, 128, torch.float32, model_name="tiny", kernels="reference", text_encoder=None)
+    shape = ChunkShape(height=64, width=128)
+    return report, {n: vae_decode_bytes(shape, torch.float32, slice_frames=n) for n in DECODE_SLICE_CANDIDATES}
+
+
+def test_a_budget_chooses_the_largest_decode_slice_that_fits():
+    """Whole chunk when it fits; else the largest slice in DECODE_SLICE_CANDIDATES that fits; else
+    the whole chunk, reported as not fitting (slicing cannot help)."""
+    from helios_rt.compile.cost import ChunkShape
+    from helios_rt.compile.report import choose_decode_slices
+
+    whole, vae = tiny_report_and_slices()
+    assert whole.decode_slice_frames is None
+    assert vae[3] > vae[2] > vae[1] and whole.vae_bytes > vae[3]
+
+    def choose(gb):
+        return choose_decode_slices(whole, ChunkShape(height=64, width=128), torch.float32, gb)
+
+    rest = whole.total_bytes - whole.vae_bytes + RESERVE_BYTES
+    between = (rest + (vae[3] + vae[2]) / 2) / 2**30  # slices of 2 fit, slices of 3 do not
+    chosen = choose(between)
+    assert chosen.decode_slice_frames == 2 and chosen.vae_bytes == vae[2]
+    assert chosen.fits((between,)) == {f"{between:g} GB": True}
+    assert choose((whole.total_bytes + RESERVE_BYTES) / 2**30 * 1.001) is whole
+    hopeless = (rest + vae[1] * 0.5) / 2**30
+    assert choose(hopeless).decode_slice_frames is None and not any(choose(hopeless).fits((hopeless,)).values())
+    assert "EngineConfig(decode_slice_frames=2)" in chosen.format()
+
+
+def test_the_cli_budget_switches_the_decode_to_slices(capsys):
+    whole, vae = tiny_report_and_slices()
+    gb = (whole.total_bytes - whole.vae_bytes + vae[1] + RESERVE_BYTES) / 2**30  # one-frame slices fit
+    args = _parse(["plan", "--model", "tiny", "--height", "64", "--width", "128", "--dtype", "fp32", "--json",
+                   "--gpu-memory", f"{gb}"])  # fmt: skip
+    assert run_plan(args) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["decode_slice_frames"] == 1 and d["vae_bytes"] == vae[1]
+    assert d["budget"] == {"resident": True, "offloaded": True}

@@ -136,6 +136,8 @@ def profile_argv(args: argparse.Namespace) -> list[str]:
     if args.steps is not None:
         argv += ["--steps", ",".join(map(str, args.steps))]
     argv += ["--device", args.device, "--dtype", args.dtype, "--kernels", args.kernels, "--graphs", args.graphs]
+    if args.decode_slice_frames is not None:
+        argv += ["--decode-slice-frames", str(args.decode_slice_frames)]
     argv += ["--warmup-chunks", str(args.warmup_chunks), "--chunks", str(args.chunks)]
     return argv
 

@@ -8,8 +8,10 @@ their ratio, then the static state (history, noise, output, text K/V), the weigh
 against 24, 48 and 80 GB GPUs. The kinds never run at the same time, so they share one arena.
 
 The VAE decode of a chunk overlaps the next chunk's transformer, so its memory adds: its weights
-plus the peak of its whole-chunk activations, planned the same way on meta tensors (its attention
-has no out= form, so that plan is for accounting only; the decode runs on the caching allocator).
+plus the peak of its activations, planned the same way on meta tensors (its attention has no out=
+form, so that plan is for accounting only; the decode runs on the caching allocator). Whole-chunk
+activations are the largest buffers of all; with `--gpu-memory` the plan decodes in time slices
+(`EngineConfig(decode_slice_frames=N)`, exact) when that is what makes the budget fit.
 The umT5 text encoder is resident while the engine holds it (it encodes each new prompt); its
 weights are counted separately, so a budget can be checked with and without it.
 """
@@ -17,6 +19,8 @@ weights are counted separately, so a budget can be checked with and without it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import sys
 import time
@@ -71,6 +75,7 @@ class PlanReport:
     persistent: dict[str, int] = field(hash=False)  # name -> bytes
     weights_bytes: int
     vae_bytes: int  # VAE weights + the planned peak of one chunk's decode
+    decode_slice_frames: int | None  # latent frames per decode slice (None: the whole chunk at once)
     text_encoder_bytes: int  # umT5 weights (0 when the model has none)
     plan_seconds: float
 
@@ -130,7 +135,7 @@ class PlanReport:
             "",
             f"{'transformer weights':<46} {g(self.weights_bytes)}",
             f"{'arena (largest kind; the kinds share it)':<46} {g(self.arena_bytes)}",
-            f"{'VAE weights + planned decode peak':<46} {g(self.vae_bytes)}",
+            f"{'VAE weights + planned decode peak':<46} {g(self.vae_bytes)}   ({self.decode_mode})",
             f"{'total (text encoder off the GPU)':<46} {g(self.total_bytes)}",
             f"{'umT5 text encoder weights':<46} {g(self.text_encoder_bytes)}",
             f"{'total (text encoder resident)':<46} {g(self.total_with_text_encoder_bytes)}",
@@ -141,6 +146,13 @@ class PlanReport:
             + _yes_no(self.fits_without_text_encoder()),
         ]
         return "\n".join(lines)
+
+    @property
+    def decode_mode(self) -> str:
+        if self.decode_slice_frames is None:
+            return "whole-chunk decode"
+        return (f"decode in slices of {self.decode_slice_frames} latent frames: "
+                f"EngineConfig(decode_slice_frames={self.decode_slice_frames})")  # fmt: skip
 
 
 def _yes_no(fits: dict[str, bool]) -> str:
@@ -161,8 +173,10 @@ def weights_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
     return sum(p.numel() * (4 if keeps_fp32(n) else p.element_size()) for n, p in model.named_parameters())
 
 
-def vae_decode_bytes(shape: ChunkShape, dtype: torch.dtype, vae_config=None) -> int:
-    """VAE weights plus the planned peak of one chunk's decode (meta tensors, accounting-only plan)."""
+@functools.lru_cache(maxsize=16)  # a pure function of its arguments; planning the 14B VAE takes seconds
+def vae_decode_bytes(shape: ChunkShape, dtype: torch.dtype, vae_config=None, slice_frames: int | None = None) -> int:
+    """VAE weights plus the planned peak of one chunk's decode (meta tensors, accounting-only plan),
+    whole or `slice_frames` latent frames at a time."""
     from ..model.vae import VAEConfig, WanVAE
 
     cfg = vae_config or VAEConfig()
@@ -173,7 +187,9 @@ def vae_decode_bytes(shape: ChunkShape, dtype: torch.dtype, vae_config=None) -> 
     vae._init_latent_stats(META, dtype)
     weights = sum(p.numel() for p in vae.parameters()) * torch.empty((), dtype=dtype).element_size()
     z = torch.empty(1, cfg.z_dim, shape.latent_frames, *shape.latent_hw, device=META)
-    plan = plan_program(lambda latents: vae.decode_frames(latents, normalized=True), z, require_out=False)
+    plan = plan_program(
+        lambda latents: vae.decode_frames(latents, normalized=True, slice_frames=slice_frames), z, require_out=False
+    )
     return weights + plan.arena_bytes
 
 
@@ -232,10 +248,13 @@ def plan_engine(
     kernels: str = "auto",
     spec: SamplingSpec | None = None,
     text_encoder: dict | None = UMT5_XXL,
+    gpu_memory_gb: float | None = None,
 ) -> PlanReport:
     """Plan the chunk kinds of `config` at `height` x `width` pixels and total the engine's memory.
 
     kernels: the op table as a CUDA engine resolves it ("auto": the Triton kernels).
+    gpu_memory_gb: a budget; when the whole-chunk decode does not fit it, the largest decode slice
+    that does is chosen (see `choose_decode_slices`).
     """
     t0 = time.perf_counter()
     shape = shape or ChunkShape(height=height, width=width, batch=batch, text_len=text_len)
@@ -255,7 +274,7 @@ def plan_engine(
         f"text K/V: {config.num_layers} blocks x {text_len} tokens": _nbytes(*state.text.keys, *state.text.values),
         "RoPE tables, schedules, history modulation": _constants_bytes(program),
     }
-    return PlanReport(
+    report = PlanReport(
         model=model_name or "custom",
         height=height,
         width=width,
@@ -267,9 +286,37 @@ def plan_engine(
         persistent=persistent,
         weights_bytes=weights_bytes(config, dtype),
         vae_bytes=vae_decode_bytes(shape, dtype),
+        decode_slice_frames=None,
         text_encoder_bytes=text_encoder_bytes(dtype, text_encoder),
-        plan_seconds=time.perf_counter() - t0,
+        plan_seconds=0.0,
     )
+    if gpu_memory_gb is not None:
+        report = choose_decode_slices(report, shape, dtype, gpu_memory_gb)
+    return dataclasses.replace(report, plan_seconds=time.perf_counter() - t0)
+
+
+# Latent frames per decode slice, tried in order when the whole-chunk decode does not fit a budget.
+# Fewer frames per slice always need less (the reference's own loop decodes one latent frame at a
+# time), but cost more launches; the causal-conv carry (2 frames per conv) is the floor.
+DECODE_SLICE_CANDIDATES = (3, 2, 1)
+
+
+def choose_decode_slices(report: PlanReport, shape: ChunkShape, dtype: torch.dtype, gb: float) -> PlanReport:
+    """The report with the largest decode slice that fits `gb` (the text encoder resident if some
+    slice allows it, else offloaded after encoding); unchanged if the whole chunk fits or nothing does."""
+    key = f"{gb:g} GB"
+    for fits in (lambda r: r.fits((gb,))[key], lambda r: r.fits_without_text_encoder((gb,))[key]):
+        if fits(report):
+            return report
+        for frames in DECODE_SLICE_CANDIDATES:
+            if frames >= shape.latent_frames:
+                continue
+            sliced = dataclasses.replace(
+                report, vae_bytes=vae_decode_bytes(shape, dtype, slice_frames=frames), decode_slice_frames=frames
+            )
+            if fits(sliced):
+                return sliced
+    return report
 
 
 def _kind_name(kind: ChunkKind) -> str:
@@ -306,7 +353,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"],
                    help="the op table to plan with, as a CUDA engine resolves it (auto: Triton)")  # fmt: skip
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
-                   help="also answer whether it fits a budget of this many GB")  # fmt: skip
+                   help="also answer whether it fits a budget of this many GB (decoding in exact time "
+                   "slices if that is what makes it fit)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_plan)
     return p
@@ -324,7 +372,7 @@ def run_plan(args: argparse.Namespace) -> int:
     config = _model_config(args.model)
     encoder = None if args.model == "tiny" else _text_encoder_config(args.model)
     report = plan_engine(config, args.height, args.width, _DTYPES[args.dtype], args.batch, args.text_len, args.model,
-                         kernels=args.kernels, text_encoder=encoder)  # fmt: skip
+                         kernels=args.kernels, text_encoder=encoder, gpu_memory_gb=args.gpu_memory)  # fmt: skip
     if args.json:
         out = report.to_dict()
         if args.gpu_memory is not None:
@@ -359,4 +407,4 @@ def _text_encoder_config(name: str) -> dict | None:
 
 
 __all__ = ["KindReport", "PlanReport", "add_plan_parser", "distilled_spec", "plan_chunk", "plan_engine", "run_plan",
-           "vae_decode_bytes", "weights_bytes"]  # fmt: skip
+           "vae_decode_bytes", "weights_bytes", "choose_decode_slices"]  # fmt: skip

@@ -3,7 +3,8 @@
 A chunk's 9 latent frames decode in one pass into 33 frames (the first latent frame yields 1 frame,
 every other one 4), equal to the reference's frame-by-frame decode with its feature cache; see
 `vae_blocks` for why. `slice_frames` decodes the same chunk a few latent frames at a time with that
-cache carried between slices: the same frames, a fraction of the activation memory. Encoding takes 1 + 4k frames (a window, or one image as a 1-frame video).
+cache carried between slices: the same frames, a fraction of the activation memory.
+Encoding takes 1 + 4k frames (a window, or one image as a 1-frame video).
 
 Latents leave the encoder and enter the decoder *raw*; the transformer works on *normalised*
 latents, `(z - latents_mean) / latents_std`. `normalize_latents` / `denormalize_latents` are the one

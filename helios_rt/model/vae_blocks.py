@@ -72,9 +72,7 @@ class Staging:
         self._buffers: dict[tuple, Tensor] = {}
         self.carry = carry
 
-    def padded(
-        self, like: Tensor, channels: int, pad: int, conv: nn.Module | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def padded(self, like: Tensor, channels: int, pad: int, conv: nn.Module | None = None) -> tuple[Tensor, Tensor]:
         """`(buffer [B, channels, pad + T, H, W], view of its last T frames)` for `like` `[B, *, T, H, W]`."""
         b, _, t, h, w = like.shape
         key = (b, channels, pad + t, h, w, like.dtype, like.device)
@@ -240,7 +238,9 @@ class Upsample(nn.Module):
         b, c, t, h, w = x.shape
         if t == keep:
             return x
-        out = torch.empty(b, c, keep + 2 * (t - keep), h, w, dtype=x.dtype, device=x.device, memory_format=MEMORY_FORMAT)
+        out = torch.empty(
+            b, c, keep + 2 * (t - keep), h, w, dtype=x.dtype, device=x.device, memory_format=MEMORY_FORMAT
+        )
         out[:, :, :keep] = x[:, :, :keep]
         # channels [0, c) give the first of each new pair of frames, [c, 2c) the second
         n = t - keep
