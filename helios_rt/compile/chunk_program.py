@@ -100,6 +100,8 @@ def meta_model(model: HeliosTransformer) -> HeliosTransformer:
     params = dict(model.named_parameters())
     for name, p in copy.named_parameters():
         p.data = torch.empty_like(params[name], device=META)
+    if model.parallel is not None:  # one rank of a parallel run: plan its shards and collectives
+        copy.set_parallel(model.parallel)
     return copy.eval()
 
 

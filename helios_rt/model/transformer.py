@@ -124,6 +124,10 @@ class ConditionEmbedder(nn.Module):
 class Attention(nn.Module):
     """Projections and Q/K norms of one attention; the math lives in the ops."""
 
+    # set by `HeliosTransformer.set_parallel` on self-attention: the attention core then runs over the
+    # tokens of every rank (helios_rt.parallel); None: this process holds the whole sequence
+    sequence_parallel = None
+
     def __init__(self, config: ModelConfig, amplify_history: bool) -> None:
         super().__init__()
         d = config.dim
@@ -145,6 +149,12 @@ class Attention(nn.Module):
             return None
         s = 1.0 + torch.sigmoid(self.history_key_scale.float()) * (HISTORY_KEY_MAX_SCALE - 1.0)
         return s.expand(self.heads).contiguous()
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ops: OpSet) -> Tensor:
+        """The attention core `[B, L, H, Dh]`; under sequence parallelism, over every rank's tokens."""
+        if self.sequence_parallel is None:
+            return ops.attention(q, k, v)
+        return self.sequence_parallel.attention(q, k, v, ops.attention)
 
 
 class FeedForward(nn.Module):
@@ -222,7 +232,7 @@ class Block(nn.Module):
             n_hist,
         )
         v = a.to_v(h).unflatten(-1, (a.heads, -1))
-        o = a.to_out[0](ops.attention(q, k, v).flatten(2))
+        o = a.to_out[0](a.attend(q, k, v, ops).flatten(2))
         return ops.gate_residual(x, o, gate, n_hist)
 
     def _cross_attention(
@@ -280,9 +290,17 @@ class HeliosTransformer(nn.Module):
         self.norm_out = OutputNorm(d, config.eps)
         self.proj_out = nn.Linear(d, config.out_dim * math.prod(p))
 
+    parallel = None  # helios_rt.parallel's hooks (`set_parallel`); None: a one-process model
+
     @property
     def dtype(self) -> torch.dtype:
         return self.proj_out.weight.dtype
+
+    def set_parallel(self, parallel) -> None:
+        """Run each forward as one rank of a group (a `helios_rt.parallel.forward.ParallelForward`)."""
+        self.parallel = parallel
+        for block in self.blocks:
+            block.attn1.sequence_parallel = parallel
 
     # ---- constants: per prompt, per weights ------------------------------------------------------
     @torch.no_grad()
@@ -349,9 +367,14 @@ class HeliosTransformer(nn.Module):
             raise ValueError(f"{x.shape[1]} tokens but the layout expects {layout.n_tokens}")
         temb, proj = self.condition_embedder.time(timestep, self.dtype)
         mod = self._two_segment_modulation(proj, history_mod, b)
+        if self.parallel is not None:  # this rank's half of a CFG batch, then its slice of the tokens
+            x, temb, mod, text = self.parallel.split_batch(x, temb, mod, text)
+            x, rope, n_hist = self.parallel.shard_tokens(x, rope, n_hist)
         for block, k, v in zip(self.blocks, text.keys, text.values, strict=True):
             x = block(x, mod, rope, k, v, n_hist, self.ops, text.lengths)
         out = self.proj_out(self.norm_out(x[:, n_hist:], temb, self.ops))
+        if self.parallel is not None:  # every rank: all noisy tokens of the whole batch
+            out = self.parallel.gather(out)
         return self.unpatchify(out, layout) if unpatchify else out
 
     def _two_segment_modulation(self, proj: Tensor, history_mod: Tensor | None, batch: int) -> Tensor:
