@@ -21,6 +21,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from .optional import require
+
 _MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"  # default_base_moof: offsets survive the move
 _TFHD_BASE_OFFSET, _TFHD_DESCRIPTION, _TFHD_DURATION = 0x1, 0x2, 0x8
 _TRUN_SAMPLE_DURATION = 0x100
@@ -36,7 +38,7 @@ class Fragments:
 
 def encode_batch(frames: np.ndarray, fps: int, crf: int) -> Fragments:
     """uint8 `[T, H, W, 3]` frames -> one H.264 fragmented mp4 in memory, split into init and fragments."""
-    import av
+    av = require("av")
 
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4", options={"movflags": _MOVFLAGS}) as container:

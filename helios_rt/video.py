@@ -18,6 +18,7 @@ import torch
 
 from .errors import InputError, OutputError
 from .fmp4 import continue_fragments, encode_batch
+from .optional import require
 
 
 class Mp4Writer:
@@ -35,6 +36,7 @@ class Mp4Writer:
         if self.path.suffix.lower() != ".mp4":
             raise ValueError(f"output path {self.path} must end in .mp4")
         self.fps, self.crf = fps, crf
+        require("av")  # missing PyAV fails here, before a chunk is generated, not at the first write
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -129,7 +131,7 @@ class VideoFile:
     """
 
     def __init__(self, path: str | Path) -> None:
-        import av
+        av = require("av")  # before the model loads when the CLI opens --video
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -150,7 +152,7 @@ class VideoFile:
 
     def decoded(self) -> Iterator:
         """The decoded `av.VideoFrame`s, not yet converted to RGB (the conversion costs more than decoding)."""
-        import av
+        av = require("av")
 
         count = 0
         try:
