@@ -65,7 +65,14 @@ class CMakeBuild(build_ext):
         # Setuptools copies the module from here into the source tree for editable installs.
         built = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(self.build_temp).resolve() / ext.target
-        import pybind11  # a build requirement (pyproject.toml), so only importable here
+        try:
+            import pybind11  # a build requirement (pyproject.toml), so only importable here
+        except ImportError:  # e.g. `--no-build-isolation` on an offline GPU machine without it
+            raise PlatformError(
+                "helios_rt needs pybind11 to build helios_rt._planner and it is not installed here: "
+                "`pip install pybind11` (offline: `pip install --no-deps pybind11-*.whl` from a wheel you "
+                "copied over), then `pip install --no-deps --no-build-isolation -e .`"
+            ) from None
 
         config = "Debug" if self.debug else "Release"
         configure = [
