@@ -1,0 +1,97 @@
+"""`create_app(engine)`: the aiohttp application (page, WebSocket, stats) around one engine.
+
+aiohttp was chosen as the server stack: one well-kept asyncio package gives the HTTP server, the
+WebSocket server with per-message size limits, heartbeats and write backpressure (`send_*` waits for
+the socket to drain), and a WebSocket client, which the tests use to drive both the server and
+Chromium's DevTools protocol: no separate ASGI server, framework and test client to keep in step.
+"""
+
+from __future__ import annotations
+
+import hmac
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .config import ServeConfig
+from .frames import JpegEncoder
+from .hub import Hub
+from .protocol import max_message_chars
+from .session import Session
+
+HUB_KEY: web.AppKey[Hub] = web.AppKey("helios_hub", Hub)
+_PAGES = {"/": ("index.html", "text/html"), "/player.js": ("player.js", "text/javascript")}
+
+
+def create_app(engine: Any, config: ServeConfig | None = None) -> web.Application:
+    """An application serving `engine`: `web.run_app(create_app(engine))`, or mount it as a sub-app.
+
+    Routes: `GET /` the page, `GET /player.js`, `GET /ws` the stream WebSocket, `GET /stats` the
+    hub's counters (JSON). The engine is used from one worker thread only; close it after the app.
+    """
+    config = config or ServeConfig()
+    hub = Hub(config)
+    encoder = JpegEncoder(engine.config.height, engine.config.width, config.jpeg_qscale)
+    app = web.Application()
+    app[HUB_KEY] = hub
+    sessions: set[Session] = set()
+
+    async def page(request: web.Request) -> web.Response:
+        name, content_type = _PAGES[request.path]  # fixed names: no path ever comes from the client
+        body = resources.files(__package__).joinpath("static", name).read_bytes()
+        return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-store"})
+
+    async def websocket(request: web.Request) -> web.StreamResponse:
+        _check_origin(request, config)
+        _check_token(request, config)
+        ws = web.WebSocketResponse(heartbeat=config.heartbeat_s, max_msg_size=max_message_chars(config))
+        await ws.prepare(request)
+        session = Session(ws, engine, hub, encoder)
+        sessions.add(session)
+        try:
+            await session.serve()
+        finally:
+            sessions.discard(session)
+        return ws
+
+    async def stats(request: web.Request) -> web.Response:
+        _check_token(request, config)
+        body = vars(hub.stats) | {"active": len(hub.active), "waiting": len(hub.waiting), "sessions": len(sessions)}
+        return web.json_response(body)
+
+    async def on_shutdown(app: web.Application) -> None:
+        for session in list(sessions):
+            await session.ws.close(code=1001, message=b"server shutting down")
+
+    async def on_cleanup(app: web.Application) -> None:
+        hub.close()
+
+    for path in _PAGES:
+        app.router.add_get(path, page)
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/stats", stats)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def _check_token(request: web.Request, config: ServeConfig) -> None:
+    """With a token configured: `Authorization: Bearer <token>`, or `?token=` (browsers cannot set headers)."""
+    if config.token is None:
+        return
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
+    if not hmac.compare_digest(given.encode(), config.token.encode()):
+        raise web.HTTPUnauthorized(text="a bearer token is required: Authorization: Bearer <token> or ?token=<token>")
+
+
+def _check_origin(request: web.Request, config: ServeConfig) -> None:
+    """Refuse WebSockets opened by pages of other sites: a page on the web must not drive a local server."""
+    origin = request.headers.get("Origin")
+    if origin is None or origin in config.allowed_origins:
+        return  # not a browser (a script), or an origin the operator allowed
+    if urlsplit(origin).netloc != request.host:
+        raise web.HTTPForbidden(text=f"origin {origin} may not open this WebSocket; serve the page from this "
+                                "server or add the origin to ServeConfig.allowed_origins")  # fmt: skip

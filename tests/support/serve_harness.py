@@ -1,0 +1,71 @@
+"""An in-process `helios-rt serve` for the serve tests, and a WebSocket client that records what it got."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+from aiohttp import web
+
+from helios_rt import Engine, EngineConfig
+from helios_rt.serve import ServeConfig, create_app
+from helios_rt.serve.app import HUB_KEY
+from helios_rt.serve.hub import Hub
+from helios_rt.serve.protocol import unpack_frame
+
+# The demo model at its smallest legal size, first chunk not amplified: about a second per chunk here.
+SMALL_DEMO = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference",
+                          amplify_first_chunk=False)  # fmt: skip
+
+
+def small_demo_engine() -> Engine:
+    return Engine.from_pretrained("demo", SMALL_DEMO)
+
+
+@asynccontextmanager
+async def running_server(engine: Engine, config: ServeConfig | None = None) -> AsyncIterator[tuple[str, Hub]]:
+    """Serve `engine` on a free localhost port; yields the base URL and the hub (its counters)."""
+    app = create_app(engine, config)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app[HUB_KEY]
+    finally:
+        await runner.cleanup()
+
+
+class Client:
+    """One WebSocket client: JSON messages and frames in arrival order."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.messages: list[dict] = []
+        self.frames: list[tuple[int, int, bytes]] = []  # (chunk, frame, jpeg)
+
+    async def send(self, message: dict | str) -> None:
+        await self.ws.send_str(message if isinstance(message, str) else json.dumps(message))
+
+    async def receive(self) -> dict | None:
+        """The next message (frames are recorded and returned as {"type": "frame", ...}); None once closed."""
+        msg = await self.ws.receive()
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            message = json.loads(msg.data)
+            self.messages.append(message)
+            return message
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            chunk, frame, jpeg = unpack_frame(msg.data)
+            self.frames.append((chunk, frame, jpeg))
+            return {"type": "frame", "chunk": chunk, "frame": frame}
+        return None
+
+    async def until(self, *types: str) -> dict:
+        """Read until a JSON message of one of `types` (an AssertionError if the socket closes first)."""
+        while True:
+            message = await self.receive()
+            assert message is not None, f"the socket closed while waiting for {types}; got {self.messages}"
+            if message["type"] in types:
+                return message
