@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .config import EngineConfig, ModelConfig
+from .fp8 import quantize_blocks_
 from .model.text import HashPromptEncoder
 from .model.transformer import HeliosTransformer, keeps_fp32
 from .model.vae import VAEConfig, WanVAE
@@ -53,6 +54,8 @@ def build_demo_modules(config: EngineConfig) -> tuple[HeliosTransformer, WanVAE]
     transformer = _seeded(HeliosTransformer(DEMO_TRANSFORMER, OpSet(device, config.kernels)), DEMO_SEED)
     for name, p in transformer.named_parameters():
         p.data = p.data.to(device, torch.float32 if keeps_fp32(name) else dtype)
+    if config.precision == "fp8":  # quantised from the float weights, as loading a float checkpoint does
+        quantize_blocks_(transformer)
     vae = _seeded(WanVAE(DEMO_VAE), DEMO_SEED + 1)
     vae._init_latent_stats()
     return transformer.eval(), vae.to(device, vae_dtype).eval()

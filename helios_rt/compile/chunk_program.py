@@ -96,7 +96,7 @@ def chunk_body(sampler: ChunkSampler, state: ChunkState, kind: ChunkKind, batch:
 def meta_model(model: HeliosTransformer) -> HeliosTransformer:
     """An empty copy of `model` on the meta device with the same parameter dtypes (for planning)."""
     with torch.device(META):
-        copy = HeliosTransformer(model.config, model.ops)
+        copy = HeliosTransformer(model.config, model.ops, model.precision)
     params = dict(model.named_parameters())
     for name, p in copy.named_parameters():
         p.data = torch.empty_like(params[name], device=META)

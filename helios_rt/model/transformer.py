@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..fp8 import PRECISIONS, FP8Activation, FP8Linear, quantize_blocks_
 from ..ops import OpSet
 from ..ops.sampler import unpatchify as unpatchify_tokens
 from .layout import TokenLayout
@@ -166,11 +167,16 @@ class FeedForward(nn.Module):
         up.proj = nn.Linear(dim, hidden)
         self.net = nn.ModuleList([up, nn.Identity(), nn.Linear(hidden, dim)])
 
-    def forward(self, x: Tensor, ops: OpSet) -> Tensor:
-        return self.net[2](ops.gelu_tanh(self.net[0].proj(x)))
+    def forward(self, x: Tensor | FP8Activation, ops: OpSet) -> Tensor:
+        up = self.net[0].proj(x)
+        if isinstance(self.net[2], FP8Linear):  # the GELU kernel quantises the down projection's input
+            return self.net[2](FP8Activation.of(ops.gelu_tanh_fp8(up)))
+        return self.net[2](ops.gelu_tanh(up))
 
 
 class Block(nn.Module):
+    fp8 = False  # set by `quantize_blocks_`: the block's linears are FP8Linear and take quantised inputs
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.eps = config.eps
@@ -204,8 +210,18 @@ class Block(nn.Module):
         shift, scale, gate, c_shift, c_scale, c_gate = table.unbind(1)
         x = self._residual_self_attention(x, shift, scale, gate, rope, n_hist, ops)
         x = self._cross_attention(x, text_k, text_v, n_hist, ops, text_lengths)
-        h = ops.modulate_layernorm(x, c_shift, c_scale, n_hist, self.eps)
+        h = self._modulated(x, c_shift, c_scale, n_hist, ops)
         return ops.gate_residual(x, self.ffn(h, ops), c_gate, n_hist)
+
+    def _modulated(self, x: Tensor, shift: Tensor, scale: Tensor, n_hist: int, ops: OpSet) -> Tensor | FP8Activation:
+        """The normed input of a group of linears; FP8 blocks get it quantised once, by the norm kernel."""
+        if self.fp8:
+            return FP8Activation.of(ops.modulate_layernorm_fp8(x, shift, scale, n_hist, self.eps))
+        return ops.modulate_layernorm(x, shift, scale, n_hist, self.eps)
+
+    def _out_input(self, attended: Tensor, ops: OpSet) -> Tensor | FP8Activation:
+        """The attention output `[B, L, D]` as `to_out`'s input (quantised per token in FP8 blocks)."""
+        return FP8Activation.of(ops.fp8_quantize_rows(attended)) if self.fp8 else attended
 
     def _residual_self_attention(
         self,
@@ -218,7 +234,7 @@ class Block(nn.Module):
         ops: OpSet,
     ) -> Tensor:
         a = self.attn1
-        h = ops.modulate_layernorm(x, shift, scale, n_hist, self.eps)
+        h = self._modulated(x, shift, scale, n_hist, ops)
         q, k = ops.qk_norm_rope(
             a.to_q(h),
             a.to_k(h),
@@ -232,7 +248,7 @@ class Block(nn.Module):
             n_hist,
         )
         v = a.to_v(h).unflatten(-1, (a.heads, -1))
-        o = a.to_out[0](a.attend(q, k, v, ops).flatten(2))
+        o = a.to_out[0](self._out_input(a.attend(q, k, v, ops).flatten(2), ops))
         return ops.gate_residual(x, o, gate, n_hist)
 
     def _cross_attention(
@@ -255,7 +271,7 @@ class Block(nn.Module):
             for i, n in enumerate(text_lengths):
                 r = slice(i, i + 1)
                 ops.attention(q[r], text_k[r, :n], text_v[r, :n], out=attended[r])
-        o = a.to_out[0](attended.flatten(2))
+        o = a.to_out[0](self._out_input(attended.flatten(2), ops))
         xs.add_(o)  # x is this block's own intermediate: update the noisy rows in place, no concatenation
         return x
 
@@ -276,9 +292,11 @@ class OutputNorm(nn.Module):
 class HeliosTransformer(nn.Module):
     """Helios' diffusion transformer over `[long | mid | short | noisy]` tokens."""
 
-    def __init__(self, config: ModelConfig, ops: OpSet | None = None) -> None:
+    def __init__(self, config: ModelConfig, ops: OpSet | None = None, precision: str = "native") -> None:
         super().__init__()
-        self.config = config
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.config, self.precision = config, precision
         self.ops = ops or OpSet("cpu", "reference")
         d, c, p = config.dim, config.in_channels, config.patch_size
         self.patch_embedding = nn.Conv3d(c, d, kernel_size=p, stride=p)
@@ -289,6 +307,8 @@ class HeliosTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
         self.norm_out = OutputNorm(d, config.eps)
         self.proj_out = nn.Linear(d, config.out_dim * math.prod(p))
+        if precision == "fp8":  # the block linears in e4m3 (helios_rt.fp8); everything else keeps its dtype
+            quantize_blocks_(self)
 
     parallel = None  # helios_rt.parallel's hooks (`set_parallel`); None: a one-process model
 
@@ -408,16 +428,27 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def load_transformer(
-    path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", ops: OpSet | None = None
+    path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    ops: OpSet | None = None,
+    precision: str = "native",
 ) -> HeliosTransformer:
     """Load the transformer of a diffusers-layout checkpoint (or a `transformer/` folder itself).
 
     Weights are cast to `dtype` except the float32-kept parameters (see `FP32_PARAM_PATTERNS`).
+    precision="fp8": the block linears in e4m3, read from an FP8 checkpoint (`helios-rt quantize`) or
+    quantised layer by layer from a float one (see `helios_rt.fp8.loading`).
     """
     from ..checkpoint import find_component, load_module
+    from ..fp8.loading import load_fp8_module, stored_quantization
 
     folder = find_component(path, "transformer")
     config = ModelConfig.from_json(folder / "config.json")
     ops = ops or OpSet(device, "auto")
     dtype_of = lambda name: torch.float32 if keeps_fp32(name) else dtype  # noqa: E731
-    return load_module(lambda: HeliosTransformer(config, ops), folder, dtype_of, device)
+    build = lambda: HeliosTransformer(config, ops, precision)  # noqa: E731
+    if precision == "fp8":
+        return load_fp8_module(build, folder, dtype_of, device)
+    stored_quantization(folder, precision)  # an FP8 checkpoint needs precision="fp8": refuse it by name
+    return load_module(build, folder, dtype_of, device)
