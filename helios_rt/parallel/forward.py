@@ -18,12 +18,26 @@ from .sequence import TokenShards, local_tokens, token_shards, ulysses_attention
 Tensor = torch.Tensor
 
 
+class TorchCollectives:
+    """torch.distributed's collectives (NCCL, gloo), writing into outputs the caller made."""
+
+    def all_to_all(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], group) -> None:
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+
+    def all_gather(self, out: Tensor, inp: Tensor) -> None:
+        dist.all_gather_single(out, inp)
+
+
 class ParallelForward:
     """Hooks of one model on one rank. One forward at a time: `shard_tokens` records the shards that
-    the blocks' attention and `gather` of the same forward use."""
+    the blocks' attention and `gather` of the same forward use.
 
-    def __init__(self, mesh: Mesh) -> None:
+    collectives: torch.distributed's by default; the cost model passes one that counts bytes instead.
+    """
+
+    def __init__(self, mesh: Mesh, collectives=None) -> None:
         self.mesh = mesh
+        self.collectives = collectives if collectives is not None else TorchCollectives()
         self._shards: TokenShards | None = None
 
     def split_batch(
@@ -59,8 +73,11 @@ class ParallelForward:
         """The self-attention core over the global sequence (`attend` is the op table's attention)."""
         if self.mesh.sequence == 1:
             return attend(q, k, v)
-        with collective(self.mesh, "self-attention all-to-all"):
-            return ulysses_attention(q, k, v, self._shards, self.mesh.sequence_group, attend)
+        return ulysses_attention(q, k, v, self._shards, self._all_to_all, attend)
+
+    def _all_to_all(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int]) -> None:
+        with collective(self.mesh, "self-attention all-to-all"):  # only the exchange: an op error stays itself
+            self.collectives.all_to_all(out, inp, out_splits, in_splits, self.mesh.sequence_group)
 
     def gather(self, out: Tensor) -> Tensor:
         """Every rank's noisy-token output `[b, n_r, C]` -> the whole `[b * cfg, N, C]` on every rank."""
@@ -71,7 +88,7 @@ class ParallelForward:
         send[:, :n_r].copy_(out)  # rows past n_r are padding, never read
         recv = torch.empty((mesh.world * b, most, c), dtype=out.dtype, device=out.device)
         with collective(self.mesh, "output all-gather"):
-            dist.all_gather_single(recv, send)
+            self.collectives.all_gather(recv, send)
         recv = recv.view(mesh.world, b, most, c)
         full = torch.empty((b * mesh.cfg, shards.n_noisy, c), dtype=out.dtype, device=out.device)
         for rank in range(mesh.world):

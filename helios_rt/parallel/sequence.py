@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
-import torch.distributed as dist
 
 Tensor = torch.Tensor
 
@@ -85,9 +84,10 @@ def local_tokens(x: Tensor, shards: TokenShards, rank: int) -> Tensor:
     return torch.cat([x.narrow(dim, h0, h1 - h0), x.narrow(dim, n + n0, n1 - n0)], dim=dim)
 
 
-def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, shards: TokenShards, group, attend) -> Tensor:
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, shards: TokenShards, all_to_all, attend) -> Tensor:
     """Self-attention of the whole sequence from this rank's tokens: `[B, L_r, H, Dh]` in and out.
 
+    all_to_all(out, inp, out_splits, in_splits): the exchange over this rank's sequence group (dim 0);
     attend(q, k, v) -> `[B, L, H/ranks, Dh]` is the op table's attention over the global sequence.
     """
     ranks = shards.ranks
@@ -99,7 +99,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, shards: TokenShards, grou
     for i, t in enumerate((q, k, v)):  # destination rank j gets its heads of every local token
         send[:, :, i].copy_(t.unflatten(2, (ranks, hw)).permute(2, 1, 0, 3, 4))
     recv = torch.empty((total, 3, b, hw, dh), **like)  # rank-major: [hist_0 | noisy_0 | hist_1 | ...]
-    dist.all_to_all_single(recv, send.view(ranks * lr, 3, b, hw, dh), shards.lengths, [lr] * ranks, group=group)
+    all_to_all(recv, send.view(ranks * lr, 3, b, hw, dh), shards.lengths, [lr] * ranks)
     qkv = torch.empty((3, b, total, hw, dh), **like)  # the global token order
     for src, dst in shards.pieces():
         qkv[:, :, dst].copy_(recv[src].permute(1, 2, 0, 3, 4))
@@ -108,7 +108,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, shards: TokenShards, grou
     for src, dst in shards.pieces():
         back[src].copy_(o[:, dst].permute(1, 0, 2, 3))
     mine = torch.empty((ranks * lr, b, hw, dh), **like)
-    dist.all_to_all_single(mine, back, [lr] * ranks, shards.lengths, group=group)
+    all_to_all(mine, back, [lr] * ranks, shards.lengths)
     out = torch.empty((b, lr, heads, dh), **like)
     out.unflatten(2, (ranks, hw)).copy_(mine.view(ranks, lr, b, hw, dh).permute(2, 1, 0, 3, 4))
     return out
