@@ -2,6 +2,7 @@
 
 - Triton reads TRITON_INTERPRET when it is first imported, so it is set here, before any test module
   imports triton: on a machine without CUDA, kernels run on the interpreter against CPU tensors.
+- Every CUDA-only test carries the `gpu` mark (checked at collection, `pytest_collection_modifyitems`).
 - The repository root must not be importable: its `kernels/` folder (installed as
   `helios_rt.kernels`) would shadow the unrelated PyPI package `kernels`, which diffusers probes for.
   `python -m pytest` puts the working directory on sys.path, so it is taken off again.
@@ -11,8 +12,13 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from hypothesis import settings
+
+try:
+    from hypothesis import settings
+except ImportError:  # a bare GPU machine (first light) may lack the test extras; only property tests need it
+    settings = None
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,6 +30,24 @@ sys.modules.pop("kernels", None)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # Property tests draw fresh examples locally; CI replays a fixed, derandomised set so a red run is reproducible.
-settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
-if os.environ.get("CI") == "true":
-    settings.load_profile("ci")
+if settings is not None:
+    settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+    if os.environ.get("CI") == "true":
+        settings.load_profile("ci")
+
+
+def _cuda_only(item) -> bool:
+    """A skipif whose condition is "this machine has no CUDA" and whose reason names CUDA."""
+    no_cuda = not torch.cuda.is_available()
+    return any(
+        m.args and isinstance(m.args[0], bool) and m.args[0] == no_cuda and "CUDA" in str(m.kwargs.get("reason", ""))
+        for m in item.iter_markers("skipif")
+    )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every CUDA-only test carries the `gpu` mark, so that `pytest -m gpu` (and first light) selects
+    them all: an unmarked one stops the run."""
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("gpu") is None and _cuda_only(item)]
+    if unmarked:
+        raise pytest.UsageError(f"CUDA-only tests without the gpu mark (add @pytest.mark.gpu): {', '.join(unmarked)}")
