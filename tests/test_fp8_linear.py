@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.capabilities import needs_cpu_fp8
 
 from helios_rt.fp8 import FP8Activation, FP8Linear, quantize_rows
 from helios_rt.fp8.format import E4M3_MAX, FP8_DTYPE, dequantize, quantize_blocks, rounding_bound
@@ -40,6 +41,7 @@ def _assert_within(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, wh
         )
 
 
+@needs_cpu_fp8
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("m", "k", "n"), [(113, 208, 48), (3, 32, 1040)])
 def test_scaled_mm_is_the_quantised_math(dtype: torch.dtype, m: int, k: int, n: int) -> None:
@@ -80,6 +82,7 @@ def test_quantise_maps_the_row_maximum_to_448_and_zero_rows_to_zero() -> None:
     assert torch.equal(q[2].float(), torch.zeros(50)) and torch.isfinite(s).all()
 
 
+@needs_cpu_fp8
 def test_a_quantised_input_is_the_same_as_quantising_inside() -> None:
     fp8 = FP8Linear.from_linear(_linear(64, 32, torch.bfloat16))
     x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
