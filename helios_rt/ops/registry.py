@@ -117,10 +117,14 @@ class OpSet:
 
     `kernels="auto"` takes the fastest registered backend that runs on `device` (Triton on CUDA,
     the reference elsewhere); `"triton"` demands Triton for every op that has it and fails loudly
-    where Triton cannot run; `"reference"` runs the spec everywhere.
+    where Triton cannot run; `"reference"` runs the spec everywhere. `attention` picks the attention
+    backend (`ops/attention_backends.py`: "auto", "fa3", "fa2", "triton", "sdpa", "reference"); "auto"
+    follows `kernels`, and on CUDA with `kernels="auto"` takes the best backend that runs.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", kernels: KernelChoice = "auto") -> None:
+    def __init__(
+        self, device: torch.device | str = "cpu", kernels: KernelChoice = "auto", attention: str = "auto"
+    ) -> None:
         if kernels not in ("auto", "reference", "triton"):
             raise ValueError(f"kernels must be 'auto', 'reference' or 'triton', got {kernels!r}")
         _ensure_references()
@@ -132,9 +136,10 @@ class OpSet:
                 raise ValueError(f"kernels='triton' needs a CUDA device or TRITON_INTERPRET=1; device is {self.device}")
             _load_backend("triton")
         self._resolve(use_triton)
+        self._resolve_attention(kernels, attention, None)
 
     @classmethod
-    def for_planning(cls, kernels: KernelChoice = "auto", target: str = "cuda") -> OpSet:
+    def for_planning(cls, kernels: KernelChoice = "auto", target: str = "cuda", attention: str = "auto") -> OpSet:
         """The op table a `target` device would resolve, on meta tensors: nothing runs, so the
         backends need not run here (plan the GPU's Triton path on a CPU machine)."""
         ops = cls.__new__(cls)
@@ -144,6 +149,7 @@ class OpSet:
         if use_triton:
             _load_backend("triton")
         ops._resolve(use_triton)
+        ops._resolve_attention(kernels, attention, target)
         return ops
 
     def _resolve(self, use_triton: bool) -> None:
@@ -156,6 +162,29 @@ class OpSet:
             self._resolved[name] = impl or op.reference
             self._chosen[name] = "triton" if impl else "reference"
 
+    def use_attention(self, choice: str) -> None:
+        """Re-pick the attention backend (`EngineConfig.attention`) for this table's device and kernels."""
+        self._resolve_attention(self.kernels, choice, None)
+
+    def attention_selection(self, dtype: torch.dtype, head_dim: int):
+        """Which attention backend runs for (dtype, head dim), and why the others do not
+        (`ops.attention_backends.AttentionSelection`)."""
+        from .attention_backends import AttentionSelection
+
+        if self._attention is not None:
+            return self._attention.select(dtype, head_dim)
+        return AttentionSelection(self._chosen["attention"], "auto", dtype, head_dim, note=self._attention_note)
+
+    def _resolve_attention(self, kernels: str, choice: str, target: str | None) -> None:
+        """An explicit attention choice, or "auto" on CUDA with kernels="auto", installs the backend
+        table's dispatch; otherwise attention stays the op the table resolved from `kernels`."""
+        from .attention_backends import attention_dispatch, pinned_note
+
+        self.__dict__.setdefault("_table_attention", self._resolved["attention"])
+        self._attention_note = pinned_note(self.device, kernels, choice, target)
+        self._attention = None if self._attention_note else attention_dispatch(self.device, choice, target)
+        self._resolved["attention"] = self._attention or self._table_attention
+
     def __getattr__(self, name: str) -> Callable:
         resolved = self.__dict__.get("_resolved", {})
         if name in resolved:
@@ -164,4 +193,6 @@ class OpSet:
 
     def backend_of(self, name: str) -> str:
         """Which backend runs op `name` (for reports and tests)."""
+        if name == "attention" and self._attention is not None:
+            return self._attention.backend
         return self._chosen[name]
