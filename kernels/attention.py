@@ -1,6 +1,10 @@
 """Attention kernels over `[B, L, H, Dh]`: the Q/K prologue (RMSNorm across heads, interleaved-pair RoPE,
-history-key scale), a FlashAttention-style forward (online softmax, fp32 accumulation), and the same
-forward with the prologue applied as Q/K tiles are loaded (compressed-context attention).
+history-key scale) and a FlashAttention-style forward (online softmax, fp32 accumulation, autotuned tiles).
+
+The prologue stays a kernel of its own. Applying it as K tiles load (the removed compressed-context
+kernel) redid the K prologue once per query tile, ~87-173x at the 14B stage-2 shape (11040 tokens,
+64- or 128-row query tiles), for ~3 ms of saved HBM traffic per forward, and it tied the attention to
+this kernel instead of FlashAttention-3; see kernels/report.py for the numbers.
 
 The prologue rounds the RMSNorm output to the input dtype before RoPE, as the reference does, so that
 low-precision results follow the reference's rounding rather than only its math.
@@ -8,6 +12,7 @@ low-precision results follow the reference's rounding rather than only its math.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,7 +33,7 @@ def _qk_norm_rope_kernel(
     HALF: tl.constexpr, BLOCK_P: tl.constexpr, KEY_SCALE: tl.constexpr,
 ):  # fmt: skip
     # One program per token: RMSNorm spans all heads, so the program sees the whole row as pairs.
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: B x L x row stride can pass 2^31
     b = row // L
     l_idx = row - b * L
     p = tl.arange(0, BLOCK_P)
@@ -84,10 +89,6 @@ def qk_norm_rope_config(hd: int) -> dict:
     return {"BLOCK_P": block, "num_warps": max(4, min(16, block // 256))}
 
 
-def rstd_config(hd: int) -> dict:
-    return {"BLOCK": min(4096, next_pow2(hd)), "num_warps": 4}
-
-
 @register_impl("qk_norm_rope", "triton")
 def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, heads, eps, key_scale, n_hist):
     """Triton `qk_norm_rope`. q, k: `[B, L, H*Dh]` with unit stride last (row strides free, e.g. slices
@@ -117,113 +118,99 @@ def _qk_norm_rope_launch(
 
 
 @triton.jit
-def _rstd_kernel(q_ptr, k_ptr, r_ptr, BL, L, HD, eps, sqb, sql, skb, skl, BLOCK: tl.constexpr):
-    # Per-token RMSNorm statistics of q (r[0]) and k (r[1]) for the fused attention: [2, B*L] float32.
-    row = tl.program_id(0)
-    which = tl.program_id(1)
-    b = row // L
-    l_idx = row - b * L
-    base = q_ptr + b * sqb + l_idx * sql if which == 0 else k_ptr + b * skb + l_idx * skl
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, HD, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(base + cols, mask=cols < HD, other=0.0).to(tl.float32)
-        acc += x * x
-    tl.store(r_ptr + which * BL + row, 1.0 / tl.sqrt(tl.sum(acc, axis=0) / HD + eps))
-
-
-@triton.jit
-def _load_tile(ptr, rows, n_rows, row_stride, d):
-    return tl.load(ptr + rows[:, None].to(tl.int64) * row_stride + d[None, :], mask=rows[:, None] < n_rows, other=0.0)
-
-
-@triton.jit
-def _prologue_tile(x, rstd, w_ptr, cos_ptr, sin_ptr, rows, n_rows, scale, HALF: tl.constexpr):
-    """Apply RMSNorm (given rstd), RoPE and a per-row scale to a [BLOCK, 2*HALF] tile; returns x.dtype."""
-    xe, xo = tl.split(tl.reshape(x, (x.shape[0], HALF, 2)))
-    j = tl.arange(0, HALF)
-    we = tl.load(w_ptr + 2 * j).to(tl.float32)[None, :]
-    wo = tl.load(w_ptr + 2 * j + 1).to(tl.float32)[None, :]
-    m = rows[:, None] < n_rows
-    c = tl.load(cos_ptr + rows[:, None] * HALF + j[None, :], mask=m, other=0.0)
-    s = tl.load(sin_ptr + rows[:, None] * HALF + j[None, :], mask=m, other=0.0)
-    ye = (xe.to(tl.float32) * rstd[:, None] * we).to(x.dtype).to(tl.float32)
-    yo = (xo.to(tl.float32) * rstd[:, None] * wo).to(x.dtype).to(tl.float32)
-    re = (ye * c - yo * s) * scale[:, None]
-    ro = (ye * s + yo * c) * scale[:, None]
-    return tl.reshape(tl.join(re, ro), (x.shape[0], 2 * HALF)).to(x.dtype)
+def _attn_tile(
+    q, k_base, v_base, start_n, Lk, skl, svl, d, m_i, l_i, acc, qk_scale,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the online softmax. Only the last tile (MASK) checks bounds: full tiles load
+    without masks and skip the -inf select. The rescale of the running output is folded into the P@V
+    dot's accumulator (`acc * alpha` is the dot's `acc` operand), as FlashAttention does."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k_off = cols[:, None].to(tl.int64) * skl + d[None, :]
+    v_off = cols[:, None].to(tl.int64) * svl + d[None, :]
+    k = tl.load(k_base + k_off, mask=cols[:, None] < Lk, other=0.0) if MASK else tl.load(k_base + k_off)
+    if DOT_F32:  # CPU interpreter: numpy has no bf16 matmul; bf16 products are exact in fp32
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = s * qk_scale
+    if MASK:
+        s = tl.where((cols < Lk)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_base + v_off, mask=cols[:, None] < Lk, other=0.0) if MASK else tl.load(v_base + v_off)
+    if DOT_F32:
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, rq_ptr, rk_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, ks_ptr,
-    Lq, Lk, H, n_hist, qk_scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, Lq, Lk, H, qk_scale,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PROLOGUE: tl.constexpr, KEY_SCALE: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
+    # Offsets are int64 throughout: B x L x H x Dh passes 2^31 elements at long sequences and batch 2.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh - b * H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
-    q_base = q_ptr + b.to(tl.int64) * sqb + h * sqh
-    k_base = k_ptr + b.to(tl.int64) * skb + h * skh
-    v_base = v_ptr + b.to(tl.int64) * svb + h * svh
-    q = _load_tile(q_base, rows, Lq, sql, d)
-    if PROLOGUE:
-        rq = tl.load(rq_ptr + b * Lq + rows, mask=rows < Lq, other=0.0)
-        one = tl.full([BLOCK_M], 1.0, tl.float32)
-        q = _prologue_tile(q, rq, qw_ptr + h * HEAD_DIM, cos_ptr, sin_ptr, rows, Lq, one, HEAD_DIM // 2)
+    q_off = b * sqb + h * sqh + rows[:, None].to(tl.int64) * sql + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=rows[:, None] < Lq, other=0.0)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if KEY_SCALE:
-        ks = tl.load(ks_ptr + h)
-    for start_n in range(0, Lk, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, cols, Lk, skl, d)
-        if PROLOGUE:
-            rk = tl.load(rk_ptr + b * Lk + cols, mask=cols < Lk, other=0.0)
-            kscale = tl.full([BLOCK_N], 1.0, tl.float32)
-            if KEY_SCALE:
-                kscale = tl.where(cols < n_hist, ks, kscale)
-            k = _prologue_tile(k, rk, kw_ptr + h * HEAD_DIM, cos_ptr, sin_ptr, cols, Lk, kscale, HEAD_DIM // 2)
-        if DOT_F32:  # CPU interpreter: numpy has no bf16 matmul; bf16 products are exact in fp32
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where((cols < Lk)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_tile(v_base, cols, Lk, svl, d)
-        if DOT_F32:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    n_full = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _attn_tile(q, k_base, v_base, start_n, Lk, skl, svl, d, m_i, l_i, acc, qk_scale,
+                                   BLOCK_N, False, PRECISION, DOT_F32)  # fmt: skip
+    if n_full < Lk:
+        m_i, l_i, acc = _attn_tile(q, k_base, v_base, n_full, Lk, skl, svl, d, m_i, l_i, acc, qk_scale,
+                                   BLOCK_N, True, PRECISION, DOT_F32)  # fmt: skip
     acc = acc / l_i[:, None]
-    o = o_ptr + b.to(tl.int64) * sob + h * soh + rows[:, None].to(tl.int64) * sol + d[None, :]
-    tl.store(o, acc.to(o_ptr.dtype.element_ty), mask=rows[:, None] < Lq)
+    o_off = b * sob + h * soh + rows[:, None].to(tl.int64) * sol + d[None, :]
+    tl.store(o_ptr + o_off, acc.to(o_ptr.dtype.element_ty), mask=rows[:, None] < Lq)
 
 
-def attention_config(head_dim: int, dtype: torch.dtype, prologue: bool, interpret: bool | None = None) -> dict:
-    """Tile sizes for the attention forward (sm_90 configs; small tiles in the CPU interpreter)."""
-    if interpreting() if interpret is None else interpret:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    # Picked so that ptxas -v reports no spills on sm_90 (see kernels/aot.py): at Dh=128 the fused
-    # prologue's RoPE temporaries and fp32 operands push a 128-row tile past 255 registers.
-    if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
-    if head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    if prologue:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+# sm_90 tile configs the autotuner picks from, per head dim, for 16-bit inputs: (BLOCK_M, BLOCK_N, warps, stages).
+# Every one compiles without spills (`python -m helios_rt.kernels.report`); the interpreter tests run each.
+HALF_CONFIGS: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    16: ((128, 64, 4, 3), (64, 64, 4, 3)),
+    32: ((128, 64, 4, 3), (64, 64, 4, 3)),
+    64: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
+    128: ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
+    256: ((64, 64, 4, 2), (64, 32, 4, 2)),
+}
+# float32 is a test/debug precision: one config, no tuning. Its exact (ieee) products run on FMA units,
+# which hold whole operand rows in registers: every tile size spills on sm_90 at the JIT's specialisation
+# (this one least: ~0.4 KB at Dh=64, ~1.4 KB at Dh=128), so the backend table runs float32 through SDPA.
+FP32_CONFIGS: dict[int, tuple[tuple[int, int, int, int], ...]] = {dh: ((32, 16, 4, 2),) for dh in HALF_CONFIGS}
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+def attention_configs(head_dim: int, dtype: torch.dtype) -> list[dict]:
+    """The launch configs the autotuner may pick for this head dim and dtype on a GPU."""
+    table = FP32_CONFIGS if dtype == torch.float32 else HALF_CONFIGS
+    check(head_dim in table, f"head dim {head_dim} has no attention configs; supported: {sorted(table)}")
+    return [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s} for m, n, w, s in table[head_dim]]
+
+
+@functools.cache
+def _tuned(head_dim: int, dtype: torch.dtype):
+    """The kernel autotuned over `attention_configs`, keyed on the sequence lengths: each stage's shape is
+    tuned once (at warm-up, before any capture) and the pick cached for the process."""
+    configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                             num_stages=c["num_stages"]) for c in attention_configs(head_dim, dtype)]  # fmt: skip
+    return triton.autotune(configs=configs, key=["Lq", "Lk"])(_attn_fwd_kernel)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -233,58 +220,35 @@ def _precision(dtype: torch.dtype) -> str:
 
 @fused_op("attention", mutates=("out",))
 def _attention_launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
-    _launch_attention(q, k, v, out, None, None, None, None, 0, out.shape[-1])
+    launch_attention(q, k, v, out)
 
 
-@fused_op("compressed_context_attention", mutates=("out",))
-def _compressed_context_attention_launch(
-    q: Tensor, k: Tensor, v: Tensor, rstd: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
-    key_scale: Tensor | None, n_hist: int, out: Tensor,
-) -> None:  # fmt: skip
-    _launch_attention(q, k, v, out, rstd, (q_weight, k_weight), (cos, sin), key_scale, n_hist, out.shape[-1])
-
-
-@fused_op("qk_rstd", mutates=("out",))
-def _qk_rstd_launch(q: Tensor, k: Tensor, eps: float, out: Tensor) -> None:
-    b, n, hd = q.shape
-    _rstd_kernel[(b * n, 2)](
-        q, k, out, b * n, n, hd, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), **rstd_config(hd),
+def launch_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor, config: dict | None = None) -> None:
+    """Launch into validated tensors: the autotuned kernel on a GPU, `config` when given (the tests run
+    every tuned config in the interpreter; the sm_90 report compiles each), else the interpreter's tiles."""
+    b, lq, heads, dh = out.shape
+    args = (
+        q, k, v, out, lq, k.shape[1], heads, LOG2E / math.sqrt(dh),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
     )  # fmt: skip
-
-
-def _launch_attention(q, k, v, out, rstd, weights, rope, key_scale, n_hist, dh) -> None:
-    b, lq, heads, _ = out.shape
-    lk = k.shape[1]
-    prologue = rstd is not None
-    cfg = attention_config(dh, q.dtype, prologue)
-    if prologue:  # q, k: [B, L, H*Dh] -> per-head strides
-        sq = (q.stride(0), q.stride(1), dh)
-        sk = (k.stride(0), k.stride(1), dh)
-    else:
-        sq, sk = (q.stride(0), q.stride(1), q.stride(2)), (k.stride(0), k.stride(1), k.stride(2))
-    use_ks = prologue and key_scale is not None and n_hist > 0
-    dummy = v
-    grid = (triton.cdiv(lq, cfg["BLOCK_M"]), b * heads)
-    _attn_fwd_kernel[grid](
-        q, k, v, out,
-        rstd[0] if prologue else dummy, rstd[1] if prologue else dummy,
-        *(weights if prologue else (dummy, dummy)), *(rope if prologue else (dummy, dummy)),
-        key_scale if use_ks else dummy,
-        lq, lk, heads, n_hist, LOG2E / math.sqrt(dh),
-        *sq, *sk, v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=dh, PROLOGUE=prologue, KEY_SCALE=use_ks, PRECISION=_precision(q.dtype),
-        DOT_F32=interpreting() and q.dtype == torch.bfloat16, **cfg,
-    )  # fmt: skip
+    flags = {"HEAD_DIM": dh, "PRECISION": _precision(q.dtype), "DOT_F32": interpreting() and q.dtype == torch.bfloat16}
+    if config is None and not interpreting():
+        grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * heads)  # noqa: E731
+        _tuned(dh, q.dtype)[grid](*args, **flags)
+        return
+    cfg = config or INTERPRET_CONFIG
+    _attn_fwd_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), b * heads)](*args, **flags, **cfg)
 
 
 @register_impl("attention", "triton")
 def attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
     """Triton `attention`: softmax(q k^T / sqrt(Dh)) v, no mask. q: `[B, Lq, H, Dh]`; k, v:
-    `[B, Lk, H, Dh]`; any strides with unit stride in Dh; Dh a power of two >= 16; out `[B, Lq, H, Dh]`."""
+    `[B, Lk, H, Dh]`; any strides with unit stride in Dh; Dh a power of two in [16, 256]; out `[B, Lq, H, Dh]`."""
     check_tensor("q", q, dtype=FLOAT_DTYPES, inner_contiguous=True)
     check(q.dim() == 4, f"q must be [B, Lq, H, Dh], got shape {tuple(q.shape)}")
     b, lq, heads, dh = q.shape
-    check(dh >= 16 and next_pow2(dh) == dh, f"q: head dim {dh} must be a power of two >= 16")
+    check(16 <= dh <= 256 and next_pow2(dh) == dh, f"q: head dim {dh} must be a power of two in [16, 256]")
     check(k.dim() == 4, f"k must be [B, Lk, H, Dh], got shape {tuple(k.shape)}")
     lk = k.shape[1]
     check_tensor("k", k, (b, lk, heads, dh), q.dtype, inner_contiguous=True, device=q.device)
@@ -293,33 +257,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Ten
     out = check_out(out, (b, lq, heads, dh), q.dtype, q.device, inner_contiguous=True)
     if out.numel():
         _attention_launch(q, k, v, out)
-    return out
-
-
-def qk_rstd(q: Tensor, k: Tensor, eps: float, out: Tensor | None = None) -> Tensor:
-    """Per-token RMSNorm rstd of q and k `[B, L, H*Dh]` across all heads: `[2, B, L]` float32."""
-    b, n, hd = q.shape
-    out = check_out(out, (2, b, n), torch.float32, q.device, contiguous=True)
-    if out.numel():
-        _qk_rstd_launch(q, k, float(eps), out)
-    return out
-
-
-@register_impl("compressed_context_attention", "triton")
-def compressed_context_attention(q, k, v, q_weight, k_weight, cos, sin, heads, eps, key_scale, n_hist, out=None):
-    """Triton `compressed_context_attention`: a per-token rstd pre-pass, then attention with RMSNorm,
-    RoPE and the history-key scale applied as Q/K tiles are loaded. q, k: `[B, L, H*Dh]` (unit stride
-    last); v: `[B, L, H, Dh]` (unit stride last); returns `[B, L, H, Dh]` in q.dtype."""
-    b, n, hd, dh = _check_prologue(q, k, q_weight, k_weight, cos, sin, heads, key_scale, n_hist)
-    check(dh >= 16, f"head dim {dh} must be >= 16")
-    check_tensor("v", v, (b, n, heads, dh), q.dtype, inner_contiguous=True, device=q.device)
-    out = check_out(out, (b, n, heads, dh), q.dtype, q.device, inner_contiguous=True)
-    if out.numel() and q.dtype == torch.float32:
-        # fp32 tiles with the in-register RoPE shuffle spill heavily on sm_90 (kernels/aot.py), and
-        # fp32 is a test/debug precision: run the prologue kernel, then the plain attention kernel.
-        qr, kr = qk_norm_rope(q, k, q_weight, k_weight, cos, sin, heads, eps, key_scale, n_hist)
-        return attention(qr, kr, v, out=out)
-    if out.numel():
-        rstd = qk_rstd(q, k, eps)
-        _compressed_context_attention_launch(q, k, v, rstd, q_weight, k_weight, cos, sin, key_scale, n_hist, out)
     return out

@@ -1,5 +1,7 @@
-"""Per kernel and config: registers, shared memory, spills (sm_90, from kernels/aot.py), and the bytes one
-call moves at the 14B full-resolution shape beside the bytes the unfused reference sequence moves.
+"""Per kernel and config: registers, spills, shared memory and the MMA instruction (sm_90, compiled from the
+JIT's own specialisation by kernels/aot.py), the bytes one call moves at the 14B full-resolution shape
+beside the bytes the unfused reference sequence moves, and the numbers behind removing the fused-prologue
+attention.
 
 Reference bytes are counted analytically per PyTorch op of the reference (reads + writes, float32
 intermediates where the reference upcasts, broadcast tables and scalars ignored). Activations are
@@ -40,8 +42,6 @@ _PER_ELEM = {
         + 2 * _ops((BF, F32), *[(F32 / 2, F32 / 2)] * 4, *[(F32, F32 / 2)] * 2, (F32, F32), (F32, BF))
         + _ops((F32, F32)),
     ),
-    # rstd pre-pass over q and k; the attention kernel reads raw q, k instead of rotated ones (core)
-    "compressed_context_attention (prologue)": (2 * BF, None),
     # unpatchify copy; v.double(); x.double(); st*v; x-(.); (1-sn)*x0; start.double(); sn*start; add;
     # where; .to(fp32)
     "flow_step": (
@@ -87,7 +87,6 @@ _ELEMS = {
     "modulate_layernorm": B * L * D,
     "gate_residual": B * L * D,
     "qk_norm_rope": B * L * D,
-    "compressed_context_attention (prologue)": B * L * D,
     "flow_step": LATENT,
     "stage_transition": LATENT,
     "cfg_combine (zero*)": LATENT,
@@ -113,8 +112,6 @@ def bytes_rows() -> list[BytesRow]:
     for op, (fused, ref) in _PER_ELEM.items():
         n = _ELEMS[op]
         ref_bytes = None if ref is None else ref * n
-        if op == "compressed_context_attention (prologue)":  # vs qk_norm_rope's separate kernel
-            ref_bytes = _PER_ELEM["qk_norm_rope"][0] * n
         rows.append(BytesRow(op, fused * n, ref_bytes))
     return rows
 
@@ -130,7 +127,7 @@ def block_bytes() -> tuple[float, float]:
 def report_rows() -> list[dict]:
     """One dict per compiled kernel/config: registers, spills, smem (sm_90) and bytes per call."""
     by = {r.op: r for r in bytes_rows()}
-    alias = {"cfg_combine/apply": "cfg_combine (zero*)", "qk_rstd": "compressed_context_attention (prologue)"}
+    alias = {"cfg_combine/cfg_apply": "cfg_combine (zero*)"}
     rows = []
     for r in compile_all():
         b = by.get(alias.get(r.kernel, r.kernel))
@@ -140,9 +137,11 @@ def report_rows() -> list[dict]:
 
 
 def main() -> None:
-    print(f"{'kernel':30} {'config':70} {'regs':>4} {'spill':>5} {'smem':>7}")
+    print("sm_90, compiled from the JIT's own specialisation (16-byte divisibility of pointers and integers)")
+    print(f"{'kernel':20} {'config':84} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>8}")
     for r in report_rows():
-        print(f"{r['kernel']:30} {r['config'][:70]:70} {r['registers']:>4} {r['spills']:>5} {r['smem']:>7}")
+        cfg = r["config"].replace(" PRECISION=tf32", "").replace(" DOT_F32=False", "")
+        print(f"{r['kernel']:20} {cfg[:84]:84} {r['registers']:>4} {r['spills']:>5} {r['smem']:>7} {r['mma']:>8}")
     print(f"\nbytes per call at B={B}, L={L_HIST}+{L_NOISY}, D={D}, latents 16x9x48x80 (MB)")
     print(f"{'op':42} {'fused':>9} {'reference':>10} {'ratio':>6}")
     for r in bytes_rows():
@@ -153,6 +152,29 @@ def main() -> None:
     print(f"\nper block (2 adaLN norms, 2 gated residuals, Q/K prologue): fused {fused / 1e9:.2f} GB, "
           f"reference {ref / 1e9:.2f} GB, ratio {ref / fused:.1f}x; 40 blocks at 3.35 TB/s: "
           f"{40 * fused / 3.35e12 * 1e3:.1f} ms vs {40 * ref / 3.35e12 * 1e3:.1f} ms")  # fmt: skip
+    print("\n" + "\n".join(prologue_decision()))
+
+
+def prologue_decision(block_m: int = 128, hbm_tbps: float = 2.7, attn_tflops: float = 640.0) -> list[str]:
+    """Why the Q/K prologue is not fused into the attention kernel, from the stage-2 shape (an estimate:
+    no GPU measured it). Fusing K's prologue redoes it for every query tile; fusing only Q's saves Q's
+    round trip through HBM but ties attention to this kernel instead of FlashAttention-3."""
+    q_tiles = -(-L // block_m)
+    k_redo = q_tiles * L * D * 10  # ~10 FP32 ops per element (norm scale, weight, rotate, key scale), per tile
+    fp32_cuda_core = 67e12
+    saved_kv = 2 * B * L * D * BF  # q, k: write + re-read (4 x L x D x 2 B) less the rstd pre-pass's read of both
+    saved_q = B * L * D * BF  # q alone: write + re-read less the rstd pre-pass over q
+    attn_ms = 4 * B * L * L * D / (attn_tflops * 1e12) * 1e3
+    return [
+        f"fused prologue, per block at stage 2 (L={L}, D={D}; estimate, no GPU measurement):",
+        f"  attention core at {attn_tflops:.0f} TFLOP/s (FA3): {attn_ms:.2f} ms",
+        f"  K prologue in the kernel: redone by {q_tiles} query tiles ({block_m} rows): {k_redo / 1e9:.0f} GFLOP "
+        f"on FP32 units = {k_redo / fp32_cuda_core * 1e3:.2f} ms added; saves "
+        f"{saved_kv / 1e6:.0f} MB = {saved_kv / (hbm_tbps * 1e12) * 1e3:.3f} ms of HBM traffic",
+        f"  Q prologue only: saves {saved_q / 1e6:.0f} MB = {saved_q / (hbm_tbps * 1e12) * 1e3:.3f} ms "
+        f"({saved_q / (hbm_tbps * 1e12) * 1e3 / attn_ms:.1%} of the core) but rules out FlashAttention-3",
+        "  decision: removed; qk_norm_rope runs once per token and any attention backend reads its output",
+    ]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Triton qk_norm_rope, attention and compressed_context_attention against references.
+"""Triton qk_norm_rope and attention against references; attention at every tile config its autotuner may pick.
 
 The kernels run on `kernel_device()` (the GPU when they are compiled for one, else the CPU interpreter);
 inputs are drawn on the CPU and the references computed there (helios_rt.kernels.testing says why)."""
@@ -10,7 +10,6 @@ import torch
 from helios_rt.kernels import attention as K
 from helios_rt.kernels.testing import check_op, kernel_device, to_device, upcast
 
-from helios_rt.ops import fused_attention as F
 from helios_rt.ops import reference as R
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -110,24 +109,47 @@ def test_attention_validates():
         K.attention(q[..., :12], q[..., :12], q[..., :12])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("b,n,heads,dh,n_hist", [(1, 75, 2, 32, 33), (2, 40, 1, 64, 0), (1, 50, 3, 16, 50)])
-def test_compressed_context_attention(b, n, heads, dh, n_hist, dtype):
-    g = torch.Generator().manual_seed(n + dh)
-    q, k, qw, kw, cos, sin, ks = _prologue_inputs(b, n, heads, dh, dtype, g, strided=n == 75)
-    v = torch.randn(b, n, heads, dh, generator=g).to(dtype)
-    args = (qw, kw, cos, sin, heads, 1e-6, ks, n_hist)
-    out = K.compressed_context_attention(*to_device((q, k, v, *args), D))
-    ref32 = F.compressed_context_attention(*upcast((q, k, v)), *args)
-    naive = naive_attention(*R.qk_norm_rope(q, k, *args), v)
-    check_op("compressed_context_attention", out, ref32, naive, dtype)
+def _tile_configs():
+    """Every (head dim, dtype, config) the autotuner may pick: bf16 at each head dim (fp16 shares the configs;
+    it runs at the 14B's head dim 128), float32's one config at 128."""
+    cases = [
+        (dh, torch.bfloat16, cfg) for dh in sorted(K.HALF_CONFIGS) for cfg in K.attention_configs(dh, torch.bfloat16)
+    ]
+    cases += [(128, torch.float16, cfg) for cfg in K.attention_configs(128, torch.float16)]
+    cases += [(128, torch.float32, cfg) for cfg in K.attention_configs(128, torch.float32)]
+    return cases
 
 
-def test_compressed_context_attention_out_and_no_key_scale():
-    g = torch.Generator().manual_seed(2)
-    q, k, qw, kw, cos, sin, _ = _prologue_inputs(1, 33, 2, 16, torch.float32, g)
-    v = torch.randn(1, 33, 2, 16, generator=g)
-    out = torch.empty(1, 33, 2, 16, device=D)
-    args = (qw, kw, cos, sin, 2, 1e-6, None, 10)
-    assert K.compressed_context_attention(*to_device((q, k, v, *args), D), out=out) is out
-    torch.testing.assert_close(out.cpu(), F.compressed_context_attention(q, k, v, *args), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize(
+    "dh,dtype,cfg", _tile_configs(), ids=lambda c: c if isinstance(c, int) else str(c).removeprefix("torch.") if
+    isinstance(c, torch.dtype) else f"{c['BLOCK_M']}x{c['BLOCK_N']}"
+)  # fmt: skip
+def test_attention_at_every_tuned_config(dh, dtype, cfg):
+    """The real tile sizes: two query tiles (the second ragged) and full key tiles then a ragged last one, so
+    the unmasked loop, the masked last tile and the row mask all run; k, v strided views of one buffer."""
+    lq, lk = cfg["BLOCK_M"] + 19, 2 * cfg["BLOCK_N"] + 9
+    g = torch.Generator().manual_seed(dh + lq + lk)
+    q = torch.randn(1, lq, 1, dh, generator=g).to(dtype)
+    kv = torch.randn(1, lk, 2, 1, dh, generator=g).to(dtype)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    qd, kd, vd = to_device((q, k, v), D)
+    out = torch.empty(q.shape, dtype=dtype, device=D)
+    K.launch_attention(qd, kd, vd, out, cfg)
+    check_op(f"attention {cfg}", out, R.attention(*upcast((q, k, v))), naive_attention(q, k, v), dtype)
+
+
+def test_attention_full_tiles_only():
+    """Lk a multiple of BLOCK_N: no masked tile at all (the branch after the loop is skipped)."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, n, 2, 64, generator=g).to(torch.bfloat16) for n in (40, 64, 64))
+    out = torch.empty_like(q, device=D)
+    K.launch_attention(*to_device((q, k, v), D), out, {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1})
+    check_op("attention full tiles", out, R.attention(*upcast((q, k, v))), naive_attention(q, k, v), torch.bfloat16)
+
+
+def test_attention_configs_cover_the_supported_head_dims():
+    for dh in (16, 32, 64, 128, 256):
+        for dtype in DTYPES:
+            assert K.attention_configs(dh, dtype)
+    with pytest.raises(ValueError, match="head dim 512"):
+        K.attention(*(torch.empty(1, 4, 1, 512, device=D),) * 3)
