@@ -66,6 +66,15 @@ async def rss_once_warm(client: Client) -> int:
     return rss_bytes()
 
 
+async def probe_stats(http: aiohttp.ClientSession, url: str, latencies: list[float]) -> None:
+    """GET /stats every 50 ms while chunks are made: the event loop must not wait for a chunk."""
+    while True:
+        began = time.perf_counter()
+        assert (await http.get(f"{url}/stats")).status == 200
+        latencies.append(time.perf_counter() - began)
+        await asyncio.sleep(0.05)
+
+
 async def read_forever(client: Client) -> None:
     """Read whatever arrives and never acknowledge (reading also answers the server's pings)."""
     while await client.receive() is not None:
@@ -110,8 +119,11 @@ def test_nine_clients_slow_leaving_and_busy() -> None:
 
             began = time.perf_counter()
             warm = asyncio.create_task(rss_once_warm(fast))
+            latencies: list[float] = []
+            probe = asyncio.create_task(probe_stats(http, url, latencies))
             consumers = asyncio.gather(consume(fast), consume(slow, read_delay=0.01, ack_delay=0.5), consume(short))
             busy_updates = (await asyncio.gather(consumers, leave_after(midway, 10)))[0]
+            probe.cancel()
             await asyncio.sleep(1.0)  # everyone else is done: the stalled stream must still be paused
             elapsed = time.perf_counter() - began
             assert len(stalled.frames) == FRAMES_PER_CHUNK, len(stalled.frames)
@@ -125,7 +137,12 @@ def test_nine_clients_slow_leaving_and_busy() -> None:
                 await asyncio.sleep(0.05)
             stats = dict(vars(hub.stats))
             sampler.cancel()
-            gc.collect()
+            for _ in range(100):  # a stream is released once the engine thread has run its close
+                gc.collect()
+                if not engine._streams:
+                    break
+                await asyncio.sleep(0.05)
+            holders = [repr(r)[:120] for st in engine._streams for r in gc.get_referrers(st)]
             reference = [jpeg for _, _, jpeg in fast.frames]
             return {
                 "clients": {"fast": fast, "slow": slow, "short": short, "midway": midway, "stalled": stalled},
@@ -134,9 +151,10 @@ def test_nine_clients_slow_leaving_and_busy() -> None:
                 "stats": stats,
                 "active": len(hub.active),
                 "waiting": len(hub.waiting),
-                "engine_streams": len(engine._streams),
+                "engine_streams": (len(engine._streams), holders),
                 "rss": (rss[0], warm.result(), max(rss[: len(rss) // 2]), max(rss[len(rss) // 2 :]), rss_bytes()),
                 "elapsed": elapsed,
+                "stats_latency": max(latencies),
                 "chunk_bytes": max(m["bytes"] for m in fast.messages if m["type"] == "chunk"),
             }
 
@@ -155,7 +173,7 @@ def test_nine_clients_slow_leaving_and_busy() -> None:
     assert [b["position"] for b in short_busy] == [2, 1], short_busy
     assert stats["streams_started"] == 5 == stats["streams_ended"] and stats["queue_full"] == 3
     assert result["active"] == 0 and result["waiting"] == 0
-    assert result["engine_streams"] == 0  # every stream's buffers were freed
+    assert result["engine_streams"][0] == 0, result["engine_streams"]  # every stream's buffers were freed
     assert stats["peak_unacked_chunks"] == 1  # chunks_ahead: never more generated than the client took
     assert stats["peak_buffered_bytes"] <= 2 * result["chunk_bytes"]  # two turns x one chunk ahead
     # RSS swings by ~100 MiB within each chunk (the engine's working memory, one chunk at a time on one
@@ -163,6 +181,9 @@ def test_nine_clients_slow_leaving_and_busy() -> None:
     before, warm, first_half, second_half, end = (x / 2**20 for x in result["rss"])
     print(f"\nload: {result['elapsed']:.1f} s, chunk {result['chunk_bytes']} B, peak buffered "
           f"{stats['peak_buffered_bytes']} B, RSS MiB: before {before:.1f}, after two chunks {warm:.1f}, "
-          f"peak in the first half {first_half:.1f}, in the second {second_half:.1f}, end {end:.1f}")  # fmt: skip
+          f"peak in the first half {first_half:.1f}, in the second {second_half:.1f}, end {end:.1f}; "
+          f"slowest GET /stats {result['stats_latency'] * 1000:.0f} ms")  # fmt: skip
+    # a chunk takes seconds here; an event loop that waited for it would answer that late
+    assert result["stats_latency"] < 1.0, result["stats_latency"]
     assert second_half - first_half < 48, "the peak RSS grew while serving"
     assert end - warm < 48, "RSS after every session ended is well above its level after two chunks"

@@ -33,7 +33,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> web.Applicatio
     """
     config = config or ServeConfig()
     hub = Hub(config)
-    encoder = JpegEncoder(engine.config.height, engine.config.width, config.jpeg_qscale)
+    encoder = JpegEncoder(engine.config.height, engine.config.width, config.jpeg_qscale, config.jpeg_chroma)
     app = web.Application()
     app[HUB_KEY] = hub
     sessions: set[Session] = set()

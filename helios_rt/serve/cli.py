@@ -21,6 +21,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=1, help="streams generating at once (they take turns)")
     p.add_argument("--max-queue", type=int, default=8, help="sessions that may wait for a turn")
     p.add_argument("--chunks-ahead", type=int, default=2, help="chunks generated ahead of what a client received")
+    p.add_argument("--jpeg-qscale", type=int, default=3, help="JPEG quantiser, 2 (best) .. 31 (smallest)")
+    p.add_argument("--jpeg-chroma", default="444", choices=["444", "420"],
+                   help="420: about half the bytes, colour edges as each browser upsamples them")  # fmt: skip
     p.add_argument("--token-env", default=_TOKEN_ENV,
                    help=f"variable holding a bearer token to require (default {_TOKEN_ENV}; unset: none)")  # fmt: skip
     add_engine_arguments(p)
@@ -32,7 +35,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The server's limits from the command line; the token is read from the environment, never argv."""
     token = os.environ.get(args.token_env) or None
     return ServeConfig(host=args.host, port=args.port, token=token, max_sessions=args.max_sessions,
-                       max_queue=args.max_queue, chunks_ahead=args.chunks_ahead)  # fmt: skip
+                       max_queue=args.max_queue, chunks_ahead=args.chunks_ahead, jpeg_qscale=args.jpeg_qscale,
+                       jpeg_chroma=args.jpeg_chroma)  # fmt: skip
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ class ServeConfig:
     max_image_bytes: int = 8 * 2**20
     max_num_frames: int = 33 * 600  # about 14 minutes at 24 fps; null (endless) is allowed separately
     jpeg_qscale: int = 3  # MJPEG quantiser: 2 (best) .. 31 (smallest)
+    jpeg_chroma: str = "444"  # "444", or "420" for fewer bytes and decoder-dependent colour edges
     heartbeat_s: float = 20.0  # WebSocket ping interval; a client that stops answering is dropped
     allowed_origins: tuple[str, ...] = ()  # extra browser origins (besides the server's own) allowed to connect
 
@@ -43,6 +44,8 @@ class ServeConfig:
             raise ValueError(f"ServeConfig.port must be in 1..65535, got {self.port}")
         if not 2 <= self.jpeg_qscale <= 31:
             raise ValueError(f"ServeConfig.jpeg_qscale must be in 2..31 (MJPEG quantiser), got {self.jpeg_qscale}")
+        if self.jpeg_chroma not in ("444", "420"):
+            raise ValueError(f"ServeConfig.jpeg_chroma must be '444' or '420', got {self.jpeg_chroma!r}")
         if self.token is not None and (not isinstance(self.token, str) or len(self.token) < 8):
             raise ValueError("ServeConfig.token must be a string of at least 8 characters, or None for no token")
         if self.heartbeat_s <= 0:

@@ -20,16 +20,26 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 _JPEG = b"\xff\xd8\xff"
 
 
-class JpegEncoder:
-    """RGB uint8 `[H, W, 3]` frames -> baseline JPEG bytes (4:2:0), at a fixed quantiser."""
+CHROMA = {"444": "yuvj444p", "420": "yuvj420p"}
 
-    def __init__(self, height: int, width: int, qscale: int = 3) -> None:
-        self.height, self.width, self.qscale = height, width, qscale
+
+class JpegEncoder:
+    """RGB uint8 `[H, W, 3]` frames -> baseline JPEG bytes, at a fixed quantiser.
+
+    4:4:4 by default: with 4:2:0 the picture depends on how the decoder upsamples chroma, and
+    Chromium's and FFmpeg's differ by ~6 levels on the demo's detailed frames (0.06 with 4:4:4);
+    4:2:0 halves the bytes of those frames (`python -m helios_rt.serve.measure`), for remote clients.
+    """
+
+    def __init__(self, height: int, width: int, qscale: int = 3, chroma: str = "444") -> None:
+        if chroma not in CHROMA:
+            raise ValueError(f"chroma must be one of {sorted(CHROMA)}, got {chroma!r}")
+        self.height, self.width, self.qscale, self.pix_fmt = height, width, qscale, CHROMA[chroma]
 
     def _context(self) -> av.CodecContext:
         ctx = av.CodecContext.create("mjpeg", "w")
         ctx.width, ctx.height = self.width, self.height
-        ctx.pix_fmt = "yuvj420p"
+        ctx.pix_fmt = self.pix_fmt
         ctx.time_base = fractions.Fraction(1, 24)
         ctx.qmin = ctx.qmax = self.qscale  # the MJPEG encoder's quality knob
         return ctx
@@ -43,7 +53,7 @@ class JpegEncoder:
         out = []
         for i, frame in enumerate(frames):
             picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            picture = picture.reformat(format="yuvj420p")
+            picture = picture.reformat(format=self.pix_fmt)
             picture.pts = i
             out.extend(bytes(packet) for packet in ctx.encode(picture))
         out.extend(bytes(packet) for packet in ctx.encode(None))

@@ -10,7 +10,7 @@ const params = new URLSearchParams(location.search);
 const token = new URLSearchParams(location.hash.slice(1)).get("token");
 
 const player = {
-  hello: null, ws: null, playing: false, frozen: false,
+  hello: null, ws: null, state: "idle", playing: false, frozen: false, ended: false,
   buffer: [],            // {chunk, frame, bitmap|null} in arrival order
   chunkFrames: new Map(), // chunk -> frames announced / received
   toAck: [],             // chunks fully received, not yet acknowledged
@@ -26,7 +26,10 @@ function connect() {
   const ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
   ws.onmessage = (ev) => (typeof ev.data === "string" ? onMessage(JSON.parse(ev.data)) : onFrame(ev.data));
-  ws.onclose = (ev) => { status(`disconnected (${ev.code}${ev.reason ? ": " + ev.reason : ""})`); setPlaying(false); };
+  ws.onclose = (ev) => {
+    status(`disconnected (${ev.code}${ev.reason ? ": " + ev.reason : ""}); reload the page to reconnect`);
+    setStreaming(false);
+  };
   player.ws = ws;
 }
 
@@ -45,7 +48,10 @@ function onMessage(m) {
     status(`ready: ${m.width}x${m.height} at ${m.fps} fps, ${m.frames_per_chunk} frames per chunk`);
   } else if (m.type === "busy") {
     status(m.queue_full ? m.message : `busy: you are number ${m.position} of ${m.waiting} in the queue`);
+    if (m.queue_full) setStreaming(false);
+    else player.state = "queued";
   } else if (m.type === "started") {
+    player.state = "playing";
     status(`playing (seed ${m.seed}${m.chunks_total ? `, ${m.chunks_total} chunks` : ", endless"})`);
   } else if (m.type === "chunk") {
     player.chunkFrames.set(m.index, { expected: m.frames, received: 0 });
@@ -54,12 +60,13 @@ function onMessage(m) {
     $("switch").textContent = `switch at chunk ${m.chunk} (waiting)`;
   } else if (m.type === "end") {
     player.ended = true;
+    setStreaming(false);
     status(`generated ${m.chunks} chunks; playing out the buffer`);
   } else if (m.type === "stopped") {
-    status(`stopped (${m.reason})`); setPlaying(false);
+    status(`stopped (${m.reason})`); setStreaming(false); player.playing = false;
   } else if (m.type === "error") {
     showError(m.message);
-    if (m.fatal) setPlaying(false);
+    if (m.fatal || player.state === "starting") setStreaming(false); // a refused start, or a failed stream
   }
 }
 
@@ -96,7 +103,11 @@ function draw(now) {
     player.started = true; player.nextDue = now;
   }
   if (now < player.nextDue) return;
-  if (!ready) { player.started = false; status("buffering..."); return; }
+  if (!ready) {
+    player.started = false;
+    status(player.ended && !player.buffer.length ? "finished" : "buffering...");
+    return;
+  }
   const entry = player.buffer.shift();
   $("screen").getContext("2d").drawImage(entry.bitmap, 0, 0);
   entry.bitmap.close();
@@ -123,8 +134,9 @@ function updateStats() {
   $("kbytes").textContent = (player.bytes / 1024).toFixed(0);
 }
 
-function setPlaying(on) {
-  player.playing = on;
+function setStreaming(on) {
+  // Buttons follow the stream on the server; drawing (player.playing) goes on until the buffer is shown.
+  if (!on) player.state = "idle";
   $("start").disabled = on; $("stop").disabled = !on; $("switch-button").disabled = !on;
 }
 
@@ -153,7 +165,8 @@ $("start").onclick = async () => {
   if ($("frames").value) message.num_frames = Number($("frames").value);
   const file = $("image").files[0];
   if (file) message.image = await imageAsBase64(file);
-  setPlaying(true);
+  player.state = "starting"; player.playing = true;
+  setStreaming(true);
   send(message);
 };
 $("stop").onclick = () => send({ type: "stop" });
