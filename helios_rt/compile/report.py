@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import ModelConfig, preset
-from ..model.transformer import keeps_fp32
+from ..fp8 import quantize_blocks_
+from ..model.transformer import HeliosTransformer, keeps_fp32
 from ..ops import OpSet
 from ..sampling.chunk import ChunkSampler, SamplingSpec
 from ..sampling.history import HistoryLayout
@@ -78,6 +79,7 @@ class PlanReport:
     decode_slice_frames: int | None  # latent frames per decode slice (None: the whole chunk at once)
     text_encoder_bytes: int  # umT5 weights (0 when the model has none)
     plan_seconds: float
+    precision: str = "native"  # "fp8": the block linears in e4m3 (EngineConfig(precision="fp8"))
 
     @property
     def arena_bytes(self) -> int:
@@ -118,7 +120,8 @@ class PlanReport:
     def format(self) -> str:
         g = format_bytes
         lines = [
-            f"helios-rt plan: {self.model}, {self.height}x{self.width}, {self.dtype}, batch {self.batch}, "
+            f"helios-rt plan: {self.model}, {self.height}x{self.width}, {self.dtype}{_FP8_NOTE[self.precision]}, "
+            f"batch {self.batch}, "
             f"text {self.text_len} tokens, {self.kernels} ops (planned in {self.plan_seconds:.1f} s)",
             "",
             f"{'chunk kind':<50}  arena         lower bound   ratio  buffers    ops",
@@ -167,9 +170,10 @@ def format_bytes(n: int) -> str:
     raise AssertionError
 
 
-def weights_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of the transformer's parameters as loaded (the float32-kept ones in float32)."""
-    model = meta_transformer(config, dtype)
+def weights_bytes(config: ModelConfig, dtype: torch.dtype, precision: str = "native") -> int:
+    """Bytes of the transformer's parameters as loaded (the float32-kept ones in float32; with
+    precision="fp8" the block linears' e4m3 weights and float32 scales)."""
+    model = _meta_model(config, dtype, precision)
     return sum(p.numel() * (4 if keeps_fp32(n) else p.element_size()) for n, p in model.named_parameters())
 
 
@@ -220,9 +224,10 @@ def plan_chunk(
     dtype: torch.dtype,
     ops: OpSet,
     spec: SamplingSpec,
+    precision: str = "native",
 ) -> ChunkProgram:
     """The engine's compiled chunk for `config` at `shape`, built and planned on meta tensors."""
-    model = meta_transformer(config, dtype)
+    model = _meta_model(config, dtype, precision)
     model.ops = ops
     layout = HistoryLayout(shape.history_sizes, shape.latent_frames, shape.keep_first_frame)
     sampler = ChunkSampler(model, spec, layout, shape.latent_hw, META, ops)
@@ -249,6 +254,7 @@ def plan_engine(
     spec: SamplingSpec | None = None,
     text_encoder: dict | None = UMT5_XXL,
     gpu_memory_gb: float | None = None,
+    precision: str = "native",
 ) -> PlanReport:
     """Plan the chunk kinds of `config` at `height` x `width` pixels and total the engine's memory.
 
@@ -259,7 +265,7 @@ def plan_engine(
     t0 = time.perf_counter()
     shape = shape or ChunkShape(height=height, width=width, batch=batch, text_len=text_len)
     ops = OpSet.for_planning(kernels)
-    program = plan_chunk(config, shape, dtype, ops, spec or distilled_spec(shape.stages))
+    program = plan_chunk(config, shape, dtype, ops, spec or distilled_spec(shape.stages), precision)
     kinds = tuple(
         KindReport(_kind_name(kind), p.arena_bytes, p.lower_bound_bytes, p.buffers, len(p.steps))
         for kind, p in program.plans.items()
@@ -284,11 +290,12 @@ def plan_engine(
         kernels=ops.backend_of("attention"),
         kinds=kinds,
         persistent=persistent,
-        weights_bytes=weights_bytes(config, dtype),
+        weights_bytes=weights_bytes(config, dtype, precision),
         vae_bytes=vae_decode_bytes(shape, dtype),
         decode_slice_frames=None,
         text_encoder_bytes=text_encoder_bytes(dtype, text_encoder),
         plan_seconds=0.0,
+        precision=precision,
     )
     if gpu_memory_gb is not None:
         report = choose_decode_slices(report, shape, dtype, gpu_memory_gb)
@@ -317,6 +324,23 @@ def choose_decode_slices(report: PlanReport, shape: ChunkShape, dtype: torch.dty
             if fits(sliced):
                 return sliced
     return report
+
+
+_FP8_NOTE = {"native": "", "fp8": " (block linears fp8 e4m3)"}
+
+
+def _meta_model(config: ModelConfig, dtype: torch.dtype, precision: str):
+    """The transformer on meta as the engine loads it: FP8 block linears with precision="fp8"."""
+    return _meta_fp8_model(config, dtype) if precision == "fp8" else meta_transformer(config, dtype)
+
+
+@functools.lru_cache(maxsize=2)  # a fresh model: `meta_transformer`'s cached one must stay float
+def _meta_fp8_model(config: ModelConfig, dtype: torch.dtype):
+    with torch.device("meta"):
+        model = HeliosTransformer(config, OpSet("cpu", "reference"))
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+    return quantize_blocks_(model).eval()
 
 
 def _kind_name(kind: ChunkKind) -> str:
@@ -356,6 +380,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="also answer whether it fits a budget of this many GB (decoding in exact time "
                    "slices if that is what makes it fit)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--precision", default="native", choices=["native", "fp8"],
+                   help="fp8: the block linears in e4m3 (EngineConfig(precision='fp8'))")  # fmt: skip
     p.set_defaults(func=run_plan)
     return p
 
@@ -372,7 +398,8 @@ def run_plan(args: argparse.Namespace) -> int:
     config = _model_config(args.model)
     encoder = None if args.model == "tiny" else _text_encoder_config(args.model)
     report = plan_engine(config, args.height, args.width, _DTYPES[args.dtype], args.batch, args.text_len, args.model,
-                         kernels=args.kernels, text_encoder=encoder, gpu_memory_gb=args.gpu_memory)  # fmt: skip
+                         kernels=args.kernels, text_encoder=encoder, gpu_memory_gb=args.gpu_memory,
+                         precision=args.precision)  # fmt: skip
     if args.json:
         out = report.to_dict()
         if args.gpu_memory is not None:
