@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -55,16 +56,26 @@ def pytest_command(tests: Path, junit: Path, files: list[Path], marker: str | No
     return [*cmd, *(["-m", marker] if marker else []), *map(str, files)]
 
 
-def run_pytest(cmd: list[str], log: Path, timeout_s: float) -> tuple[int, str]:
-    """Run one pytest subprocess (its output to `log`); returns its exit code and the summary line."""
+def run_pytests(runs: list[tuple[list[str], Path]], timeout_s: float) -> list[tuple[int, str]]:
+    """Run pytest subprocesses at once (on a GPU machine they are bound by Triton's compilation on the
+    CPU cores), each logging to its file; returns each exit code (-1: timed out) and summary line."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    try:
+    procs = []
+    for cmd, log in runs:
         with log.open("w") as out:
-            rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout_s).returncode
-    except subprocess.TimeoutExpired:
-        return -1, f"timed out after {timeout_s:.0f} s (see {log.name})"
-    lines = [line for line in log.read_text().splitlines() if line.strip()]
-    return rc, lines[-1] if lines else "(no output)"
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
+    deadline, results = time.monotonic() + timeout_s, []
+    for proc, (_, log) in zip(procs, runs, strict=True):
+        try:
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            results.append((-1, f"timed out after {timeout_s:.0f} s (see {log.name})"))
+            continue
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        results.append((rc, lines[-1] if lines else "(no output)"))
+    return results
 
 
 def junit_cases(junit: Path) -> dict[str, str]:
@@ -114,18 +125,18 @@ def test_checks(profile: Profile, out_dir: Path, timeout_s: float) -> list[Check
     test without the mark, so `-m gpu` over them is `-m gpu` over the suite.
     """
     tests = tests_dir()
-    junit = out_dir / "pytest-gpu.xml"
-    cmd = pytest_command(tests, junit, gpu_test_files(tests), "gpu")
-    rc, summary = run_pytest(cmd, out_dir / "pytest-gpu.log", timeout_s)
-    cases = junit_cases(junit) if junit.is_file() else {}
-    checks = [suite_check("pytest -m gpu", cases, rc, summary, profile.skips_fail)]
-    checks += behaviour_checks(cases, profile.skips_fail)
+    suites = [("pytest -m gpu", "gpu", gpu_test_files(tests), "gpu")]
     if profile.kernel_tests:
-        junit = out_dir / "pytest-kernels.xml"
-        cmd = pytest_command(tests, junit, [tests / f for f in KERNEL_TESTS], None)
-        rc, summary = run_pytest(cmd, out_dir / "pytest-kernels.log", timeout_s)
+        suites.append(("kernel tests, compiled on the device", "kernels", [tests / f for f in KERNEL_TESTS], None))
+    runs = [(pytest_command(tests, out_dir / f"pytest-{tag}.xml", files, marker), out_dir / f"pytest-{tag}.log")
+            for _, tag, files, marker in suites]  # fmt: skip
+    checks = []
+    for (name, tag, _, _), (rc, summary) in zip(suites, run_pytests(runs, timeout_s), strict=True):
+        junit = out_dir / f"pytest-{tag}.xml"
         cases = junit_cases(junit) if junit.is_file() else {}
-        checks.append(suite_check("kernel tests, compiled on the device", cases, rc, summary, profile.skips_fail))
+        checks.append(suite_check(name, cases, rc, summary, profile.skips_fail))
+        if tag == "gpu":
+            checks += behaviour_checks(cases, profile.skips_fail)
     return checks
 
 

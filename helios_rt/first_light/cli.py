@@ -21,7 +21,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m helios_rt.first_light", description=__doc__)
     p.add_argument("out_dir", type=Path, help="folder for first_light.json, first_light.md and the pytest logs")
     p.add_argument("--dry-run", action="store_true", help="on CPU at the demo model's sizes (what CI runs)")
-    p.add_argument("--pytest-timeout", type=float, default=300.0, metavar="S", help="limit of each pytest run")
+    p.add_argument(
+        "--pytest-timeout", type=float, default=270.0, metavar="S", help="limit of the pytest runs (they run at once)"
+    )
     return p.parse_args(argv)
 
 
