@@ -1,8 +1,9 @@
 """`helios-rt serve` in a real headless Chromium, driven over its DevTools protocol (issue 17).
 
-The page loads, starts a demo stream, plays frames that change over time, switches the prompt
-mid-stream and shows the chunk the switch takes effect at. What the canvas shows is compared pixel
-by pixel with the JPEG frames the server sent, as Chromium itself recorded them off the WebSocket.
+The page loads, starts a demo stream (image-to-video, from an image uploaded on the page), plays
+frames that change over time, switches the prompt mid-stream and shows the chunk the switch takes
+effect at. What the canvas shows is compared pixel by pixel with the JPEG frames the server sent, as
+Chromium itself recorded them off the WebSocket.
 
 Chromium comes from the distribution (`apt-get install -y chromium`); without it the test fails in
 CI (CI=true) and is skipped elsewhere, with the install line.
@@ -142,6 +143,22 @@ async def canvas_shot(devtools: DevTools) -> tuple[dict, np.ndarray]:
     return shown, decode_png(base64.b64decode(shot["data"]))
 
 
+async def main_thread_seconds(devtools: DevTools) -> float:
+    """Seconds the page's main thread has spent on tasks (Chromium's own counter): the page's CPU."""
+    metrics = (await devtools.call("Performance.getMetrics"))["metrics"]
+    return next(m["value"] for m in metrics if m["name"] == "TaskDuration")
+
+
+def write_png(path: Path) -> Path:
+    rows, cols = np.meshgrid(np.arange(80), np.arange(96), indexing="ij")
+    image = np.stack([rows * 3, cols * 2, np.full_like(rows, 120)], -1).astype(np.uint8)
+    ctx = av.CodecContext.create("png", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = 96, 80, "rgb24"
+    packets = ctx.encode(av.VideoFrame.from_ndarray(image, format="rgb24")) + ctx.encode(None)
+    path.write_bytes(b"".join(bytes(p) for p in packets))
+    return path
+
+
 def decode_png(data: bytes) -> np.ndarray:
     ctx = av.CodecContext.create("png", "r")
     return ctx.decode(av.Packet(data))[0].to_ndarray(format="rgb24")
@@ -170,8 +187,15 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
     async def run() -> tuple:
         async with running_server(small_demo_engine()) as (url, hub), page_in_chromium(chromium, tmp_path) as page:
             await page.call("Network.enable")
+            await page.call("Performance.enable")
             await page.call("Page.navigate", url=f"{url}/?zoom=1")
             await page.wait_for("document.getElementById('status').textContent.startsWith('ready')", 30)
+            # image-to-video through the page's upload: a 96x80 PNG the page crops and scales to 64x64
+            document = await page.call("DOM.getDocument")
+            node = await page.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#image")
+            await page.call(
+                "DOM.setFileInputFiles", files=[str(write_png(tmp_path / "first.png"))], nodeId=node["nodeId"]
+            )
             await page.evaluate(
                 "document.getElementById('prompt').value = 'a tropical fish among corals';"
                 "document.getElementById('frames').value = '99';"
@@ -179,6 +203,7 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
             )
             await page.wait_for("helios.player.shown.frame >= 3")
             first = await canvas_shot(page)
+            cpu_before = await main_thread_seconds(page)
             await page.evaluate(
                 "document.getElementById('next-prompt').value = 'a red bird over the sea';"
                 "document.getElementById('switch-button').click()"
@@ -188,16 +213,19 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
             )
             await page.wait_for(f"helios.player.shown.chunk >= {switch} && helios.player.shown.frame % 33 >= 3")
             second = await canvas_shot(page)
+            drawn = second[0]["frame"] - first[0]["frame"]
+            stats_cpu = (await main_thread_seconds(page) - cpu_before) / max(drawn, 1)
             label = await page.evaluate("document.getElementById('switch').textContent")
             stats = await page.evaluate(
                 "({ttff: document.getElementById('ttff').textContent, error: document.getElementById('error')"
                 ".textContent, decode: document.getElementById('decode').textContent})"
             )
-            return first, second, int(switch), label, stats, page.events
+            return first, second, int(switch), label, stats, page.events, stats_cpu
 
-    first, second, switch, label, stats, events = asyncio.run(asyncio.wait_for(run(), 100))
+    first, second, switch, label, stats, events, cpu_per_frame = asyncio.run(asyncio.wait_for(run(), 100))
     frames, messages = sent_over_the_socket(events)
     assert [m["chunk"] for m in messages if m["type"] == "prompt"] == [switch] and switch >= 1
+    assert [m["image"] for m in messages if m["type"] == "started"] == [True]  # the upload reached the engine
     assert label == f"switched at chunk {switch} (shown)" and stats["error"] == ""
     assert stats["ttff"].endswith(" s"), stats
     diffs = []
@@ -212,4 +240,5 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
         assert distances[shown["frame"]] < 3.0, distances[shown["frame"]]
     assert second[0]["chunk"] >= switch > first[0]["chunk"]
     assert mean_diff(first[1], second[1]) > 10 * max(diffs)  # the picture changed over time
-    print(f"\nbrowser: canvas vs sent frame {diffs}, switch at chunk {switch}, decode {stats['decode']} ms/frame")
+    print(f"\nbrowser: canvas vs sent frame {diffs}, switch at chunk {switch}, decode {stats['decode']} ms/frame "
+          f"(latency), page main thread {cpu_per_frame * 1000:.2f} ms per frame shown")  # fmt: skip
