@@ -18,6 +18,10 @@ from .sequence import TokenShards, local_tokens, token_shards, ulysses_attention
 Tensor = torch.Tensor
 
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; the floor is older
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
 class TorchCollectives:
     """torch.distributed's collectives (NCCL, gloo), writing into outputs the caller made."""
 
@@ -25,7 +29,7 @@ class TorchCollectives:
         dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
 
     def all_gather(self, out: Tensor, inp: Tensor) -> None:
-        dist.all_gather_single(out, inp)
+        _ALL_GATHER(out, inp)
 
 
 class ParallelForward:
