@@ -14,10 +14,11 @@ import aiohttp
 import av
 import numpy as np
 import pytest
+from aiohttp import web
 from support.serve_harness import Client, running_server, small_demo_engine
 
 from helios_rt.cli import main
-from helios_rt.serve import ServeConfig
+from helios_rt.serve import ServeConfig, create_app
 from helios_rt.serve.frames import JpegEncoder, decode_image, decode_jpeg
 from helios_rt.serve.protocol import Ack, ProtocolError, SetPrompt, Start, Stop, parse_message
 
@@ -145,6 +146,30 @@ def test_bad_messages_get_errors_and_the_server_keeps_serving() -> None:
             assert hub.stats.streams_started == 1 == hub.stats.streams_ended
 
     asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_the_app_mounts_under_a_prefix() -> None:
+    """An application embeds the server with add_subapp: the page, its script and the socket follow."""
+
+    async def run() -> None:
+        outer = web.Application()
+        outer.add_subapp("/video/", create_app(small_demo_engine()))
+        runner = web.AppRunner(outer)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/video"
+        try:
+            async with aiohttp.ClientSession() as http:
+                assert '<script src="player.js">' in await (await http.get(f"{url}/")).text()
+                assert "createImageBitmap" in await (await http.get(f"{url}/player.js")).text()
+                client = Client(await http.ws_connect(f"{url}/ws", origin="http://" + url.split("/")[2]))
+                assert (await client.until("hello"))["frames_per_chunk"] == 33
+                await client.ws.close()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
 
 
 def test_token_origin_and_oversized_messages() -> None:

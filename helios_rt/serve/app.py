@@ -26,7 +26,8 @@ _PAGES = {"/": ("index.html", "text/html"), "/player.js": ("player.js", "text/ja
 
 
 def create_app(engine: Any, config: ServeConfig | None = None) -> web.Application:
-    """An application serving `engine`: `web.run_app(create_app(engine))`, or mount it as a sub-app.
+    """An application serving `engine`: `web.run_app(create_app(engine))`, or mount it in your own
+    application with `app.add_subapp("/video/", create_app(engine))` (the page uses relative URLs).
 
     Routes: `GET /` the page, `GET /player.js`, `GET /ws` the stream WebSocket, `GET /stats` the
     hub's counters (JSON). The engine is used from one worker thread only; close it after the app.
@@ -37,11 +38,6 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> web.Applicatio
     app = web.Application()
     app[HUB_KEY] = hub
     sessions: set[Session] = set()
-
-    async def page(request: web.Request) -> web.Response:
-        name, content_type = _PAGES[request.path]  # fixed names: no path ever comes from the client
-        body = resources.files(__package__).joinpath("static", name).read_bytes()
-        return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-store"})
 
     async def websocket(request: web.Request) -> web.StreamResponse:
         _check_origin(request, config)
@@ -68,13 +64,23 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> web.Applicatio
     async def on_cleanup(app: web.Application) -> None:
         hub.close()
 
-    for path in _PAGES:
-        app.router.add_get(path, page)
+    for path, (name, content_type) in _PAGES.items():
+        app.router.add_get(path, _static_page(name, content_type))
     app.router.add_get("/ws", websocket)
     app.router.add_get("/stats", stats)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+def _static_page(name: str, content_type: str):
+    """A handler for one file shipped in the package: fixed names, no path ever comes from a client."""
+
+    async def page(request: web.Request) -> web.Response:
+        body = resources.files(__package__).joinpath("static", name).read_bytes()
+        return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-store"})
+
+    return page
 
 
 def _check_token(request: web.Request, config: ServeConfig) -> None:
