@@ -173,7 +173,7 @@ def test_tiny_chunk_pieces_and_steps() -> None:
 # ---- the 14B model -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chunk14b():
-    return cost.trace_chunk(HELIOS_14B, ChunkShape(), label="Helios 14B")
+    return cost.trace_chunk(HELIOS_14B, ChunkShape(), label="Helios 14B", vae=True)
 
 
 def test_14b_layouts() -> None:
@@ -257,3 +257,44 @@ def test_vae_decode_estimate_small() -> None:
     t = cost.trace_vae_decode(ChunkShape(height=32, width=48, latent_frames=2))
     assert t.flops(GEMM) > 0 and t.bytes() > 0
     assert any(o.outputs and o.outputs[0][0][2] == 5 for o in t.ops if o.kind == GEMM)  # 1 + 4 frames out
+
+
+# ---- what the projection prices (issue 13) ---------------------------------------------------------------
+def test_projection_prices_the_backend_that_runs(chunk14b) -> None:
+    from helios_rt.compile.cost import attention_rates as rates
+
+    assert rates.h100_selection().backend == "fa3"
+    assert rates.h100_selection(frozenset({"flash_attn", "triton"})).backend == "fa2"  # pip install helios_rt[fa]
+    assert rates.h100_selection(frozenset({"triton"})).backend == "triton"
+    fa3, fa2 = (cost.project(chunk14b, efficiency=rates.efficiency_for(b), fused=True) for b in ("fa3", "fa2"))
+    assert fa3.total(kind=GEMM) == fa2.total(kind=GEMM)
+    ratio = fa2.total("stage 2", ATTENTION) / fa3.total("stage 2", ATTENTION)
+    assert ratio == pytest.approx(640 / 335, rel=1e-3)  # stage-2 attention is compute-bound at either rate
+    assert "fa2: FlashAttention-2 measured" in rates.efficiency_for("fa2").describe(cost.H100_SXM)
+    lines = rates.backend_lines(chunk14b)
+    assert len(lines) == 1 + len(rates.H100_ATTENTION) and lines[1].startswith("fa3") and "<- runs" in lines[1]
+    assert "estimate, not measured" in next(line for line in lines if line.startswith("triton"))
+
+
+def test_end_to_end_fps_includes_the_vae_decode(chunk14b) -> None:
+    p = cost.project(chunk14b, fused=True)
+    vae = p.total(vae=True) - p.seconds
+    assert vae > 0.05  # the bf16 decode of 33 frames: tens of ms at least on an H100
+    assert p.fps_end_to_end == pytest.approx(33 / (p.seconds + vae)) and p.fps_end_to_end < p.fps
+    text = cost.format_projection(chunk14b, (1, 1, 1))
+    headline = next(line for line in text.splitlines() if line.startswith("END TO END"))
+    assert f"{p.fps_end_to_end:.1f} FPS fused" in headline and "19.5 FPS end to end at steps 1+1+1" in headline
+    with pytest.raises(ValueError, match="vae=True"):
+        _ = replace(p, vae_rows=()).fps_end_to_end
+
+
+def test_calibration_prices_the_reference_pipeline(chunk14b) -> None:
+    from helios_rt.compile.cost import attention_rates as rates
+
+    compiled, eager = rates.calibrate(chunk14b, True), rates.calibrate(chunk14b, False)
+    ours = cost.project(chunk14b, efficiency=rates.efficiency_for("fa3"), fused=True)
+    assert compiled.transformer_s == pytest.approx(ours.seconds) and eager.transformer_s > compiled.transformer_s
+    assert compiled.text_kv_s > 0  # the reference recomputes the text K/V in every forward
+    assert compiled.vae_s > ours.total(vae=True) - ours.seconds  # float32 decode moves twice the bytes
+    assert eager.fps < compiled.fps
+    assert "vs the paper's 19.5 FPS at steps 1+1+1" in compiled.line()

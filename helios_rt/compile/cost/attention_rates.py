@@ -1,0 +1,131 @@
+"""What the projection prices: the attention backend that would run, at its own stated rate, the VAE decode
+inside the end-to-end FPS, and a calibration row that prices the reference pipeline's op sequence against
+the paper's 19.5 FPS.
+
+Attention rates are H100 SXM, bf16, head dim 128, long non-causal sequences (the 14B stage-2 shape is
+11040 tokens); each says where it comes from. Only FA3's and FA2's are published measurements; ours is an
+estimate until a GPU measures it (`helios-rt bench --suite gpu`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from ...ops.attention_backends import AttentionEnv, AttentionSelection, select_attention
+from .chunk import ChunkCost, ChunkShape, trace_vae_decode
+from .projection import H100_SXM, PAPER_FPS, PAPER_STEPS, DeviceSpec, Efficiency, project, project_trace
+from .tracer import Trace
+
+H100_TF32_TFLOPS = 494.7  # dense TF32: cuDNN runs float32 convolutions in TF32 by default
+
+
+@dataclass(frozen=True)
+class AttentionRate:
+    backend: str
+    tflops: float
+    source: str
+
+
+H100_ATTENTION: dict[str, AttentionRate] = {
+    r.backend: r
+    for r in (
+        AttentionRate(
+            "fa3",
+            640.0,
+            "FlashAttention-3 paper (Shah et al. 2024), H100 SXM5 bf16 forward, head dim "
+            "128, non-causal, 8k-16k tokens: 610-661 TFLOP/s",
+        ),  # fmt: skip
+        AttentionRate(
+            "fa2", 335.0, "FlashAttention-2 measured in the FlashAttention-3 paper, same setting: ~324-338 TFLOP/s"
+        ),  # fmt: skip
+        AttentionRate(
+            "triton",
+            400.0,
+            "estimate, not measured: this kernel is FlashAttention-2 class (wgmma, "
+            "no warp specialisation or ping-pong), 0.55-0.7x FA3 by review",
+        ),  # fmt: skip
+        AttentionRate("sdpa", 335.0, "PyTorch SDPA's default CUDA backend is FlashAttention-2 code: the FA2 rate"),
+        AttentionRate("reference", 200.0, "estimate: bmm + float32 softmax per query chunk, scores through HBM"),
+    )
+}
+H100_INSTALLED = frozenset({"flash_attn_interface", "flash_attn", "triton"})  # helios_rt[fa] + FA3's hopper/ build
+
+
+def efficiency_for(backend: str, device: DeviceSpec = H100_SXM, base: Efficiency | None = None) -> Efficiency:
+    """`base` with attention priced at `backend`'s rate (H100 rates; other devices need their own table)."""
+    if device is not H100_SXM:
+        raise ValueError(f"attention rates are stated for the H100 SXM only, not {device.name}")
+    rate = H100_ATTENTION[backend]
+    return replace(
+        base or Efficiency(), attention=rate.tflops / device.bf16_tflops, attention_label=f"{backend}: {rate.source}"
+    )
+
+
+def h100_selection(installed: frozenset[str] = H100_INSTALLED) -> AttentionSelection:
+    """What the backend table runs on an H100 for the 14B (bf16, head dim 128) with `installed`."""
+    env = AttentionEnv("cuda", (9, 0), installed, "triton" in installed, "H100 SXM")
+    return select_attention("auto", env, torch.bfloat16, 128)
+
+
+def backend_lines(chunk: ChunkCost, steps: Sequence[int] = PAPER_STEPS, selected: str | None = None) -> list[str]:
+    """One line per backend: its rate and source, the stage-2 attention time and the end-to-end FPS."""
+    selected = selected or h100_selection().backend
+    lines = [f"{'attention':9} {'TFLOP/s':>7} {'stage-2 attn ms':>15} {'chunk ms':>8} {'FPS e2e':>7}  source"]
+    for name, rate in H100_ATTENTION.items():
+        p = project(chunk, efficiency=efficiency_for(name), steps=steps, fused=True)
+        mark = " <- runs" if name == selected else ""
+        lines.append(f"{name:9} {rate.tflops:7.0f} {p.total('stage 2', 'attention') * 1e3:15.1f} "
+                     f"{p.total(vae=True) * 1e3:8.0f} {p.fps_end_to_end:7.1f}  {rate.source}{mark}")  # fmt: skip
+    return lines
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The reference pipeline priced by this cost model, beside the paper's measured FPS."""
+
+    label: str
+    transformer_s: float
+    text_kv_s: float
+    vae_s: float
+    frames: int
+
+    @property
+    def seconds(self) -> float:
+        return self.transformer_s + self.text_kv_s + self.vae_s
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds
+
+    def line(self) -> str:
+        steps = "+".join(map(str, PAPER_STEPS))
+        return (
+            f"{self.label}: transformer {self.transformer_s * 1e3:.0f} ms + text K/V {self.text_kv_s * 1e3:.0f} ms"
+            f" + VAE {self.vae_s * 1e3:.0f} ms = {self.seconds * 1e3:.0f} ms -> {self.fps:.1f} FPS vs the paper's "
+            f"{PAPER_FPS} FPS at steps {steps} ({self.fps / PAPER_FPS:.2f}x)"
+        )
+
+
+@functools.lru_cache(maxsize=2)
+def _fp32_vae(shape: ChunkShape) -> Trace:
+    return trace_vae_decode(shape, torch.float32)
+
+
+def calibrate(chunk: ChunkCost, compiled: bool = True) -> Calibration:
+    """The official pipeline's op sequence on an H100: FA3 attention, one step per stage, the cross-attention
+    K/V recomputed in every forward (no text K/V cache), a float32 VAE decode (its convolutions in TF32).
+    `compiled`: torch.compile modelled as one kernel per fused op (Inductor fuses the same pointwise chains
+    between GEMMs); False prices every aten op (eager), bracketing it from the other side."""
+    eff = efficiency_for("fa3")
+    p = project(chunk, efficiency=eff, steps=PAPER_STEPS, fused=compiled)
+    text = chunk.per_prompt.fused() if compiled else chunk.per_prompt
+    text_s = sum(c.seconds for c in project_trace(text, H100_SXM, eff).values()) * sum(PAPER_STEPS)
+    vae = _fp32_vae(chunk.shape)
+    tf32 = replace(H100_SXM, fp32_tflops=H100_TF32_TFLOPS)
+    vae_s = sum(c.seconds for c in project_trace(vae.fused() if compiled else vae, tf32, eff).values())
+    how = "torch.compile as fused kernels" if compiled else "eager, every aten op"
+    return Calibration(f"reference pipeline ({how}, FA3, fp32 VAE)", p.seconds, text_s, vae_s, p.frames)
