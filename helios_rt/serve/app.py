@@ -31,6 +31,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> web.Applicatio
 
     Routes: `GET /` the page, `GET /player.js`, `GET /ws` the stream WebSocket, `GET /stats` the
     hub's counters (JSON). The engine is used from one worker thread only; close it after the app.
+    With a token, keep access logs off (`run_app(..., access_log=None)`): the page sends it as ?token=.
     """
     config = config or ServeConfig()
     hub = Hub(config)

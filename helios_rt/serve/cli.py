@@ -58,5 +58,6 @@ def run_serve(args: argparse.Namespace) -> int:
         engine.warmup()
         url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}/"
         print(f"helios-rt serve: open {url}{'#token=...' if config.token else ''}", flush=True)
-        web.run_app(create_app(engine, config), host=config.host, port=config.port, print=None)
+        # no access log: the page's WebSocket URL carries the token (?token=) and would be written there
+        web.run_app(create_app(engine, config), host=config.host, port=config.port, print=None, access_log=None)
     return 0
