@@ -24,7 +24,7 @@ def _modulate_layernorm_kernel(
     sxb, sxl, sob, sol, shb, shs, scb, scs,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: B x L x row stride can pass 2^31
     b = row // L
     l_idx = row - b * L
     cols = tl.arange(0, BLOCK_D)

@@ -21,7 +21,7 @@ def _gate_residual_kernel(
     sxb, sxl, syb, syl, sob, sol, sgb, sgs,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: B x L x row stride can pass 2^31
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b = row // L
     l_idx = row - b * L

@@ -11,6 +11,7 @@ import torch
 
 from .. import profiling
 from ..profiling import nvtx_range
+from .attention import attention_rows
 from .projection import projection_rows
 from .side_by_side import run_cpu_suite
 from .stream import run_gpu_suite
@@ -95,6 +96,7 @@ def run_bench(args: argparse.Namespace) -> int:
         else:
             for result in run_gpu_suite(chunks=args.chunks):
                 rows += result.rows()
+            rows += attention_rows()  # each installed attention backend at the stage-2 shape (TFLOP/s)
     if args.json:
         print(rows_json(rows))
     else:

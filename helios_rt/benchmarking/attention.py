@@ -1,0 +1,71 @@
+"""Attention backends timed at the 14B stage-2 self-attention shape: TFLOP/s from the shape, GPU work timed
+with CUDA events (the projection's rates in `compile.cost.attention_rates` are what this measures)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import attention_backends as AB
+from ..ops.reference import attention_flops
+from .table import Row
+
+STAGE2 = (1, 11040, 40, 128)  # batch, tokens (2400 history + 8640 noisy), heads, head dim
+
+
+@dataclass(frozen=True)
+class AttentionTiming:
+    backend: str
+    ms: float  # median of `iters` calls
+    tflops: float
+
+
+def time_backend(name: str, q: torch.Tensor, iters: int = 10) -> AttentionTiming:
+    """Median time of `iters` calls of backend `name` on q = k = v (a warm-up call first: Triton autotunes)."""
+    fn = AB.implementation(name)
+    out = torch.empty_like(q)
+    fn(q, q, q, out=out)
+    times = []
+    for _ in range(iters):
+        times.append(_timed(lambda: fn(q, q, q, out=out), q.device))
+    ms = sorted(times)[len(times) // 2]
+    b, n, h, d = q.shape
+    return AttentionTiming(name, ms, attention_flops(b, n, n, h, d) / (ms * 1e-3) / 1e12)
+
+
+def _timed(call, device: torch.device) -> float:
+    if device.type != "cuda":
+        start = time.perf_counter()
+        call()
+        return (time.perf_counter() - start) * 1e3
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    call()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end)
+
+
+def measure_backends(
+    device: str = "cuda", shape: tuple[int, int, int, int] = STAGE2, dtype: torch.dtype = torch.bfloat16
+) -> tuple[list[AttentionTiming], dict[str, str]]:
+    """Every backend that can run on `device`, timed at `shape`; and why each other one was skipped."""
+    env = AB.probe_env(device)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(shape, generator=g).to(device, dtype)
+    timings, skipped = [], {}
+    for name in (*AB.AUTO_ORDER, "reference"):
+        why = AB.BACKENDS[name].reason(env, dtype, shape[-1])
+        if why is None:
+            timings.append(time_backend(name, q))
+        else:
+            skipped[name] = why
+    return timings, skipped
+
+
+def attention_rows(device: str = "cuda") -> list[Row]:
+    timings, _ = measure_backends(device)
+    return [Row("gpu", f"attention {t.backend} at stage 2 (11040 tokens, 40x128)", t.tflops, None, "TFLOP/s")
+            for t in timings]  # fmt: skip
