@@ -234,11 +234,30 @@ def launch_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor, config: dict 
     )  # fmt: skip
     flags = {"HEAD_DIM": dh, "PRECISION": _precision(q.dtype), "DOT_F32": interpreting() and q.dtype == torch.bfloat16}
     if config is None and not interpreting():
-        grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * heads)  # noqa: E731
-        _tuned(dh, q.dtype)[grid](*args, **flags)
-        return
+        key = (dh, q.dtype, lq, k.shape[1])
+        config = _PICKS.get(key)
+        if config is None:
+            _tune(key, args, flags, b * heads)
+            return
     cfg = config or INTERPRET_CONFIG
     _attn_fwd_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), b * heads)](*args, **flags, **cfg)
+
+
+_PICKS: dict[tuple, dict] = {}  # (head dim, dtype, Lq, Lk) -> the autotuner's config
+
+
+def _tune(key: tuple, args: tuple, flags: dict, bh: int) -> None:
+    """Autotune one shape (this call runs the kernel) and remember the pick: later calls launch it directly.
+    Tuning benchmarks and synchronises, so it cannot happen inside a CUDA graph capture."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"attention at Lq={key[2]}, Lk={key[3]} (head dim {key[0]}) was not autotuned before this CUDA graph "
+            "capture: run the chunk once uncaptured first (Engine.warmup and ChunkProgram.capture do)"
+        )
+    tuner = _tuned(key[0], key[1])
+    tuner[lambda meta: (triton.cdiv(key[2], meta["BLOCK_M"]), bh)](*args, **flags)
+    best = tuner.best_config
+    _PICKS[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
 
 
 @register_impl("attention", "triton")

@@ -153,3 +153,36 @@ def test_attention_configs_cover_the_supported_head_dims():
             assert K.attention_configs(dh, dtype)
     with pytest.raises(ValueError, match="head dim 512"):
         K.attention(*(torch.empty(1, 4, 1, 512, device=D),) * 3)
+
+
+def test_a_tuned_pick_is_launched_directly_and_never_tuned_inside_a_capture(monkeypatch):
+    """On a GPU the first call of a shape autotunes and records the pick; later calls launch the pick. The
+    interpreter stands in for the GPU path here with a recorded pick; a capture before tuning is refused."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, n, 2, 32, generator=g) for n in (33, 50, 50))
+    monkeypatch.setattr(K, "interpreting", lambda: False)  # take the GPU launch path
+    pick = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setitem(K._PICKS, (32, torch.float32, 33, 50), pick)
+    out = torch.empty_like(q, device=D)
+    monkeypatch.setattr(K, "_attn_fwd_kernel", _Recording(K._attn_fwd_kernel))
+    K.launch_attention(*to_device((q, k, v), D), out)
+    assert K._attn_fwd_kernel.configs == [pick]
+    torch.testing.assert_close(out.cpu(), R.attention(q, k, v), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="Lq=33, Lk=49 .* was not autotuned before this CUDA graph capture"):
+        K.launch_attention(*to_device((q, k[:, :49], v[:, :49]), D), out)
+
+
+class _Recording:
+    """A kernel stand-in that records the launch configs and launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.configs = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.configs.append({k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")})
+            return self.kernel[grid](*args, **kw)
+
+        return launch
