@@ -12,7 +12,6 @@ rank 0. The world-4 group ends with a rank killed by SIGKILL: the others must st
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from pathlib import Path
 
@@ -137,8 +136,14 @@ def test_a_killed_rank_stops_the_others_with_an_error(runs) -> None:
         assert float(when) - killed < DETECT_S, f"rank {rank} took {float(when) - killed:.1f} s to stop"
 
 
-def test_one_process_engine_has_no_mesh() -> None:
-    assert os.environ.get("WORLD_SIZE", "1") == "1"
+def test_torchrun_environment_decides_the_cli_layout(monkeypatch) -> None:
     from helios_rt.parallel.launch import torchrun_parallel, writes_output
 
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
     assert torchrun_parallel() is None and writes_output()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert torchrun_parallel() == ParallelConfig() and not writes_output()
+    monkeypatch.setenv("RANK", "0")
+    assert writes_output()
