@@ -15,6 +15,7 @@ def projection_rows(steps_list: Sequence[tuple[int, ...]] = ((1, 1, 1), (2, 2, 2
     from ..compile import cost
     from ..compile.cost import attention_rates as rates
     from ..config import HELIOS_14B
+    from ..fp8.projection import project_fp8
 
     chunk = cost.trace_chunk(HELIOS_14B, cost.ChunkShape(), torch.bfloat16, label="Helios 14B", vae=True)
     selection = rates.h100_selection()
@@ -38,6 +39,10 @@ def projection_rows(steps_list: Sequence[tuple[int, ...]] = ((1, 1, 1), (2, 2, 2
             ),  # fmt: skip
         ]
         text.append(cost.format_projection(chunk, steps, efficiency=eff))
+        fp8 = project_fp8(chunk, steps, eff)  # EngineConfig(precision="fp8"): the block GEMMs in e4m3
+        rows.append(Row("projection", f"14B 384x640 steps {tag}: FPS end to end, VAE included (fused, fp8 GEMMs)",
+                        fp8.fps_fp8_end_to_end, None, "frames/s"))  # fmt: skip
+        text.append(fp8.line(steps))
     calibration = [rates.calibrate(chunk, compiled) for compiled in (True, False)]
     rows.append(Row("projection", "calibration: reference pipeline, compiled (FPS H100)", calibration[0].fps, None,
                     "frames/s"))  # fmt: skip
