@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import time
 
 import pytest
 import torch
@@ -17,14 +16,12 @@ from helios_rt.model.transformer import HeliosTransformer, keeps_fp32
 
 @functools.lru_cache(maxsize=1)
 def report_14b():
-    t0 = time.perf_counter()
-    report = plan_engine(HELIOS_14B, 384, 640, torch.bfloat16, model_name="helios-14b")
-    return report, time.perf_counter() - t0
+    return plan_engine(HELIOS_14B, 384, 640, torch.bfloat16, model_name="helios-14b")
 
 
-def test_14b_at_384x640_plans_fast_and_tight():
-    report, seconds = report_14b()
-    assert seconds < 90
+def test_14b_at_384x640_plans_tight():
+    """How long planning takes is a figure of bench/ (the report carries it), not a test's business."""
+    report = report_14b()
     assert report.kernels == "triton"  # what a CUDA engine runs by default
     assert [k.kind for k in report.kinds] == [
         "first chunk (amplified), writes the prefix frame",
