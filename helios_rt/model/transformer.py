@@ -219,9 +219,10 @@ class Block(nn.Module):
             return FP8Activation.of(ops.modulate_layernorm_fp8(x, shift, scale, n_hist, self.eps))
         return ops.modulate_layernorm(x, shift, scale, n_hist, self.eps)
 
-    def _out_input(self, attended: Tensor, ops: OpSet) -> Tensor | FP8Activation:
-        """The attention output `[B, L, D]` as `to_out`'s input (quantised per token in FP8 blocks)."""
-        return FP8Activation.of(ops.fp8_quantize_rows(attended)) if self.fp8 else attended
+    def _linear_input(self, x: Tensor, ops: OpSet) -> Tensor | FP8Activation:
+        """`[B, L, D]` as a linear's input: quantised per token by one op in FP8 blocks (the attention
+        output before `to_out`, the cross-attention queries' input)."""
+        return FP8Activation.of(ops.fp8_quantize_rows(x)) if self.fp8 else x
 
     def _residual_self_attention(
         self,
@@ -248,7 +249,7 @@ class Block(nn.Module):
             n_hist,
         )
         v = a.to_v(h).unflatten(-1, (a.heads, -1))
-        o = a.to_out[0](self._out_input(a.attend(q, k, v, ops).flatten(2), ops))
+        o = a.to_out[0](self._linear_input(a.attend(q, k, v, ops).flatten(2), ops))
         return ops.gate_residual(x, o, gate, n_hist)
 
     def _cross_attention(
@@ -263,7 +264,7 @@ class Block(nn.Module):
         start = n_hist if self.guidance_cross_attn else 0
         xs = x[:, start:]
         h = xs if self.norm2 is None else ops.layernorm(xs, self.norm2.weight, self.norm2.bias, self.eps)
-        q = ops.rmsnorm(a.to_q(h), a.norm_q.weight, a.eps).unflatten(-1, (a.heads, -1))
+        q = ops.rmsnorm(a.to_q(self._linear_input(h, ops)), a.norm_q.weight, a.eps).unflatten(-1, (a.heads, -1))
         if text_lengths is None:
             attended = ops.attention(q, text_k, text_v)
         else:
@@ -271,7 +272,7 @@ class Block(nn.Module):
             for i, n in enumerate(text_lengths):
                 r = slice(i, i + 1)
                 ops.attention(q[r], text_k[r, :n], text_v[r, :n], out=attended[r])
-        o = a.to_out[0](self._out_input(attended.flatten(2), ops))
+        o = a.to_out[0](self._linear_input(attended.flatten(2), ops))
         xs.add_(o)  # x is this block's own intermediate: update the noisy rows in place, no concatenation
         return x
 
