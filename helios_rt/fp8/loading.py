@@ -127,10 +127,14 @@ def _read_quantized(
 
 
 def _check_fp8_finite(name: str, t: torch.Tensor, folder: Path) -> None:
-    """e4m3fn has no infinity; its NaN is the bit pattern s.1111.111 (isfinite has no e4m3 kernel)."""
-    bad = (t.view(torch.uint8) & 0x7F == 0x7F).any() if t.dtype == FP8_DTYPE else ~torch.isfinite(t).all()
+    """e4m3fn has no infinity; its NaN is the bit pattern s.1111.111 (isfinite has no e4m3 kernel).
+    A scale must be positive and finite: `quantize` never writes another (an all-zero row gets 1e-12/448)."""
+    if t.dtype == FP8_DTYPE:
+        bad, what = (t.view(torch.uint8) & 0x7F == 0x7F).any(), "NaN"
+    else:
+        bad, what = ~(torch.isfinite(t) & (t > 0)).all(), "a scale that is not positive and finite"
     if bool(bad):
-        raise CheckpointError(f"{folder}: tensor {name} ({t.dtype}) holds NaN or Inf; the checkpoint is corrupt")
+        raise CheckpointError(f"{folder}: tensor {name} ({t.dtype}) holds {what}; the checkpoint is corrupt")
 
 
 def iter_tensors(tensors: dict[str, TensorInfo]) -> Iterator[tuple[str, torch.Tensor]]:
