@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
-from helios_rt.compile.report import plan_engine, weights_bytes
+from helios_rt.cli import main
+from helios_rt.compile.report import weights_bytes
 from helios_rt.config import HELIOS_14B, TINY
 
 
@@ -20,9 +23,10 @@ def test_fp8_weights_of_the_14b_model_from_its_shapes() -> None:
     assert fp8 < 14.7e9 < 28.6e9 < native  # the "about 14.3 GB instead of 28.6" (plus the float parts)
 
 
-def test_the_fp8_chunk_plans_with_its_ops_and_reports_its_precision() -> None:
-    fp8 = plan_engine(TINY, 64, 128, torch.bfloat16, model_name="tiny", text_encoder=None, precision="fp8")
-    assert fp8.precision == "fp8" and "block linears fp8 e4m3" in fp8.format()
+def test_the_cli_plans_the_fp8_chunk_and_reports_its_precision(capsys) -> None:
+    assert main(["plan", "--model", "tiny", "--height", "64", "--width", "128", "--precision", "fp8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["precision"] == "fp8" and report["dtype"] == "bfloat16"
     saved = TINY.num_layers * _saved_per_block(TINY.dim, TINY.ffn_dim)
-    assert weights_bytes(TINY, torch.bfloat16) - fp8.weights_bytes == saved
-    assert len(fp8.kinds) == 3 and all(k.arena_bytes > 0 for k in fp8.kinds)
+    assert weights_bytes(TINY, torch.bfloat16) - report["weights_bytes"] == saved
+    assert len(report["kinds"]) == 3 and all(k["arena_bytes"] > 0 for k in report["kinds"])
