@@ -5,6 +5,11 @@ an `FP8Activation`) or, for a plain tensor, here with the reference quantisation
 as one `_scaled_mm` (e4m3 x e4m3, float32 accumulation, the bias added, the model dtype out); it has
 an out= form and a meta implementation, so the memory planner plans it like any other op.
 
+Per token, not per 128-block: on a 14B-shaped block with random weights of trained scale and 30x
+channel spread (`bench/bench_fp8.py`), 128-blocks lower the per-layer relative error only from 0.037 to
+0.036, while per-token (row) scales are what `_scaled_mm`'s row-wise mode applies in its epilogue (a
+block-scaled product would need a K-loop of products or a block-scaled GEMM kernel).
+
 Only the linears inside the transformer blocks are quantised (`quantize_blocks_`): they are two
 thirds of a chunk's FLOPs and nearly all of its weight bytes. Embeddings, the output projection,
 norms and modulation keep the model dtype.
