@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine_config(args: argparse.Namespace):
     from .config import EngineConfig
     from .demo import DEMO_HEIGHT, DEMO_WIDTH
+    from .parallel.launch import torchrun_parallel
 
     is_demo = args.model == "demo"
     height = args.height or (DEMO_HEIGHT if is_demo else 384)
@@ -117,6 +118,9 @@ def _engine_config(args: argparse.Namespace):
         graphs=args.graphs,
         pyramid_steps=args.steps,
         fps=args.fps,
+        parallel=torchrun_parallel(),  # N ranks under torchrun, one process otherwise
+        precision=args.precision,
+        decode_slice_frames=args.decode_slice_frames,
     )
 
 
@@ -126,9 +130,6 @@ class Failure(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
-        parallel=torchrun_parallel(),  # N ranks under torchrun, one process otherwise
-        precision=args.precision,
-        decode_slice_frames=args.decode_slice_frames,
 
 
 @contextmanager
@@ -162,6 +163,7 @@ def failing_as(code: int, os_error_code: int | None = None, anything: bool = Fal
 
 def generate(args: argparse.Namespace) -> int:
     from .interrupts import GracefulStop
+    from .parallel.launch import follow, writes_output
 
     with failing_as(EXIT_USAGE):
         config = _check_options(args)
@@ -175,18 +177,23 @@ def generate(args: argparse.Namespace) -> int:
             engine = Engine.from_pretrained(args.model, config)
         with failing_as(EXIT_INPUT):
             stream = engine.generate_stream(num_frames=args.num_frames, seed=args.seed, **inputs)
+        if not writes_output():  # ranks 1..N-1 of a torchrun launch: compute their share, write nothing
+            with failing_as(EXIT_RUNTIME, anything=True):
+                return follow(stream)
         return _write(args, stream, stop, started)
 
 
 def _check_options(args: argparse.Namespace):
     """Everything about the command that can be wrong, before a file is read or a weight loaded."""
     from .guards import check_device, check_output_path
+    from .parallel.launch import writes_output
 
     if (args.prompt is None) == (args.prompt_embeds is None):
         raise _usage("pass exactly one of --prompt TEXT and --prompt-embeds FILE.safetensors")
     if args.image is not None and args.video is not None:
         raise _usage("pass --image (image-to-video) or --video (video-to-video), not both")
-    check_output_path(args.out)
+    if writes_output():  # under torchrun only rank 0 touches the output file
+        check_output_path(args.out)
     _check_prompt_cleaning(args)
     config = _engine_config(args)
     check_device(config.resolved_device())

@@ -246,13 +246,6 @@ class EngineConfig:
     # move the umT5 encoder (10.6 GiB in bf16) to host memory after each prompt is encoded and back for
     # the next: `helios-rt plan` shows what that frees; a new prompt then pays the transfer
     offload_text_encoder: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"EngineConfig.{name}={value!r}: must be a positive integer")
-        if not isinstance(self.device, str):  # a torch.device is welcome; stored as its name
     # decode each chunk this many latent frames at a time, carrying the causal convs' frames between
     # slices (the same frames; ~2.3x less decode memory at 1 frame): `helios-rt plan --gpu-memory`
     # says when a budget needs it. None decodes the whole chunk at once
@@ -264,6 +257,14 @@ class EngineConfig:
     # several processes, one stream: a helios_rt.parallel.ParallelConfig (sequence and CFG parallelism
     # on torch.distributed, set by `torchrun ... -m helios_rt generate`); None = this process alone
     parallel: Any = None
+
+    def __post_init__(self) -> None:
+        self._check_parallel()
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"EngineConfig.{name}={value!r}: must be a positive integer")
+        if not isinstance(self.device, str):  # a torch.device is welcome; stored as its name
             object.__setattr__(self, "device", str(self.device))
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"EngineConfig.device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -293,12 +294,25 @@ class EngineConfig:
         if self.prompt_blend_chunks < 1 or self.fps < 1 or self.zero_init_steps < 0:
             raise ValueError("EngineConfig.prompt_blend_chunks and fps must be >= 1, zero_init_steps >= 0")
 
+    def _check_parallel(self) -> None:
+        from .parallel.config import ParallelConfig
+
+        if self.parallel is not None and not isinstance(self.parallel, ParallelConfig):
+            raise ValueError(
+                f"EngineConfig.parallel={self.parallel!r}: use None or helios_rt.parallel.ParallelConfig(...)"
+            )
+
     def resolved_device(self) -> str:
         import torch
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.parallel is not None and device == "cuda":  # one GPU per rank, as torchrun numbers them
+            from .parallel.group import local_device
+
+            device = local_device(device)
+        return device
 
     def resolved_graphs(self) -> str:
         """'chunk' (the compiled chunk, captured on CUDA) or 'off' (eager)."""

@@ -33,6 +33,8 @@ from .model.transformer import HeliosTransformer, TextContext, load_transformer
 from .model.vae import LatentPosterior, WanVAE
 from .ops import OpSet
 from .overlap import lanes_for
+from .parallel import attach as attach_parallel
+from .parallel.io import no_frames, prompt_from_rank0
 from .profiling import nvtx_range
 from .sampling.chunk import ChunkSampler, Conditioning, SamplingSpec
 from .sampling.history import HistoryLayout, HistoryMemory, augment_image_latents, augment_video_latents
@@ -83,6 +85,7 @@ class Engine:
         self.spec = spec
         self.config = config
         self.device = transformer.proj_out.weight.device
+        self.parallel = attach_parallel(config.parallel, transformer, spec.uses_cfg)  # None: one process
         self._prompts = PromptCache(prompts) if prompts is not None else None
         self._check_resolution()
         self.latent_hw = (config.height // vae.config.spatial_ratio, config.width // vae.config.spatial_ratio)
@@ -562,7 +565,10 @@ class Stream:
     def _text_context(self) -> TextContext:
         """The text K/V of the next chunk's prompt (a new context only when the embedding changed)."""
         embeds = self._prompt.next()
-        if embeds is not self._text_key:  # text K/V are computed once per prompt (and per blend chunk)
+        fresh = embeds is not self._text_key  # text K/V are computed once per prompt (and per blend chunk)
+        if self.engine.parallel is not None:  # rank 0's prompts (set_prompt there) are every rank's
+            fresh, embeds, self._uncond = prompt_from_rank0(self.engine.parallel, fresh, embeds, self._uncond)
+        if fresh:
             if self._uncond is None:
                 self._text = self.engine.transformer.encode_text(embeds)
             else:  # one CFG batch; each half attends to its own tokens only (TextContext.lengths)
