@@ -62,18 +62,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
+    parser.add_argument("--attention", default="auto", choices=["auto", "fa3", "fa2", "triton", "sdpa", "reference"],
+                        help="attention backend; auto: FA3 on sm_90, FA2 on sm_80+, else Triton or SDPA")  # fmt: skip
     parser.add_argument("--graphs", default="auto", choices=["auto", "chunk", "off"],
                         help="chunk: each chunk one planned program (one CUDA graph replay on a GPU); "
                         "off: the ops run eagerly (debugging, per-op profiles)")  # fmt: skip
     parser.add_argument("--fps", type=_positive_int, default=24)
-
-
     parser.add_argument("--precision", default="native", choices=["native", "fp8"],
                         help="fp8: the block linears in e4m3 (an FP8 checkpoint from `helios-rt quantize`, "
                         "or a float one quantised while loading)")  # fmt: skip
     parser.add_argument("--decode-slice-frames", type=_positive_int, default=None, metavar="N",
                         help="decode each chunk N latent frames at a time (the same frames, less memory; "
                         "`helios-rt plan --gpu-memory GB` says when a budget needs it)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helios-rt", description="Helios video generation runtime")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -94,10 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks on errors")
     from .benchmarking import add_bench_parser, add_profile_parser
     from .compile.report import add_plan_parser
+    from .quantize import add_quantize_parser
 
     add_plan_parser(sub)
+    add_quantize_parser(sub)
     add_bench_parser(sub)
     add_profile_parser(sub)
+    from .serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -115,6 +122,7 @@ def _engine_config(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         kernels=args.kernels,
+        attention=getattr(args, "attention", "auto"),
         graphs=args.graphs,
         pyramid_steps=args.steps,
         fps=args.fps,
@@ -175,6 +183,8 @@ def generate(args: argparse.Namespace) -> int:
             from .engine import Engine
 
             engine = Engine.from_pretrained(args.model, config)
+        if writes_output():  # once per launch, not once per rank
+            print(f"helios-rt: {engine.attention.describe()}", file=sys.stderr)
         with failing_as(EXIT_INPUT):
             stream = engine.generate_stream(num_frames=args.num_frames, seed=args.seed, **inputs)
         if not writes_output():  # ranks 1..N-1 of a torchrun launch: compute their share, write nothing
@@ -325,6 +335,10 @@ def _run(args: argparse.Namespace) -> int:
         from .benchmarking import run_bench, run_profile
 
         return run_bench(args) if args.command == "bench" else run_profile(args)
+    if args.command == "serve":
+        return args.func(args)
+    if args.command == "quantize":
+        return args.func(args)
     return EXIT_INTERNAL
 
 

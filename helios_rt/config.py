@@ -27,6 +27,9 @@ _INACTIVE_TRAINING_KEYS: dict[str, Any] = {
     "restrict_lora_rank": None,
 }
 
+# How the weights are stored, not what the model computes: checked by the loader (helios_rt.fp8.loading).
+_STORAGE_KEYS = frozenset({"quantization_config"})
+
 log = logging.getLogger("helios_rt")
 
 
@@ -120,7 +123,7 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         _check_training_keys(raw)
-        ignored = _BOOKKEEPING_KEYS | _INACTIVE_TRAINING_KEYS.keys()
+        ignored = _BOOKKEEPING_KEYS | _INACTIVE_TRAINING_KEYS.keys() | _STORAGE_KEYS
         unknown = sorted(k for k in raw if k not in known and k not in ignored)
         if unknown:
             raise ValueError(
@@ -225,6 +228,10 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
     vae_dtype: str = "auto"  # "auto" follows dtype
     kernels: str = "auto"  # "auto", "reference", "triton"
+    # the attention backend (helios_rt.ops.attention_backends): "auto" follows `kernels` ("auto" on CUDA takes
+    # FlashAttention-3 on sm_90, else FlashAttention-2 on sm_80+, else Triton, else SDPA), or "fa3", "fa2",
+    # "triton", "sdpa", "reference"; an explicit choice that cannot run is refused at load with the fix
+    attention: str = "auto"
     # the compiled chunk: "chunk" runs each chunk as one planned program on one arena, captured as one
     # CUDA graph per chunk kind on CUDA (on a CPU the same program runs from its arena, uncaptured);
     # "off" runs the op table eagerly through the caching allocator (debugging, per-op profiles);
@@ -274,6 +281,12 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}={value!r}: use 'auto' or one of {sorted(set(_DTYPES))}")
         if self.kernels not in ("auto", "reference", "triton"):
             raise ValueError(f"EngineConfig.kernels={self.kernels!r}: use 'auto', 'reference' or 'triton'")
+        if self.precision not in ("native", "fp8"):
+            raise ValueError(f"EngineConfig.precision={self.precision!r}: use 'native' (the dtype) or 'fp8'")
+        if self.attention not in ("auto", "fa3", "fa2", "triton", "sdpa", "reference"):
+            raise ValueError(
+                f"EngineConfig.attention={self.attention!r}: use 'auto', 'fa3', 'fa2', 'triton', 'sdpa' or 'reference'"
+            )
         if self.graphs not in ("auto", "chunk", "off"):
             raise ValueError(f"EngineConfig.graphs={self.graphs!r}: use 'auto', 'chunk' or 'off'")
         if self.overlap_decode not in (None, True, False):
@@ -291,6 +304,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.history_sizes={self.history_sizes}: three sizes >= 1 (long, mid, short)")
         if self.latent_frames_per_chunk < 1:
             raise ValueError(f"EngineConfig.latent_frames_per_chunk={self.latent_frames_per_chunk}: must be >= 1")
+        d = self.decode_slice_frames
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
+            raise ValueError(f"EngineConfig.decode_slice_frames={d!r}: None (whole chunk) or latent frames >= 1")
         if self.prompt_blend_chunks < 1 or self.fps < 1 or self.zero_init_steps < 0:
             raise ValueError("EngineConfig.prompt_blend_chunks and fps must be >= 1, zero_init_steps >= 0")
 
@@ -318,9 +334,6 @@ class EngineConfig:
         """'chunk' (the compiled chunk, captured on CUDA) or 'off' (eager)."""
         if self.graphs == "auto":
             return "chunk" if self.resolved_device().startswith("cuda") else "off"
-        d = self.decode_slice_frames
-        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
-            raise ValueError(f"EngineConfig.decode_slice_frames={d!r}: None (whole chunk) or latent frames >= 1")
         return self.graphs
 
     def resolved_overlap(self) -> bool:

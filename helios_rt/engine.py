@@ -88,6 +88,11 @@ class Engine:
         self.parallel = attach_parallel(config.parallel, transformer, spec.uses_cfg)  # None: one process
         self._prompts = PromptCache(prompts) if prompts is not None else None
         self._check_resolution()
+        # which attention runs, chosen (and an impossible EngineConfig.attention refused) now, not in a stage
+        transformer.ops.use_attention(config.attention)
+        self.attention = transformer.ops.attention_selection(
+            config.resolved_dtype(), transformer.config.attention_head_dim
+        )
         self.latent_hw = (config.height // vae.config.spatial_ratio, config.width // vae.config.spatial_ratio)
         self.history_layout = HistoryLayout(
             config.history_sizes, config.latent_frames_per_chunk, config.keep_first_frame
@@ -121,7 +126,7 @@ class Engine:
         with nvtx_range("load"):
             device = torch.device(config.resolved_device())
             ops = OpSet(device, config.kernels)
-            transformer = load_transformer(root, config.resolved_dtype(), device, ops)
+            transformer = load_transformer(root, config.resolved_dtype(), device, ops, config.precision)
             vae = WanVAE.from_pretrained(root, config.resolved_dtype("vae_dtype"), device)
             scheduler = read_json(find_component(root, "scheduler") / "scheduler_config.json")
             spec = SamplingSpec.from_checkpoint(read_json(root / "model_index.json"), scheduler, config)
