@@ -166,3 +166,11 @@ def test_the_cli_budget_switches_the_decode_to_slices(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["decode_slice_frames"] == 1 and d["vae_bytes"] == vae[1]
     assert d["budget"] == {"resident": True, "offloaded": True}
+
+
+def test_the_plan_uses_the_attention_backend_asked_for(capsys):
+    """`--attention` plans the backend an engine with EngineConfig(attention=...) would run."""
+    args = _parse(["plan", "--model", "tiny", "--height", "64", "--width", "128", "--dtype", "fp32", "--json",
+                   "--attention", "sdpa"])  # fmt: skip
+    assert run_plan(args) == 0
+    assert json.loads(capsys.readouterr().out)["kernels"] == "sdpa"

@@ -255,16 +255,18 @@ def plan_engine(
     text_encoder: dict | None = UMT5_XXL,
     gpu_memory_gb: float | None = None,
     precision: str = "native",
+    attention: str = "auto",
 ) -> PlanReport:
     """Plan the chunk kinds of `config` at `height` x `width` pixels and total the engine's memory.
 
     kernels: the op table as a CUDA engine resolves it ("auto": the Triton kernels).
+    attention: `EngineConfig.attention` ("auto": Triton, what a CUDA engine runs without flash-attn).
     gpu_memory_gb: a budget; when the whole-chunk decode does not fit it, the largest decode slice
     that does is chosen (see `choose_decode_slices`).
     """
     t0 = time.perf_counter()
     shape = shape or ChunkShape(height=height, width=width, batch=batch, text_len=text_len)
-    ops = OpSet.for_planning(kernels)
+    ops = OpSet.for_planning(kernels, attention=attention)
     program = plan_chunk(config, shape, dtype, ops, spec or distilled_spec(shape.stages), precision)
     kinds = tuple(
         KindReport(_kind_name(kind), p.arena_bytes, p.lower_bound_bytes, p.buffers, len(p.steps))
@@ -376,6 +378,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"],
                    help="the op table to plan with, as a CUDA engine resolves it (auto: Triton)")  # fmt: skip
+    p.add_argument("--attention", default="auto", choices=["auto", "fa3", "fa2", "triton", "sdpa", "reference"],
+                   help="the attention backend to plan with (auto: Triton, as without flash-attn)")  # fmt: skip
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
                    help="also answer whether it fits a budget of this many GB (decoding in exact time "
                    "slices if that is what makes it fit)")  # fmt: skip
@@ -399,7 +403,7 @@ def run_plan(args: argparse.Namespace) -> int:
     encoder = None if args.model == "tiny" else _text_encoder_config(args.model)
     report = plan_engine(config, args.height, args.width, _DTYPES[args.dtype], args.batch, args.text_len, args.model,
                          kernels=args.kernels, text_encoder=encoder, gpu_memory_gb=args.gpu_memory,
-                         precision=args.precision)  # fmt: skip
+                         precision=args.precision, attention=args.attention)  # fmt: skip
     if args.json:
         out = report.to_dict()
         if args.gpu_memory is not None:
