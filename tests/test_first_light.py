@@ -109,3 +109,12 @@ def test_video_files_without_av_name_the_install_command(use: str, tmp_path, mon
     with pytest.raises(MissingDependencyError, match=r"pip install av"):
         calls[use]()
     assert not (tmp_path / "a.mp4").exists()  # refused before the file is created
+
+
+def test_memory_flat_needs_two_chunks_after_the_first_and_fails_when_it_grows() -> None:
+    from helios_rt.first_light.measure import replay_checks
+
+    same = [torch.zeros(2)] * 3
+    status = {n: replay_checks(same, same, allocated)[0][0].status for n, allocated in
+              {"two": [5, 7], "flat": [5, 7, 7], "grows": [5, 7, 8]}.items()}  # fmt: skip
+    assert status == {"two": SKIP, "flat": PASS, "grows": FAIL}

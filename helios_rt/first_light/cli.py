@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = dry_run_profile() if args.dry_run else gpu_profile()
     if _needs_interpreter(profile):  # triton may be imported already: start again with the interpreter on
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        os.execve(sys.executable, [sys.executable, "-m", "helios_rt.first_light", *sys.argv[1:]], env)
+        again = sys.argv[1:] if argv is None else list(argv)  # the caller's arguments, not this process's
+        os.execve(sys.executable, [sys.executable, "-m", "helios_rt.first_light", *again], env)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     report = run(profile, args.out_dir, args.pytest_timeout)
