@@ -113,6 +113,10 @@ class Engine:
         """Load a diffusers-layout Helios checkpoint folder, or `"demo"` for the built-in untrained model."""
         config = config or EngineConfig()
         check_device(config.resolved_device())  # before any weight is read, for Python callers too
+        if config.precision == "fp8":
+            from .fp8.linear import require_fp8_support
+
+            require_fp8_support(config.resolved_device(), config.resolved_dtype())
         if str(path) == "demo":
             from .demo import build_demo_engine
 

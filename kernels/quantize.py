@@ -61,7 +61,7 @@ def _rows_quant_kernel(
     x_ptr, q_ptr, s_ptr, L, D, sxb, sxl,
     GELU: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * width passes 2^31 at CFG batch 2 and large frames
     b = row // L
     x_row = x_ptr + b * sxb + (row - b * L) * sxl
     amax = 0.0
@@ -90,7 +90,7 @@ def _modulate_layernorm_quant_kernel(
     sxb, sxl, shb, shs, scb, scs,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * width passes 2^31 at CFG batch 2 and large frames
     b = row // L
     l_idx = row - b * L
     cols = tl.arange(0, BLOCK_D)

@@ -29,7 +29,7 @@ SEED = 1234
 SIZE = 32  # 2x2 tokens per latent frame, a quarter of the 64x64 oracles': the Triton interpreter runs one
 # Python program per token row in the row kernels, and this keeps the four runs within CI's budget
 STEPS = 2  # UniPC: a first-order step, then the second-order predictor with the corrector
-TOL = {"reference": 1e-3, "triton": 1e-4}
+TOL = {"reference": 1e-3, "triton": 1e-4, "sdpa": 1e-3}
 TRAINING_KEYS = {"restrict_self_attn": False, "restrict_lora": False, "is_train_restrict_lora": False,
                  "restrict_lora_rank": 64}  # fmt: skip
 
@@ -50,7 +50,9 @@ KERNELS = [_kernels("reference"), _kernels("triton")]
 pytestmark = pytest.mark.oracle
 
 
-def run_both(pipe, folder, kernels: str, pos: torch.Tensor, neg: torch.Tensor, num_frames: int):
+def run_both(
+    pipe, folder, kernels: str, pos: torch.Tensor, neg: torch.Tensor, num_frames: int, attention="auto", graphs="auto"
+):
     """(engine latents, engine frames, reference latents, reference frames) of one Base CFG-5 run."""
     ref = pipe(
         prompt_embeds=pos,
@@ -65,9 +67,10 @@ def run_both(pipe, folder, kernels: str, pos: torch.Tensor, neg: torch.Tensor, n
     ).frames
     chunks = num_frames // 33
     config = EngineConfig(height=SIZE, width=SIZE, device="cpu", dtype="float32", kernels=kernels,
-                          num_inference_steps=STEPS, guidance_scale=5.0)  # fmt: skip
+                          num_inference_steps=STEPS, guidance_scale=5.0, attention=attention,
+                          graphs=graphs)  # fmt: skip
     engine = Engine.from_pretrained(folder, config)
-    assert engine.sampler.ops.backend_of("attention") == kernels
+    assert engine.sampler.ops.backend_of("attention") == (kernels if attention == "auto" else attention)
     with engine.generate_stream(prompt_embeds=pos, negative_prompt_embeds=neg, num_frames=num_frames, seed=SEED) as s:
         out = list(s)
     latents = torch.cat([c.latents for c in out], dim=2)
@@ -119,3 +122,13 @@ def test_positive_and_negative_embeddings_of_different_lengths(base, kernels: st
     pos, neg = prompt_embeds(1, length=24), prompt_embeds(2, length=16)
     result = run_both(pipe, folder, kernels, pos, neg, num_frames=66)  # chunk 2 runs with history
     assert_matches(*result, kernels)
+
+
+@pytest.mark.parametrize("graphs", ["off", "chunk"])
+def test_a_library_attention_backend_with_cfg_rows_of_different_lengths(base, graphs: str) -> None:
+    """The backend table's library ops (SDPA here: it runs on a CPU; FA2/FA3 share its adapter) write each
+    CFG row's prefix attention into its `out=` row, eager and compiled."""
+    pipe, folder = base
+    pos, neg = prompt_embeds(1, length=24), prompt_embeds(2, length=16)
+    latents, frames, ref_latents, ref_frames = run_both(pipe, folder, "reference", pos, neg, 33, "sdpa", graphs)
+    assert_matches(latents, frames, ref_latents, ref_frames, "sdpa")

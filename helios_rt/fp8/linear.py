@@ -93,6 +93,24 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-channel"
 
 
+def require_fp8_support(device: torch.device | str, dtype: torch.dtype) -> None:
+    """Refuse precision="fp8" where `torch._scaled_mm` cannot run this model's products, before any weight
+    is read: GPUs before sm_89, a float32 output with a bias on CUDA, CPU PyTorch before 2.13 (no per-row
+    scales) each fail deep inside the first chunk otherwise. One tiny product, as FP8Linear runs it."""
+    device = torch.device(device)
+    a = torch.ones(16, 32, device=device).to(FP8_DTYPE)
+    w = torch.ones(16, 32, device=device).to(FP8_DTYPE)
+    try:
+        torch._scaled_mm(a, w.t(), torch.ones(16, 1, device=device), torch.ones(1, 16, device=device),
+                         bias=torch.zeros(16, device=device, dtype=dtype), out_dtype=dtype)  # fmt: skip
+    except (RuntimeError, TypeError, NotImplementedError) as err:
+        raise ValueError(
+            f"precision='fp8' cannot run on {device} with dtype {str(dtype).removeprefix('torch.')} and torch "
+            f"{torch.__version__} ({str(err).splitlines()[0][:160]}); use precision='native', or dtype='bfloat16' "
+            "on an sm_89+ GPU (Ada, Hopper), or torch >= 2.13 on a CPU"
+        ) from err
+
+
 def block_linear_names(model: nn.Module) -> list[str]:
     """Module names of the linears `quantize_blocks_` quantises (every nn.Linear inside `model.blocks`)."""
     return [f"blocks.{name}" for name, m in model.blocks.named_modules() if isinstance(m, (nn.Linear, FP8Linear))]

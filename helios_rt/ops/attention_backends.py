@@ -180,7 +180,7 @@ def _library_op(name: str, forward: Callable[[Tensor, Tensor, Tensor], Tensor]) 
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         raise ValueError(f"attention wants q [B, Lq, H, Dh] and k, v [B, Lk, H, Dh]; got {shapes}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
