@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import struct
+import threading
+import zlib
 
 import aiohttp
 import av
@@ -18,7 +21,7 @@ from aiohttp import web
 from support.serve_harness import Client, running_server, small_demo_engine
 
 from helios_rt.cli import main
-from helios_rt.serve import ServeConfig, create_app
+from helios_rt.serve import ServeConfig, create_app, frames
 from helios_rt.serve.frames import JpegEncoder, decode_image, decode_jpeg
 from helios_rt.serve.protocol import Ack, ProtocolError, SetPrompt, Start, Stop, parse_message
 
@@ -59,6 +62,9 @@ BAD_MESSAGES = [
     ('{"type": "start", "prompt": "a", "image": "!!not base64"}', "not valid base64"),
     (json.dumps({"type": "start", "prompt": "a", "image": b64(bytes(70_000))}), "at most 65536"),
     ('{"type": "ack", "chunk": "0"}', "'chunk' must be an integer"),
+    ('{"type": []}', "unknown message type []"),  # unhashable: once a TypeError
+    ('{"type": {"a": 1}}', "unknown message type"),
+    ('{"type": "ack", "chunk": ' + "1" * 5000 + "}", "not valid JSON"),  # over int's 4300-digit limit
 ]
 
 
@@ -109,11 +115,73 @@ def test_uploaded_images_are_checked() -> None:
         decode_image(b"GIF89a" + bytes(100), 64, 64)
     with pytest.raises(ProtocolError, match="could not be decoded as PNG"):
         decode_image(png_bytes(GRADIENT)[:40] + bytes(60), 64, 64)
+    with pytest.raises(ProtocolError, match="could not be decoded as PNG: no image size"):
+        decode_image(png_bytes(GRADIENT)[:8] + bytes(60), 64, 64)
+    jpeg = JpegEncoder(64, 64).encode(GRADIENT[None])[0]
+    assert decode_image(jpeg, 64, 64).shape == (64, 64, 3)
+    with pytest.raises(ProtocolError, match="is 64x64 but the model runs at 128x64"):
+        decode_image(jpeg, 64, 128)
 
 
-def test_serve_options_are_checked_before_the_model_loads(capsys) -> None:
+def big_png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk claiming a huge picture, then junk: a decode would allocate it all."""
+    ihdr = struct.pack(">II5B", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + bytes(400)
+
+
+def big_jpeg_header(width: int, height: int) -> bytes:
+    """A real 64x64 JPEG whose frame header (SOF0) is rewritten to claim `width` x `height`."""
+    jpeg = bytearray(JpegEncoder(64, 64).encode(GRADIENT[None])[0])
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(jpeg)
+
+
+def test_image_size_is_read_from_the_header_before_decoding(monkeypatch) -> None:
+    """A small upload that claims 12000x12000 pixels is refused by its header; the decoder never runs."""
+
+    def no_decode(data: bytes, codec: str) -> np.ndarray:
+        raise AssertionError(f"the {codec} decoder ran on an image of the wrong size")
+
+    monkeypatch.setattr(frames, "_decode", no_decode)
+    for data in (big_png_header(12000, 12000), big_jpeg_header(12000, 12000)):
+        assert len(data) < 2000
+        with pytest.raises(ProtocolError, match="is 12000x12000 but the model runs at 64x64"):
+            decode_image(data, 64, 64)
+    with pytest.raises(ProtocolError, match="is 64x12000 but the model runs at 64x64"):
+        decode_image(big_png_header(64, 12000), 64, 64)
+
+
+def test_serve_options_are_checked_before_the_model_loads(capsys, monkeypatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "HELIOS_RT_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
     assert main(["serve", "--model", "/nonexistent/checkpoint", "--max-sessions", "0"]) == 2
     assert "max_sessions must be a positive integer" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_public_host_without_a_token(capsys, monkeypatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "HELIOS_RT_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        assert main(["serve", "--model", "/nonexistent/checkpoint", "--host", host]) == 2
+        err = capsys.readouterr().err
+        assert f"--host {host} is reachable from other machines: set a token in HELIOS_RT_TOKEN" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    # with a token the options pass, and the missing checkpoint is what fails
+    monkeypatch.setenv("HELIOS_RT_TOKEN", "s3cret-token")
+    assert main(["serve", "--model", "/nonexistent/checkpoint", "--host", "0.0.0.0"]) != 0
+    assert "reachable from other machines" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env", [{"RANK": "1", "WORLD_SIZE": "2"}, {"RANK": "0", "WORLD_SIZE": "4"}])
+def test_serve_refuses_to_run_under_torchrun(capsys, monkeypatch, env: dict) -> None:
+    monkeypatch.delenv("HELIOS_RT_TOKEN", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--model", "/nonexistent/checkpoint"]) == 2
+    err = capsys.readouterr().err
+    assert "serve does not run under torchrun" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_bad_messages_get_errors_and_the_server_keeps_serving() -> None:
@@ -194,5 +262,165 @@ def test_token_origin_and_oversized_messages() -> None:
             assert (await page.until("hello"))["type"] == "hello"
             await page.ws.close()
             assert "player.js" in await (await http.get(f"{url}/")).text()
+            # a header that is not UTF-8 is a wrong token (401), not a server error
+            port = int(url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\r\n"
+                         b"Connection: close\r\n\r\n")  # fmt: skip
+            status = await reader.readline()
+            writer.close()
+            assert status.split()[1] == b"401", status
 
     asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_without_a_token_only_loopback_host_names_are_answered() -> None:
+    """DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own name as Host, and is refused."""
+
+    async def run() -> None:
+        engine = small_demo_engine()
+        async with running_server(engine) as (url, _), aiohttp.ClientSession() as http:
+            port = url.rsplit(":", 1)[1]
+            for host in ("evil.example", "127.0.0.1.evil.example", "192.168.1.5", "localhost.evil.example"):
+                for path in ("/", "/player.js", "/stats", "/ws"):
+                    response = await http.get(f"{url}{path}", headers={"Host": f"{host}:{port}"})
+                    assert response.status == 403, (host, path, response.status)
+                    assert f"host '{host}:{port}' is not this server's address" in await response.text()
+                with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                    await http.ws_connect(f"{url}/ws", headers={"Host": f"{host}:{port}"}, origin=f"http://{host}")
+                assert info.value.status == 403
+            for host in (f"localhost:{port}", f"LOCALHOST:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+                assert (await http.get(f"{url}/stats", headers={"Host": host})).status == 200, host
+            client = Client(await http.ws_connect(f"{url}/ws", headers={"Host": f"localhost:{port}"}))
+            assert (await client.until("hello"))["type"] == "hello"
+            await client.ws.close()
+        # with a token, the token is the check: any host name may reach the server
+        config = ServeConfig(host="0.0.0.0", token="s3cret-token")
+        async with running_server(engine, config) as (url, _), aiohttp.ClientSession() as http:
+            headers = {"Host": "myserver.example", "Authorization": "Bearer s3cret-token"}
+            assert (await http.get(f"{url}/stats", headers=headers)).status == 200
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_websocket_connections_are_capped() -> None:
+    """max_sessions + max_queue + spare_connections sockets; the next gets HTTP 503 saying so."""
+
+    async def run() -> None:
+        config = ServeConfig(max_sessions=1, max_queue=1, spare_connections=1)
+        async with running_server(small_demo_engine(), config) as (url, _), aiohttp.ClientSession() as http:
+            clients = [Client(await http.ws_connect(f"{url}/ws")) for _ in range(3)]
+            for client in clients:
+                await client.until("hello")
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await http.ws_connect(f"{url}/ws")
+            assert info.value.status == 503
+            response = await http.get(f"{url}/ws")
+            assert response.status == 503
+            assert "too many connections: this server accepts 3 WebSockets at once" in await response.text()
+            await clients[0].ws.close()
+            while (await (await http.get(f"{url}/stats")).json())["sessions"] > 2:
+                await asyncio.sleep(0.05)
+            again = Client(await http.ws_connect(f"{url}/ws"))  # a closed socket frees its place
+            assert (await again.until("hello"))["type"] == "hello"
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_a_client_that_never_acknowledges_loses_its_turn() -> None:
+    """One turn: a stalled client's stream stops after ack_timeout_s and the queued client gets the turn."""
+
+    async def run() -> None:
+        config = ServeConfig(max_sessions=1, chunks_ahead=1, ack_timeout_s=0.5)
+        held = threading.Event()
+        async with running_server(small_demo_engine(), config) as (url, hub), aiohttp.ClientSession() as http:
+            hub.on_engine_later(held.wait)  # the stalled stream holds the turn, not started, until the other queues
+            try:
+                stalled = Client(await http.ws_connect(f"{url}/ws"))
+                await stalled.until("hello")
+                await stalled.send({"type": "start", "prompt": "a fish"})  # endless, never acknowledged
+                while not hub.active:
+                    await asyncio.sleep(0.02)
+                waiting = Client(await http.ws_connect(f"{url}/ws"))
+                await waiting.until("hello")
+                await waiting.send({"type": "start", "prompt": "a bird", "num_frames": 33})
+                assert (await waiting.until("started", "busy"))["position"] == 1
+            finally:
+                held.set()
+            assert (await stalled.until("started", "error"))["type"] == "started"
+            error = await stalled.until("error")
+            assert error["message"] == "no acknowledgement for 0.5 s; the stream was stopped", error
+            assert len(stalled.frames) == 33  # one chunk (chunks_ahead), then it waited and was stopped
+            assert (await waiting.until("started", "error"))["type"] == "started"
+            await waiting.until("chunk")
+            while len(waiting.frames) < 33:
+                assert await waiting.receive() is not None
+            await waiting.send({"type": "ack", "chunk": 0})  # a client that acknowledges plays to the end
+            assert (await waiting.until("end", "error"))["type"] == "end"
+            await stalled.send({"type": "stop"})
+            assert (await stalled.until("stopped"))["reason"] == "nothing was playing"
+            assert hub.stats.streams_started == 2
+
+    asyncio.run(asyncio.wait_for(run(), 300))
+
+
+def test_one_prompt_switch_at_a_time() -> None:
+    """A switch sent while one waits for the engine thread is refused; once answered, the next is accepted."""
+
+    async def run() -> None:
+        held = threading.Event()
+        async with running_server(small_demo_engine()) as (url, hub), aiohttp.ClientSession() as http:
+            try:
+                client = Client(await http.ws_connect(f"{url}/ws"))
+                await client.until("hello")
+                await client.send({"type": "start", "prompt": "a fish", "num_frames": 99})
+                await client.until("started")
+                hub.on_engine_later(held.wait)  # the engine thread is busy: switches queue behind this
+                await client.send({"type": "prompt", "prompt": "a bird"})
+                await client.send({"type": "prompt", "prompt": "a cat"})
+                error = await client.until("error", "prompt")
+                assert error["type"] == "error" and "a prompt switch is already pending" in error["message"], error
+                held.set()
+                assert (await client.until("prompt", "error"))["prompt"] == "a bird"
+                await client.send({"type": "prompt", "prompt": "a dog"})
+                assert (await client.until("prompt", "error"))["prompt"] == "a dog"
+                await client.send({"type": "stop"})
+                await client.until("stopped")
+            finally:
+                held.set()
+
+    asyncio.run(asyncio.wait_for(run(), 300))
+
+
+def test_a_stream_created_after_a_stop_is_closed() -> None:
+    """Stop while the engine thread creates the stream: the stream it then returns is closed, not leaked."""
+
+    async def run() -> None:
+        engine = small_demo_engine()
+        entered, release = threading.Event(), threading.Event()
+        created = []
+        generate_stream = engine.generate_stream
+
+        def slow_generate_stream(*args, **kwargs):
+            entered.set()
+            release.wait()
+            created.append(generate_stream(*args, **kwargs))
+            return created[-1]
+
+        engine.generate_stream = slow_generate_stream
+        async with running_server(engine) as (url, _), aiohttp.ClientSession() as http:
+            try:
+                client = Client(await http.ws_connect(f"{url}/ws"))
+                await client.until("hello")
+                await client.send({"type": "start", "prompt": "a fish"})
+                while not entered.is_set():
+                    await asyncio.sleep(0.02)
+                await client.send({"type": "stop"})
+                assert (await client.until("stopped"))["reason"] == "stop"
+            finally:
+                release.set()
+            while not created or not created[0]._closed:  # closed on the engine thread once it exists
+                await asyncio.sleep(0.05)
+            assert not any(m["type"] == "started" for m in client.messages), client.messages
+
+    asyncio.run(asyncio.wait_for(run(), 120))

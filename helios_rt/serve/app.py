@@ -39,21 +39,35 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> web.Applicatio
     app = web.Application()
     app[HUB_KEY] = hub
     sessions: set[Session] = set()
+    connections = 0  # WebSockets accepted and not yet ended (a session exists once the handshake is done)
 
     async def websocket(request: web.Request) -> web.StreamResponse:
+        nonlocal connections
+        _check_host(request, config)
         _check_origin(request, config)
         _check_token(request, config)
-        ws = web.WebSocketResponse(heartbeat=config.heartbeat_s, max_msg_size=max_message_chars(config))
-        await ws.prepare(request)
-        session = Session(ws, engine, hub, encoder)
-        sessions.add(session)
+        if connections >= config.max_connections:
+            raise web.HTTPServiceUnavailable(
+                text=f"too many connections: this server accepts {config.max_connections} WebSockets at once "
+                f"({config.max_sessions} playing, {config.max_queue} queued, {config.spare_connections} spare); "
+                "try again later"
+            )
+        connections += 1
         try:
-            await session.serve()
+            ws = web.WebSocketResponse(heartbeat=config.heartbeat_s, max_msg_size=max_message_chars(config))
+            await ws.prepare(request)
+            session = Session(ws, engine, hub, encoder)
+            sessions.add(session)
+            try:
+                await session.serve()
+            finally:
+                sessions.discard(session)
         finally:
-            sessions.discard(session)
+            connections -= 1
         return ws
 
     async def stats(request: web.Request) -> web.Response:
+        _check_host(request, config)
         _check_token(request, config)
         body = vars(hub.stats) | {"active": len(hub.active), "waiting": len(hub.waiting), "sessions": len(sessions)}
         return web.json_response(body)
@@ -66,7 +80,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> web.Applicatio
         hub.close()
 
     for path, (name, content_type) in _PAGES.items():
-        app.router.add_get(path, _static_page(name, content_type))
+        app.router.add_get(path, _static_page(name, content_type, config))
     app.router.add_get("/ws", websocket)
     app.router.add_get("/stats", stats)
     app.on_shutdown.append(on_shutdown)
@@ -74,10 +88,11 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> web.Applicatio
     return app
 
 
-def _static_page(name: str, content_type: str):
+def _static_page(name: str, content_type: str, config: ServeConfig):
     """A handler for one file shipped in the package: fixed names, no path ever comes from a client."""
 
     async def page(request: web.Request) -> web.Response:
+        _check_host(request, config)
         body = resources.files(__package__).joinpath("static", name).read_bytes()
         return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-store"})
 
@@ -90,8 +105,33 @@ def _check_token(request: web.Request, config: ServeConfig) -> None:
         return
     header = request.headers.get("Authorization", "")
     given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
-    if not hmac.compare_digest(given.encode(), config.token.encode()):
+    # surrogateescape: a header of bytes that are not UTF-8 is compared as those bytes (and refused), not a 500
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), config.token.encode()):
         raise web.HTTPUnauthorized(text="a bearer token is required: Authorization: Bearer <token> or ?token=<token>")
+
+
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _check_host(request: web.Request, config: ServeConfig) -> None:
+    """Without a token, answer only requests addressed to this machine by a loopback name (or the bound host).
+
+    DNS rebinding: a page of evil.example can make its name resolve to 127.0.0.1, and its requests then
+    reach this server as same-origin ones with `Host: evil.example`; only the Host header tells them apart.
+    """
+    if config.token is not None:
+        return  # the token is the check; the server may be reached by any name
+    host = request.headers.get("Host", "")
+    try:
+        hostname = urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        hostname = ""
+    allowed = {*_LOOPBACK_NAMES, config.host.strip("[]").lower()}
+    if hostname not in allowed:
+        raise web.HTTPForbidden(
+            text=f"host {host!r} is not this server's address: without a token only requests to "
+            f"{', '.join(sorted(allowed))} are answered; open the page by one of those names, or set a token"
+        )
 
 
 def _check_origin(request: web.Request, config: ServeConfig) -> None:

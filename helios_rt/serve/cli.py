@@ -33,10 +33,17 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The server's limits from the command line; the token is read from the environment, never argv."""
+    if "RANK" in os.environ or os.environ.get("WORLD_SIZE", "1") != "1":  # torchrun sets both on every rank
+        raise ValueError("serve does not run under torchrun (every rank would start a server); "
+                         "run `helios-rt serve` as one process")  # fmt: skip
     token = os.environ.get(args.token_env) or None
-    return ServeConfig(host=args.host, port=args.port, token=token, max_sessions=args.max_sessions,
-                       max_queue=args.max_queue, chunks_ahead=args.chunks_ahead, jpeg_qscale=args.jpeg_qscale,
-                       jpeg_chroma=args.jpeg_chroma)  # fmt: skip
+    config = ServeConfig(host=args.host, port=args.port, token=token, max_sessions=args.max_sessions,
+                         max_queue=args.max_queue, chunks_ahead=args.chunks_ahead, jpeg_qscale=args.jpeg_qscale,
+                         jpeg_chroma=args.jpeg_chroma)  # fmt: skip
+    if not config.is_local and token is None:
+        raise ValueError(f"--host {args.host} is reachable from other machines: set a token in {args.token_env} "
+                         "first, or serve on 127.0.0.1")  # fmt: skip
+    return config
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -51,9 +58,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
 
-    if not config.is_local and config.token is None:
-        print(f"helios-rt serve: warning: listening on {config.host} without a token; anyone who can reach "
-              f"this port can generate (set {args.token_env})")  # fmt: skip
     with Engine.from_pretrained(args.model, _engine_config(args)) as engine:
         engine.warmup()
         url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}/"

@@ -30,6 +30,8 @@ class ServeConfig:
     jpeg_qscale: int = 3  # MJPEG quantiser: 2 (best) .. 31 (smallest)
     jpeg_chroma: str = "444"  # "444", or "420" for fewer bytes and decoder-dependent colour edges
     heartbeat_s: float = 20.0  # WebSocket ping interval; a client that stops answering is dropped
+    ack_timeout_s: float = 30.0  # a stream whose client acknowledges nothing this long is stopped (frees its turn)
+    spare_connections: int = 4  # WebSockets beyond max_sessions + max_queue before new ones get HTTP 503
     allowed_origins: tuple[str, ...] = ()  # extra browser origins (besides the server's own) allowed to connect
 
     def __post_init__(self) -> None:
@@ -48,8 +50,18 @@ class ServeConfig:
             raise ValueError(f"ServeConfig.jpeg_chroma must be '444' or '420', got {self.jpeg_chroma!r}")
         if self.token is not None and (not isinstance(self.token, str) or len(self.token) < 8):
             raise ValueError("ServeConfig.token must be a string of at least 8 characters, or None for no token")
-        if self.heartbeat_s <= 0:
-            raise ValueError(f"ServeConfig.heartbeat_s must be > 0, got {self.heartbeat_s}")
+        for name in ("heartbeat_s", "ack_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ServeConfig.{name} must be a number of seconds > 0, got {value!r}")
+        spare = self.spare_connections
+        if isinstance(spare, bool) or not isinstance(spare, int) or spare < 0:
+            raise ValueError(f"ServeConfig.spare_connections must be an integer >= 0, got {self.spare_connections!r}")
+
+    @property
+    def max_connections(self) -> int:
+        """WebSockets open at once, at most: the turns, the queue and a few spare (to be told "busy")."""
+        return self.max_sessions + self.max_queue + self.spare_connections
 
     @property
     def is_local(self) -> bool:

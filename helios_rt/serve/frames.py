@@ -10,6 +10,7 @@ The cost is bandwidth: `helios_rt.serve.measure` reports bytes per chunk for bot
 from __future__ import annotations
 
 import fractions
+import struct
 
 import av
 import numpy as np
@@ -74,22 +75,66 @@ def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
     must be the engine's: the page crops and scales the image before it uploads it.
     """
     if data.startswith(_PNG):
-        codec = "png"
+        codec, size = "png", _png_size(data)
     elif data.startswith(_JPEG):
-        codec = "mjpeg"
+        codec, size = "mjpeg", _jpeg_size(data)
     else:
         raise ProtocolError("'image' is neither a PNG nor a JPEG file (by its first bytes); upload a PNG or JPEG")
+    kind = "PNG" if codec == "png" else "JPEG"
+    if size is None:
+        raise ProtocolError(f"'image' could not be decoded as {kind}: no image size in its header")
+    _check_size(size, height, width)  # from the header, before a decode that could allocate width x height pixels
     try:
         image = _decode(data, codec)
     except (av.FFmpegError, ValueError) as err:
-        kind = "PNG" if codec == "png" else "JPEG"
         raise ProtocolError(f"'image' could not be decoded as {kind}: {err}") from None
-    if image.shape[:2] != (height, width):
+    _check_size(image.shape[:2], height, width)
+    return image
+
+
+def _check_size(size: tuple[int, int], height: int, width: int) -> None:
+    if tuple(size) != (height, width):
         raise ProtocolError(
-            f"'image' is {image.shape[1]}x{image.shape[0]} but the model runs at {width}x{height}; "
+            f"'image' is {size[1]}x{size[0]} but the model runs at {width}x{height}; "
             "scale and crop it to that size (the page does this before uploading)"
         )
-    return image
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a PNG's IHDR chunk, which must come first; None if it does not."""
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return height, width
+
+
+# start-of-frame markers (baseline, progressive, lossless, ...); C4, C8 and CC are other segments
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's start-of-frame segment, walking the segments before it; None if absent."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if marker in _SOF:
+            if length < 7 or i + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return height, width
+        i += 2 + length
+    return None
 
 
 def _decode(data: bytes, codec: str) -> np.ndarray:

@@ -73,12 +73,12 @@ def parse_message(text: str, config: ServeConfig) -> Message:
         )
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # ValueError: also an integer over Python's 4300-digit limit
         raise ProtocolError(f"message is not valid JSON ({_short(err)}); send one JSON object per message") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"message must be a JSON object with a 'type', got {type(data).__name__}")
     kind = data.get("type")
-    if kind not in _FIELDS:
+    if not isinstance(kind, str) or kind not in _FIELDS:
         raise ProtocolError(f"unknown message type {_short(kind)}; expected one of {sorted(_FIELDS)}")
     unknown = sorted(set(data) - _FIELDS[kind])
     if unknown:

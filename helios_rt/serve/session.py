@@ -25,6 +25,10 @@ from .protocol import Ack, ProtocolError, SetPrompt, Start, Stop, pack_frame, pa
 log = logging.getLogger("helios_rt.serve")
 
 
+class AckTimeout(Exception):
+    """The client acknowledged nothing for `ack_timeout_s` while its stream waited for room."""
+
+
 class Session:
     """The state of one connection: at most one stream, playing or waiting for its turn."""
 
@@ -72,6 +76,9 @@ class Session:
         if isinstance(message, Start):
             await self._start(message)
         elif isinstance(message, SetPrompt):
+            if self._tasks:  # one switch at a time: each queues a text encode on the shared engine thread
+                await self.error("a prompt switch is already pending; wait for its 'prompt' answer, then send the next")
+                return
             task = asyncio.create_task(self._set_prompt(message.prompt))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -105,11 +112,14 @@ class Session:
         try:
             chunk = await self.hub.on_engine(stream.set_prompt, prompt)
         except (InputError, TypeError) as err:
-            await self.error(str(err))
+            reply = {"type": "error", "message": str(err), "fatal": False}
         except RuntimeError:  # the stream ended or failed while the switch waited for the engine
-            await self.error("the stream ended before the prompt could switch; start a new one")
+            reply = {"type": "error", "fatal": False,
+                     "message": "the stream ended before the prompt could switch; start a new one"}  # fmt: skip
         else:
-            await self.send({"type": "prompt", "prompt": prompt, "chunk": chunk})
+            reply = {"type": "prompt", "prompt": prompt, "chunk": chunk}
+        self._tasks.discard(asyncio.current_task())  # no longer pending: the client may send the next one
+        await self.send(reply)
 
     async def _ack(self, chunk: int) -> None:
         if chunk > self._sent:
@@ -133,6 +143,8 @@ class Session:
                 await self._generate(start, image)
         except QueueFull as busy:
             await self.send({"type": "busy", "position": None, "queue_full": True, "message": str(busy)})
+        except AckTimeout:
+            await self.error(f"no acknowledgement for {self.config.ack_timeout_s:g} s; the stream was stopped")
         except (InputError, ValueError, TypeError) as err:  # the engine refused the prompt or the image
             await self.error(str(err))
         except asyncio.CancelledError:
@@ -146,8 +158,7 @@ class Session:
                          "message": f"the server is busy; you are number {position} in the queue"})  # fmt: skip
 
     async def _generate(self, start: Start, image: np.ndarray | None) -> None:
-        stream = await self.hub.on_engine(self.engine.generate_stream, start.prompt, image=image,
-                                          num_frames=start.num_frames, seed=start.seed)  # fmt: skip
+        stream = await self._new_stream(start, image)
         self._reset(stream)
         self.hub.stats.streams_started += 1
         queue: asyncio.Queue = asyncio.Queue(maxsize=self.config.chunks_ahead)
@@ -172,6 +183,20 @@ class Session:
             self._release(stream)
             del stream  # a cancelled task's kept traceback holds this frame: it must not hold the stream too
 
+    async def _new_stream(self, start: Start, image: np.ndarray | None) -> Any:
+        """The engine's new stream; cancelled (stop, disconnect) meanwhile, it is closed once it exists."""
+        created = asyncio.ensure_future(self.hub.on_engine(self.engine.generate_stream, start.prompt, image=image,
+                                                           num_frames=start.num_frames, seed=start.seed))  # fmt: skip
+        try:
+            return await asyncio.shield(created)
+        except asyncio.CancelledError:
+            created.add_done_callback(self._close_orphan)
+            raise
+
+    def _close_orphan(self, created: asyncio.Future) -> None:
+        if not created.cancelled() and created.exception() is None:
+            self.hub.on_engine_later(created.result().close)
+
     def _reset(self, stream: Any) -> None:
         self._stream, self._generated, self._sent, self._acked = stream, 0, -1, -1
         self._unacked.clear()
@@ -185,9 +210,15 @@ class Session:
         self.hub.stats.streams_ended += 1
 
     async def _wait_for_room(self) -> None:
+        """Wait until the client acknowledged enough; `AckTimeout` after `ack_timeout_s` without room."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.ack_timeout_s
         while self._generated - (self._acked + 1) >= self.config.chunks_ahead:
             self._room.clear()
-            await self._room.wait()
+            try:
+                await asyncio.wait_for(self._room.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise AckTimeout from None
 
     def _count(self, index: int, nbytes: int) -> None:
         self._generated += 1
