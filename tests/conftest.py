@@ -27,7 +27,10 @@ _ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
 sys.modules.pop("kernels", None)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per worker under pytest-xdist (`-n 2` on CI's 2 cores: most test time is single-threaded
+# Python, the Triton interpreter above all); up to two threads in a single process.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 # Property tests draw fresh examples locally; CI replays a fixed, derandomised set so a red run is reproducible.
 if settings is not None:
