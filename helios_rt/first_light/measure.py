@@ -161,7 +161,8 @@ def stream_figures(profile, proj, first_proj, cold, warm, stages, overlap: bool)
 
 def replay_checks(graphed: list[Tensor], eager: list[Tensor], allocated: list[int]) -> tuple[list[Check], Figure]:
     """Memory flat across the recorded chunks (CUDA), and how far the graphed chunks are from eager ones."""
-    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(graphed, eager, strict=False))  # the common chunks
+    common = zip(graphed, eager, strict=False)  # the chunks both runs made
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in common)
     note = f"chunks 0..{min(len(graphed), len(eager)) - 1}, same weights, seed and embeddings; 0 = bit-equal"
     figure = Figure("graph replay vs eager engine: max |latents difference|", diff, "", None, note)
     if not allocated:
