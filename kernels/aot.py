@@ -30,6 +30,7 @@ import torch
 
 # 14B full-resolution shapes: D = 40 heads x 128, L = 2400 history + 8640 noisy tokens, latents 16 x 9 x 48 x 80.
 D, HEADS, DH, C, L, T_LAT, H_LAT, W_LAT = 5120, 40, 128, 16, 11040, 9, 48, 80
+FFN = 13824  # the 14B FFN width: the GELU output the FP8 FFN quantises
 SMEM_LIMIT = 227 * 1024  # sm_90 max dynamic shared memory per block
 SM90 = ("cuda", 90, 32)
 
@@ -84,7 +85,7 @@ def _empty(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
 def launches() -> list[Launch]:
     """The launches the runtime makes at the 14B shapes (bf16 activations, fp32 latents), attention at
     every config its autotuner may pick."""
-    from . import attention, norm, residual, sampler
+    from . import attention, norm, quantize, residual, sampler
 
     f32 = torch.float32
     out = []
@@ -101,6 +102,10 @@ def launches() -> list[Launch]:
     pred = _empty(2, C, T_LAT, H_LAT, W_LAT)
     for zero_star in (False, True):
         out.append(Launch("cfg_combine", lambda z=zero_star: sampler.cfg_combine(pred, 5.0, z)))
+    x, hidden, mod = _empty(1, L, D), _empty(1, L, FFN), _empty(1, 2, D, dtype=f32)  # FP8: the quantising ops
+    out.append(Launch("fp8_quantize_rows", lambda: quantize.fp8_quantize_rows(x)))
+    out.append(Launch("gelu_tanh_fp8", lambda: quantize.gelu_tanh_fp8(hidden)))
+    out.append(Launch("modulate_layernorm_fp8", lambda: quantize.modulate_layernorm_fp8(x, mod, mod, 2400, 1e-6)))
     qkv = _empty(1, L, 3 * D)
     w, rope, ks = _empty(D, dtype=f32), _empty(L, DH // 2, dtype=f32), _empty(HEADS, dtype=f32)
     q, k = qkv[..., :D], qkv[..., D : 2 * D]  # slices of the fused QKV projection, as the model hands them
