@@ -66,7 +66,7 @@ def build_reference_pipeline(transformer: dict | None = None, vae: dict | None =
     net = _perturbed(HeliosTransformer3DModel(**(transformer or SXS_TRANSFORMER)), 11, 0.1)
     torch.manual_seed(3)
     vae_model = _perturbed(AutoencoderKLWan(**(vae or SXS_VAE)), 3, 0.05)
-    # gamma 1/3 (the default) makes the block-noise covariance singular: the reference cannot factor it on CPU
+    # gamma 1/3 (the default) makes the block-noise covariance singular: the reference cannot factor it on every CPU
     scheduler = HeliosDMDScheduler(use_dynamic_shifting=True, gamma=0.25)
     pipe = HeliosPyramidPipeline(
         tokenizer=None, text_encoder=None, vae=vae_model, scheduler=scheduler, transformer=net, is_distilled=True

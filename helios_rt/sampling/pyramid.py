@@ -87,8 +87,8 @@ def block_noise_factor(gamma: float, patch_hw: tuple[int, int] = (2, 2), device=
     Constant for a config: compute once (on the host, then move). Factored in float32 like the
     reference. At gamma = 1/(n-1), n = ph*pw (1/3 for 2x2, the default) the covariance is singular
     by design (the noise has zero patch mean, so it leaves the upsampled patch means alone) and the
-    1e-8 jitter vanishes in float32 (1 + 1e-8 == 1): float32 Cholesky then fails on some backends,
-    the reference's included (it raises on CPU). Only in that case the same matrix is factored in
+    1e-8 jitter vanishes in float32 (1 + 1e-8 == 1): whether float32 Cholesky factors it depends on the CPU
+    (LAPACK path), for the reference as for us. Only where it fails the same matrix is factored in
     float64, where the jitter holds; the result differs from any float32 factor by O(1e-4) in the
     last column only. A gamma above 1/(n-1) is not a covariance and raises ValueError.
     """

@@ -50,7 +50,7 @@ def build_pipeline(kind: str):
     transformer = build_reference(TRANSFORMER, seed=11)
     vae = build_vae()
     if kind == "distilled":
-        # gamma 1/3 (the default) makes the block-noise covariance singular: the reference cannot factor it on CPU
+        # gamma 1/3 (the default) makes the block-noise covariance singular: the reference cannot factor it on every CPU
         scheduler = HeliosDMDScheduler(use_dynamic_shifting=True, gamma=0.25)
         return HeliosPyramidPipeline(
             tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=transformer, is_distilled=True
