@@ -122,13 +122,3 @@ def test_bad_history_inputs():
         augment_video_latents(torch.zeros(1, C, 1, H, W), torch.zeros(1, C, 10, H, W), g)
     with pytest.raises(ValueError, match="sigma range"):
         augment_video_latents(torch.zeros(1, C, 1, H, W), torch.zeros(1, C, 9, H, W), g, image_sigma=(0.2, 0.1))
-
-
-def test_reference_cannot_run_without_keep_first_frame():
-    """Documents why keep_first_frame=False is checked against the model above, not the pipeline:
-    the pipeline sizes its window before widening the short window, so the split fails."""
-    from test_sampling_pyramid import compare_runs
-
-    pytest.importorskip("diffusers")
-    with pytest.raises(RuntimeError, match="split"):
-        compare_runs((1, 1, 1), chunks=1, seed=0, amplify=False, pipe_kwargs=dict(keep_first_frame=False))
