@@ -22,7 +22,7 @@ MISSING = [
     ("Python.h", "probe_python_h", "-dev`"),
     ("numpy", "numpy", "pip install --no-deps numpy-*.whl"),
     ("safetensors", "safetensors", "pip install --no-deps safetensors-*.whl"),
-    ("pytest", "pytest", "pytest-*.whl iniconfig-*.whl pluggy-*.whl packaging-*.whl"),
+    ("pytest", "pytest", "pytest-*.whl iniconfig-*.whl pluggy-*.whl packaging-*.whl pygments-*.whl"),
     ("triton", "triton", "pip install --no-deps triton-*.whl"),
     ("helios_rt._planner", "helios_rt._planner", "pip install --no-deps --no-build-isolation -e ."),
     ("CUDA device", "probe_cuda", "run on the GPU machine"),

@@ -79,7 +79,7 @@ def _module(name: str, fix: str) -> tuple[str, Probe, str]:
 
 def _table() -> list[tuple[str, Probe, str]]:
     """(what, probe, fix) for everything but the CUDA device; probes are looked up when called, so tests can patch."""
-    pytest_wheels = "pytest-*.whl iniconfig-*.whl pluggy-*.whl packaging-*.whl"
+    pytest_wheels = "pytest-*.whl iniconfig-*.whl pluggy-*.whl packaging-*.whl pygments-*.whl"
     return [
         ("C compiler (Triton)", lambda: probe_c_compiler(), "`apt-get install gcc g++` (or point CC at a compiler)"),
         ("Python.h", lambda: probe_python_h(), f"`apt-get install {_PYTHON_DEV}` (or python3-dev)"),
