@@ -11,8 +11,16 @@ from pathlib import Path
 
 import torch
 
-from .profile import Profile, device_spec, dry_run_profile, gpu_profile
-from .report import FAIL, Check, Report
+from .profile import (
+    PhaseEstimate,
+    Profile,
+    device_spec,
+    dry_run_profile,
+    estimate_lines,
+    gpu_profile,
+    gpu_time_estimate,
+)
+from .report import FAIL, Check, Figure, Report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -31,7 +39,7 @@ def machine(profile: Profile, note: str) -> dict[str, str]:
     import triton
 
     info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "device": profile.device, "projection": note}  # fmt: skip
+            "device": profile.device, "peak rates": note}  # fmt: skip
     if profile.device == "cuda":
         info.update(gpu=torch.cuda.get_device_name(), cuda=str(torch.version.cuda))
     return info
@@ -42,16 +50,36 @@ def _needs_interpreter(profile: Profile) -> bool:
     return profile.dry_run and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
 
+def gpu_estimate(pytest_timeout: float) -> list[PhaseEstimate]:
+    """The GPU profile's time estimate from its projected chunk on an H100 SXM (bf16 and FP8 GEMMs)."""
+    from ..compile import cost
+    from ..compile.cost import attention_rates as rates
+    from ..fp8.projection import project_fp8
+
+    g = gpu_profile()
+    chunk = cost.trace_chunk(g.model, cost.ChunkShape(g.height, g.width, text_len=g.text_len), g.dtype, vae=True)
+    p = project_fp8(chunk, g.steps, rates.efficiency_for("triton"))
+    return gpu_time_estimate(pytest_timeout, p.bf16_seconds, p.vae_seconds, p.fp8_seconds)
+
+
 def run(profile: Profile, out_dir: Path, pytest_timeout: float) -> Report:
     from .checks import head_dim_128_checks, test_checks
+    from .fp8 import fp8_rows
     from .measure import measure
 
     spec, note = device_spec(profile.device)
     report = Report(profile.name, machine(profile, note))
+    measured = []  # the bf16 engine's results, which the FP8 phase compares with
+
+    def engine() -> tuple[list[Check], list[Figure]]:
+        measured.append(measure(profile, spec))
+        return measured[0].checks, measured[0].figures
+
     phases = [
         ("tests", lambda: (test_checks(profile, out_dir, pytest_timeout), [])),
         ("head dim 128 kernels", lambda: (head_dim_128_checks(profile), [])),
-        ("engine", lambda: measure(profile, spec)[::-1]),
+        ("engine", engine),
+        ("fp8", lambda: fp8_rows(profile, measured[0] if measured else None, spec)),
     ]
     for name, phase in phases:
         t0 = time.perf_counter()
@@ -80,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     report = run(profile, args.out_dir, args.pytest_timeout)
     report.phase_seconds["total"] = time.perf_counter() - t0
+    if profile.dry_run:
+        report.estimate = estimate_lines(gpu_estimate(args.pytest_timeout))
     js, md = report.write(args.out_dir)
     print(report.markdown())
     print(f"first light: wrote {js} and {md}; {'all checks pass' if report.ok else 'some checks FAILED'}")

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .. import benchmarking as hb
 from ..compile import cost
+from ..compile.cost import attention_rates
 from ..compile.report import plan_engine
 from ..config import EngineConfig
 from .profile import Profile
@@ -33,6 +35,33 @@ def engine_config(profile: Profile) -> EngineConfig:
 def prompt_embeds(profile: Profile) -> Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randn(1, profile.text_len, profile.model.text_dim, generator=g)
+
+
+@dataclass(frozen=True)
+class ProjectionInputs:
+    """What the projection prices, from what the engine selected.
+
+    op_table: the backend of the engine's non-attention ops ("triton" or "reference": `EngineConfig.kernels`
+    as `OpSet` resolves it on the engine's device); attention: the attention backend the engine selected
+    (`Engine.attention.backend`); fused: price each op-table call as one kernel (the Triton path);
+    efficiency: the cost model's assumptions with attention at that backend's rate.
+    """
+
+    op_table: str
+    attention: str
+    fused: bool
+    efficiency: cost.Efficiency
+
+
+def projection_inputs(config: EngineConfig, selected_attention: str, spec: cost.DeviceSpec = cost.H100_SXM
+                      ) -> ProjectionInputs:  # fmt: skip
+    """The projection's inputs for an engine of `config` that selected `selected_attention`: the op table
+    keyed on `kernels` (OpSet's rule: "auto" is Triton on CUDA, the reference elsewhere), never on the
+    attention backend (FA3 with the Triton op table is fused; Triton attention says nothing of the rest)."""
+    cuda = config.resolved_device().startswith("cuda")
+    op_table = "triton" if config.kernels == "triton" or (config.kernels == "auto" and cuda) else "reference"
+    eff = attention_rates.efficiency_for(selected_attention, spec)
+    return ProjectionInputs(op_table, selected_attention, op_table == "triton", eff)
 
 
 class Recorded:
@@ -102,8 +131,10 @@ def _tflops(op: cost.OpCost, ms: float) -> float:
     return op.flops / (ms * 1e-3) / 1e12
 
 
-def attention_figure(profile: Profile, forward: cost.Trace, ops, spec: cost.DeviceSpec, stage: int) -> Figure:
-    """The op table's attention alone at the stage's largest attention shape, beside the cost model's rate."""
+def attention_figure(profile: Profile, forward: cost.Trace, ops, spec: cost.DeviceSpec, stage: int,
+                     inputs: ProjectionInputs) -> Figure:  # fmt: skip
+    """The op table's attention alone at the stage's largest attention shape, beside the cost model's rate
+    for the backend the engine selected."""
     device, att = torch.device(profile.device), largest(forward, cost.ATTENTION)
     (b, h, lq, d), (_, _, lk, _) = att.inputs[0][0], att.inputs[1][0]  # recorded in the SDPA layout
     g, dtype = torch.Generator(device).manual_seed(0), getattr(torch, att.dtype)
@@ -112,8 +143,8 @@ def attention_figure(profile: Profile, forward: cost.Trace, ops, spec: cost.Devi
     out = torch.empty_like(q)
     ms = time_ms(lambda: ops.attention(q, k, v, out=out), device, profile.timing_iters)
     name = f"attention TFLOP/s, stage {stage} [B {b}, L {lq}x{lk}, H {h}, Dh {d}] {att.dtype}"
-    projected = _tflops(att, cost.op_seconds(att, spec) * 1e3)
-    return Figure(name, _tflops(att, ms), "TFLOP/s", projected, f"{ops.backend_of('attention')} kernel, {ms:.3f} ms")
+    projected = _tflops(att, cost.op_seconds(att, spec, inputs.efficiency) * 1e3)
+    return Figure(name, _tflops(att, ms), "TFLOP/s", projected, f"{inputs.attention} kernel, {ms:.3f} ms")
 
 
 def gemm_figure(profile: Profile, forward: cost.Trace, spec: cost.DeviceSpec, stage: int) -> Figure:
@@ -134,10 +165,10 @@ def gemm_figure(profile: Profile, forward: cost.Trace, spec: cost.DeviceSpec, st
 def stream_figures(profile, proj, first_proj, cold, warm, stages, overlap: bool) -> list[Figure]:
     """TTFF, FPS, transformer and VAE milliseconds of the measured streams beside the projection."""
     fpc, n = warm.frames_per_chunk, warm.chunks
-    vae_s = proj.total(vae=True) - proj.seconds
-    steady_s = max(proj.seconds, vae_s) if overlap else proj.seconds + vae_s
+    vae_s = proj.vae_seconds
+    steady_s = cost.steady_chunk_seconds(proj.seconds, vae_s)  # both lanes share the GPU's SMs
     ttff_s = first_proj.seconds + vae_s
-    how = "decode overlapped: max(transformer, VAE)" if overlap else "transformer + VAE"
+    how = "transformer + VAE: both lanes on one GPU" + (" (decode overlapped: hides host gaps only)" if overlap else "")
     figures = [
         Figure("time to first frame, cold (warm-up runs and graph captures)", cold.ttff_s, "s", None,
                "compilation and capture: not modelled"),
@@ -159,45 +190,71 @@ def stream_figures(profile, proj, first_proj, cold, warm, stages, overlap: bool)
     return figures
 
 
+def steady_allocations(allocated: list[int]) -> list[int]:
+    """The allocated bytes of the steady chunks: chunk 0 warms up, and the last chunk is handed over with no
+    successor launched (with overlap, chunk k is handed over after chunk k+1 was launched, whose state is
+    then alive), so only chunks 1..n-2 are compared, and exactly."""
+    return allocated[1:-1]
+
+
 def replay_checks(graphed: list[Tensor], eager: list[Tensor], allocated: list[int]) -> tuple[list[Check], Figure]:
-    """Memory flat across the recorded chunks (CUDA), and how far the graphed chunks are from eager ones."""
+    """Memory flat across the steady chunks (CUDA), and how far the graphed chunks are from eager ones."""
     common = zip(graphed, eager, strict=False)  # the chunks both runs made
     diff = max((a.float() - b.float()).abs().max().item() for a, b in common)
     note = f"chunks 0..{min(len(graphed), len(eager)) - 1}, same weights, seed and embeddings; 0 = bit-equal"
     figure = Figure("graph replay vs eager engine: max |latents difference|", diff, "", None, note)
+    name = "memory flat over the measured model's steady chunks"
     if not allocated:
-        return [Check("memory flat over the measured model's chunks", SKIP, "no CUDA: nothing allocated")], figure
-    detail = f"allocated bytes per chunk: {allocated}"
-    if len(allocated) < 3:  # chunk 0 warms up; flat needs two later chunks to compare
-        return [Check("memory flat over the measured model's chunks", SKIP, f"too few chunks: {detail}")], figure
-    flat = len(set(allocated[1:])) == 1
-    return [Check("memory flat over the measured model's chunks", PASS if flat else FAIL, detail)], figure
+        return [Check(name, SKIP, "no CUDA: nothing allocated")], figure
+    steady = steady_allocations(allocated)
+    detail = f"allocated bytes per chunk: {allocated}; compared: chunks 1..{len(allocated) - 2}"
+    if len(steady) < 2:  # flat needs two steady chunks to compare
+        return [Check(name, SKIP, f"too few chunks: {detail}")], figure
+    flat = len(set(steady)) == 1
+    return [Check(name, PASS if flat else FAIL, detail)], figure
 
 
-def memory_figure(profile: Profile, kernels: str, peak_gb: float) -> Figure:
+def memory_figure(profile: Profile, inputs: ProjectionInputs, peak_gb: float, precision: str = "native") -> Figure:
+    """Peak memory beside the plan of the same op table and attention backend (and precision)."""
     plan = plan_engine(profile.model, profile.height, profile.width, profile.dtype, text_len=profile.text_len,
-                       kernels=kernels, text_encoder=None)  # fmt: skip
-    return Figure("peak memory (torch.cuda.max_memory_allocated) vs the plan", peak_gb, "GB", plan.total_bytes / 1e9,
-                  "plan: weights + state + arena + VAE decode, no text encoder")  # fmt: skip
+                       kernels=inputs.op_table, attention=inputs.attention, text_encoder=None,
+                       precision=precision)  # fmt: skip
+    tag = "" if precision == "native" else f"{precision.upper()} "
+    return Figure(f"{tag}peak memory (torch.cuda.max_memory_allocated) vs the plan", peak_gb, "GB",
+                  plan.total_bytes / 1e9, f"plan: weights + state + arena + VAE decode, no text encoder; "
+                  f"{inputs.op_table} ops, {inputs.attention} attention")  # fmt: skip
 
 
-def measure(profile: Profile, spec: cost.DeviceSpec) -> tuple[list[Figure], list[Check]]:
-    """Every figure of the run, and the checks that come out of the measured engine."""
+@dataclass
+class Measured:
+    """The bf16 engine's results, and its warm stream's latents (the FP8 gate's reference: same weights, seed
+    and embeddings)."""
+
+    figures: list[Figure]
+    checks: list[Check]
+    latents: list[Tensor]
+    inputs: ProjectionInputs
+    chunk: cost.ChunkCost
+
+
+def measure(profile: Profile, spec: cost.DeviceSpec) -> Measured:
+    """Every figure of the bf16 run, and the checks that come out of the measured engine."""
     config = engine_config(profile)
     embeds = prompt_embeds(profile)
     engine = hb.random_engine(profile.model, config, profile.vae)
-    kernels, overlap = engine.transformer.ops.backend_of("attention"), bool(engine.config.resolved_overlap())
+    inputs = projection_inputs(engine.config, engine.attention.backend, spec)
+    overlap = bool(engine.config.resolved_overlap())
     chunk = cost.trace_chunk(profile.model, cost.ChunkShape(profile.height, profile.width, text_len=profile.text_len),
                              profile.dtype, label="first light", vae=True)  # fmt: skip
-    fused = kernels == "triton"
-    proj = cost.project(chunk, spec, steps=profile.steps, fused=fused)
-    first_proj = cost.project(chunk, spec, steps=tuple(2 * s for s in profile.steps), fused=fused)
+    proj = cost.project(chunk, spec, inputs.efficiency, steps=profile.steps, fused=inputs.fused)
+    first_proj = cost.project(chunk, spec, inputs.efficiency, steps=tuple(2 * s for s in profile.steps),
+                              fused=inputs.fused)  # fmt: skip
     cold = hb.measure_stream(engine, 1, prompt_embeds=embeds, stages=False, kind="cold")  # its TTFF only
     engine.warmup()
     graphed = Recorded(engine)
     warm = hb.measure_stream(graphed, profile.chunks, prompt_embeds=embeds, stages=False)
     last = len(chunk.stages) - 1
-    figures = [attention_figure(profile, chunk.stages[-1].forward, engine.transformer.ops, spec, last),
+    figures = [attention_figure(profile, chunk.stages[-1].forward, engine.transformer.ops, spec, last, inputs),
                gemm_figure(profile, chunk.stages[-1].forward, spec, last)]  # fmt: skip
     engine.close()
     del engine
@@ -208,7 +265,9 @@ def measure(profile: Profile, spec: cost.DeviceSpec) -> tuple[list[Figure], list
     eager = Recorded(eager_engine)
     stages = hb.measure_stream(eager, profile.stage_chunks, prompt_embeds=embeds, stages=True, kind="stages")
     eager_engine.close()
+    del eager_engine
+    hb.stream._free_cuda()
     checks, diff = replay_checks(graphed.latents, eager.latents, graphed.allocated)
     figures = stream_figures(profile, proj, first_proj, cold, warm, stages, overlap) + figures
-    figures += [memory_figure(profile, kernels, warm.peak_memory_gb), diff]
-    return figures, checks
+    figures += [memory_figure(profile, inputs, warm.peak_memory_gb), diff]
+    return Measured(figures, checks, graphed.latents, inputs, chunk)

@@ -46,6 +46,7 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    estimate: list[str] = field(default_factory=list)  # the dry run: the GPU run's own time estimate
 
     @property
     def ok(self) -> bool:
@@ -55,7 +56,8 @@ class Report:
     def to_dict(self) -> dict:
         figures = [{**asdict(f), "ratio": f.ratio} for f in self.figures]
         return {"profile": self.profile, "ok": self.ok, "machine": self.machine, "checks": [asdict(c) for c in
-                self.checks], "figures": figures, "phase_seconds": self.phase_seconds}  # fmt: skip
+                self.checks], "figures": figures, "phase_seconds": self.phase_seconds,
+                "gpu_estimate": self.estimate}  # fmt: skip
 
     def markdown(self) -> str:
         m = self.machine
@@ -76,7 +78,8 @@ class Report:
             lines.append(f"| {f.name} | {_num(f.measured)} | {_num(f.projected)} | {_num(f.ratio)} | {f.unit} | "
                          f"{_cell(f.note)} |")  # fmt: skip
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phase_seconds.items())
-        return "\n".join([*lines, "", f"time per phase: {phases}", ""])
+        estimate = ["", *self.estimate] if self.estimate else []
+        return "\n".join([*lines, "", f"time per phase: {phases}", *estimate, ""])
 
     def write(self, out_dir: Path) -> tuple[Path, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from ..compile.cost import ChunkCost, project
-from ..compile.cost.projection import Efficiency
+from ..compile.cost import ChunkCost, project, steady_chunk_seconds
+from ..compile.cost.projection import H100_SXM, DeviceSpec, Efficiency
 
 FP8_GEMM_EFFICIENCY = 0.70
 
@@ -30,28 +30,31 @@ class FP8Projection:
 
     @property
     def fps_bf16_end_to_end(self) -> float:
-        return self.frames / (self.bf16_seconds + self.vae_seconds)
+        """Steady FPS, both lanes on one GPU (`compile.cost.steady_chunk_seconds`)."""
+        return self.frames / steady_chunk_seconds(self.bf16_seconds, self.vae_seconds)
 
     @property
     def fps_fp8_end_to_end(self) -> float:
-        return self.frames / (self.fp8_seconds + self.vae_seconds)
+        return self.frames / steady_chunk_seconds(self.fp8_seconds, self.vae_seconds)
 
     def line(self, steps: Sequence[int]) -> str:
         tag = "+".join(map(str, steps))
         return (
-            f"FP8 (e4m3 GEMMs at {FP8_GEMM_EFFICIENCY:.0%} of 1979 TFLOP/s), steps {tag}: transformer "
+            f"FP8 (e4m3 GEMMs at {FP8_GEMM_EFFICIENCY:.0%} of the dense fp8 peak), steps {tag}: transformer "
             f"{self.fp8_seconds * 1e3:.0f} ms vs {self.bf16_seconds * 1e3:.0f} ms bf16, VAE decode "
             f"{self.vae_seconds * 1e3:.0f} ms -> {self.fps_fp8_end_to_end:.1f} FPS end to end "
             f"(bf16 {self.fps_bf16_end_to_end:.1f})"
         )
 
 
-def project_fp8(chunk: ChunkCost, steps: Sequence[int], efficiency: Efficiency | None = None) -> FP8Projection:
-    """The fused (Triton) path of `chunk` with bf16 GEMMs and with FP8 GEMMs; needs a chunk traced with its VAE."""
+def project_fp8(chunk: ChunkCost, steps: Sequence[int], efficiency: Efficiency | None = None,
+                device: DeviceSpec = H100_SXM, fused: bool = True) -> FP8Projection:  # fmt: skip
+    """`chunk` (the fused Triton path, or with fused=False every aten op) on `device` with bf16 GEMMs and
+    with FP8 GEMMs; needs a chunk traced with its VAE."""
     efficiency = efficiency or Efficiency()
-    bf16 = project(chunk, efficiency=efficiency, steps=steps, fused=True)
+    bf16 = project(chunk, device, efficiency, steps=steps, fused=fused)
     fp8_eff = replace(efficiency, gemm=FP8_GEMM_EFFICIENCY, gemm_dtype="float8_e4m3fn")
-    fp8 = project(chunk, efficiency=fp8_eff, steps=steps, fused=True)
+    fp8 = project(chunk, device, fp8_eff, steps=steps, fused=fused)
     if not bf16.vae_rows:
         raise ValueError("project_fp8 needs the VAE decode: trace the chunk with vae=True")
     vae = bf16.total(vae=True) - bf16.seconds

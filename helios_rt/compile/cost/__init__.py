@@ -70,6 +70,7 @@ from .projection import (
     op_seconds,
     project,
     project_trace,
+    steady_chunk_seconds,
 )
 from .tracer import CostTracer, Trace, trace
 
@@ -78,6 +79,6 @@ __all__ = [
     "ChunkCost", "ChunkProjection", "ChunkShape", "ClassProjection", "CostTracer", "DeviceSpec", "Efficiency",
     "OpCost", "ProjectionRow", "ScopeCall", "StageCost", "Trace", "attention_flops", "format_projection",
     "helios_14b_chunk", "meta_transformer", "op_cost", "op_seconds", "project", "project_trace", "stage_layouts",
-    "trace", "trace_chunk", "trace_forward", "trace_history_embedding", "trace_text_encoding",
+    "steady_chunk_seconds", "trace", "trace_chunk", "trace_forward", "trace_history_embedding", "trace_text_encoding",
     "trace_vae_decode", "unique_bytes",
 ]  # fmt: skip

@@ -56,12 +56,19 @@ H100_INSTALLED = frozenset({"flash_attn_interface", "flash_attn", "triton"})  # 
 
 
 def efficiency_for(backend: str, device: DeviceSpec = H100_SXM, base: Efficiency | None = None) -> Efficiency:
-    """`base` with attention priced at `backend`'s rate (H100 rates; other devices need their own table)."""
-    if device is not H100_SXM:
-        raise ValueError(f"attention rates are stated for the H100 SXM only, not {device.name}")
+    """`base` with attention priced at `backend`'s rate, as a fraction of the bf16 peak.
+
+    The rates are H100 SXM measurements; a fraction of the peak carries over to any sm_90 part (the same
+    SM and tensor cores at another SM count and clock: H100 PCIe/NVL, H200), not to another architecture.
+    """
+    if device.sm != H100_SXM.sm:
+        raise ValueError(f"attention rates are stated for sm_90 (H100) only, not {device.name} "
+                         f"(sm_{device.sm[0]}{device.sm[1]}): add that architecture's rates")  # fmt: skip
+    if backend not in H100_ATTENTION:
+        raise ValueError(f"no attention rate for backend {backend!r}; known: {', '.join(H100_ATTENTION)}")
     rate = H100_ATTENTION[backend]
     return replace(
-        base or Efficiency(), attention=rate.tflops / device.bf16_tflops, attention_label=f"{backend}: {rate.source}"
+        base or Efficiency(), attention=rate.tflops / H100_SXM.bf16_tflops, attention_label=f"{backend}: {rate.source}"
     )
 
 
