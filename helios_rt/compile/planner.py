@@ -119,8 +119,8 @@ def _extension():
         return importlib.import_module("helios_rt._planner")
     except ImportError as e:
         raise ImportError(
-            "helios_rt._planner is not built: reinstall with `pip install -e .` on a machine with a "
-            "C++17 compiler and cmake >= 3.18 (e.g. `apt-get install cmake g++`)"
+            "helios_rt._planner is not built: reinstall with `pip install -e .` (offline: `pip install --no-deps "
+            "--no-build-isolation -e .`) on a machine with a C++17 compiler and Python.h (`apt-get install g++ python3-dev`)"
         ) from e
 
 
