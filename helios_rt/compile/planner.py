@@ -120,7 +120,8 @@ def _extension():
     except ImportError as e:
         raise ImportError(
             "helios_rt._planner is not built: reinstall with `pip install -e .` (offline: `pip install --no-deps "
-            "--no-build-isolation -e .`) on a machine with a C++17 compiler and Python.h (`apt-get install g++ python3-dev`)"
+            "--no-build-isolation -e .`) on a machine with a C++17 compiler and Python.h "
+            "(`apt-get install g++ python3-dev`)"
         ) from e
 
 
