@@ -8,6 +8,10 @@ place and every chunk's frames are handed to the caller as soon as they are deco
 On a GPU a chunk is one replay of the engine's chunk program (`compile.chunk_program`), and the
 stream runs two lanes (`overlap`): chunk k is decoded on a second CUDA stream while chunk k+1 is
 computed, ordered by events; the host waits only for the decode of the chunk it hands over.
+
+Every entry point (loading, `warmup`, `generate_stream`, each chunk, `set_prompt`, `close`) runs under
+`device_scope(engine.device)`: captures, replays, noise uploads, events and decodes use the engine's
+device whatever the caller's current CUDA device is.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptE
 from .model.transformer import HeliosTransformer, TextContext, load_transformer
 from .model.vae import LatentPosterior, WanVAE
 from .ops import OpSet
-from .overlap import lanes_for
+from .overlap import device_scope, lanes_for
 from .parallel import attach as attach_parallel
+from .parallel.group import wait_within
 from .parallel.io import no_frames, prompt_from_rank0
 from .profiling import nvtx_range
 from .sampling.chunk import ChunkSampler, Conditioning, SamplingSpec
@@ -120,15 +125,16 @@ class Engine:
         if str(path) == "demo":
             from .demo import build_demo_engine
 
-            return build_demo_engine(config)
+            with device_scope(torch.device(config.resolved_device())):
+                return build_demo_engine(config)
         root = Path(path)
         if not (root / "model_index.json").exists():
             raise CheckpointError(
                 f"{root} is not a Helios checkpoint folder (no model_index.json); pass the folder "
                 "that holds model_index.json, transformer/, vae/, scheduler/, or 'demo'"
             )
-        with nvtx_range("load"):
-            device = torch.device(config.resolved_device())
+        device = torch.device(config.resolved_device())
+        with nvtx_range("load"), device_scope(device):
             ops = OpSet(device, config.kernels)
             transformer = load_transformer(root, config.resolved_dtype(), device, ops, config.precision)
             vae = WanVAE.from_pretrained(root, config.resolved_dtype("vae_dtype"), device)
@@ -142,6 +148,11 @@ class Engine:
                 )
             return cls(transformer, vae, prompts, spec, config)
 
+    @property
+    def scope(self):
+        """The engine's device as the current CUDA device (nothing on a CPU): wraps every entry point."""
+        return device_scope(self.device)
+
     def warmup(self, image_or_video: bool = False) -> None:
         """Plan and capture the chunk graphs before the first stream, so its first chunk replays one.
 
@@ -152,7 +163,7 @@ class Engine:
         program = self.chunk_program
         if program is None:
             return
-        with nvtx_range("warmup"):
+        with nvtx_range("warmup"), self.scope:
             cfg = self.transformer.config
             zeros = torch.zeros(1, MAX_TEXT_TOKENS, cfg.text_dim, device=self.device)
             both = torch.cat([zeros, zeros]) if self.spec.uses_cfg else zeros  # [cond; uncond] with CFG
@@ -190,9 +201,10 @@ class Engine:
         self.transformer = self.vae = self.sampler = self.chunk_program = None
         self._prompts = self._history_mod = None
         self._closed = True
-        gc.collect()  # modules hold reference cycles; collect them now rather than at some later point
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        with self.scope:
+            gc.collect()  # modules hold reference cycles; collect them now rather than at some later point
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def __enter__(self) -> Engine:
         return self
@@ -231,11 +243,12 @@ class Engine:
             raise InputError("pass image (image-to-video) or video (video-to-video), not both")
         self._check_open()
         generator = noise_generator(seed)
-        cond = self._embed(prompt, prompt_embeds, "prompt")
-        uncond = None
-        if self.spec.uses_cfg:
-            uncond = self._embed(negative_prompt or "", negative_prompt_embeds, "negative_prompt", allow_empty=True)
-        stream = Stream(self, cond, uncond, image, video, num_frames, generator)
+        with self.scope:
+            cond = self._embed(prompt, prompt_embeds, "prompt")
+            uncond = None
+            if self.spec.uses_cfg:
+                uncond = self._embed(negative_prompt or "", negative_prompt_embeds, "negative_prompt", allow_empty=True)
+            stream = Stream(self, cond, uncond, image, video, num_frames, generator)
         self._streams.add(stream)
         return stream
 
@@ -271,7 +284,8 @@ class Engine:
 
     def encode_pixels(self, frames: np.ndarray | Tensor, generator: torch.Generator) -> Tensor:
         """uint8 `[T, H, W, 3]` frames -> the VAE posterior sample, normalised for the transformer."""
-        return self.vae.encode(self._pixels(frames), generator=generator, normalize=True).float()
+        with self.scope:
+            return self.vae.encode(self._pixels(frames), generator=generator, normalize=True).float()
 
     def encode_windows(self, frames: np.ndarray | Tensor, window: int, generator: torch.Generator) -> Tensor:
         """uint8 `[k * window, H, W, 3]` -> each window encoded on its own, latents concatenated in time.
@@ -284,8 +298,9 @@ class Engine:
         k = len(frames) // window
         if k == 0 or len(frames) != k * window:
             raise ValueError(f"encode_windows needs a positive multiple of {window} frames, got {len(frames)}")
-        pixels = torch.cat([self._pixels(frames[i * window : (i + 1) * window]) for i in range(k)])
-        posterior = self.vae.encode_posterior(pixels)
+        with self.scope:
+            pixels = torch.cat([self._pixels(frames[i * window : (i + 1) * window]) for i in range(k)])
+            posterior = self.vae.encode_posterior(pixels)
         samples = [
             LatentPosterior(posterior.mean[i : i + 1], posterior.logvar[i : i + 1]).sample(generator) for i in range(k)
         ]
@@ -357,6 +372,8 @@ class Stream:
         # two latent slots: chunk k's decode reads slot k % 2 while chunk k+1's compute writes the other
         shape = (1, engine.transformer.config.in_channels, engine.config.latent_frames_per_chunk, *engine.latent_hw)
         self._slots = [torch.zeros(shape, device=engine.device) for _ in range(2)]
+        self._finite = _FiniteFlags(self._slots)
+        self._compute_end: Any = None  # the last launched chunk's compute-end mark
         self._slot_free: list[Any] = [None, None]  # the decode-end mark of the chunk that last used the slot
         self._started = time.perf_counter()
         self.handover_times: list[float] = []  # perf_counter() when each chunk was handed to the caller
@@ -417,7 +434,8 @@ class Stream:
         if self._closed:
             raise StopIteration
         try:
-            return next(self._iterator)
+            with self.engine.scope:
+                return next(self._iterator)
         except StopIteration:
             raise
         except BaseException as err:
@@ -441,7 +459,8 @@ class Stream:
     def close(self) -> None:
         """Free the stream's buffers; iteration ends."""
         self._closed = True
-        self._iterator.close()
+        with self.engine.scope:  # the generator's cleanup runs here
+            self._iterator.close()
         self._history = None
         self._prompt = None
         self._uncond = None
@@ -458,7 +477,8 @@ class Stream:
             raise StreamFailedError(self._failure_message()) from self.failure
         if self._closed:
             raise RuntimeError("this stream is closed; start a new one with engine.generate_stream()")
-        self._prompt.switch(self.engine._embed(prompt, prompt_embeds, "prompt"))
+        with self.engine.scope:
+            self._prompt.switch(self.engine._embed(prompt, prompt_embeds, "prompt"))
         return self._launched
 
     @property
@@ -512,9 +532,10 @@ class Stream:
                 latents = engine.sampler.sample(cond, 1, self._generator, first_chunk=k == 0)
                 self._history.push(latents)
             slot.copy_(latents)
-            finite = torch.isfinite(slot).all()  # on the device; read at the hand-over, which syncs anyway
+            finite = self._finite.check(k % 2)  # on the device; read at the hand-over, which syncs anyway
             end = lanes.mark("compute")
         self._launched += 1
+        self._compute_end = end
         return _Launched(k, slot, begin, end, finite)
 
     def _bind(self, program: ChunkProgram, text: TextContext) -> None:
@@ -554,7 +575,7 @@ class Stream:
     def _hand_over(self, decoded: _Decoded) -> Chunk:
         """Wait for one chunk's decode (only that) and bring its frames to the host."""
         lanes, k = self._lanes, decoded.launched.index
-        lanes.host_wait(decoded.end)
+        self._host_wait(decoded.end, f"chunk {k}")
         with lanes.on("decode"):  # the copies queue behind the decode, not behind chunk k+1's compute
             if not decoded.launched.finite.item():  # done long ago: the decode waited for it
                 raise NonFiniteError(
@@ -571,11 +592,24 @@ class Stream:
         in_video = len(frames) if self.num_frames is None else min(len(frames), self.num_frames - first)
         return Chunk(k, first, frames, latents, timings, in_video)
 
+    def _host_wait(self, mark: Any, what: str) -> None:
+        """Block until `mark`; on several ranks give up with `ParallelError` after the mesh's timeout.
+
+        A replayed chunk graph holds the collectives, which NCCL's watchdog does not see: a dead peer
+        would leave this wait (and the rank) hanging. One process waits without a bound.
+        """
+        mesh = self.engine.parallel
+        if mesh is not None:
+            wait_within(mesh, lambda: self._lanes.reached(mark), what)
+        self._lanes.host_wait(mark)
+
     def _text_context(self) -> TextContext:
         """The text K/V of the next chunk's prompt (a new context only when the embedding changed)."""
         embeds = self._prompt.next()
         fresh = embeds is not self._text_key  # text K/V are computed once per prompt (and per blend chunk)
         if self.engine.parallel is not None:  # rank 0's prompts (set_prompt there) are every rank's
+            if self._compute_end is not None:  # the broadcast queues behind the chunk before: bound that wait
+                self._host_wait(self._compute_end, f"chunk {self._launched - 1}'s compute")
             fresh, embeds, self._uncond = prompt_from_rank0(self.engine.parallel, fresh, embeds, self._uncond)
         if fresh:
             if self._uncond is None:
@@ -587,13 +621,35 @@ class Stream:
         return self._text
 
 
+class _FiniteFlags:
+    """One static on-device flag per latent slot: "every latent of the slot's chunk is finite".
+
+    Static so that a steady chunk leaves no tensor of its own alive (a fresh 0-d flag per chunk made
+    the allocated bytes depend on how many chunks were in flight). Written with out= ops only, into
+    a static scratch: x - x is 0 for a finite x and NaN for Inf or NaN, and a sum of zeros is 0 while
+    a NaN survives any summation order (IEEE), so the flag is exact.
+    """
+
+    def __init__(self, slots: list[Tensor]) -> None:
+        self.slots = slots
+        self.flags = [torch.ones((), dtype=torch.bool, device=s.device) for s in slots]
+        self._scratch = torch.empty_like(slots[0])
+        self._total = torch.zeros((), dtype=slots[0].dtype, device=slots[0].device)
+
+    def check(self, i: int) -> Tensor:
+        """Write slot `i`'s flag (on the current stream) and return it."""
+        torch.sub(self.slots[i], self.slots[i], out=self._scratch)
+        torch.sum(self._scratch, dim=None, out=self._total)
+        return torch.eq(self._total, 0, out=self.flags[i])
+
+
 @dataclass
 class _Launched:
     index: int
     latents: Tensor  # the chunk's slot
     begin: Any
     end: Any  # a mark on the compute lane after the chunk's latents are in the slot
-    finite: Tensor  # a 0-d bool on the device: every latent is finite
+    finite: Tensor  # the slot's static 0-d bool on the device: every latent is finite
 
 
 @dataclass

@@ -9,6 +9,10 @@ So while the host waits for chunk k's frames, the GPU already runs chunk k+1.
 On a CPU there is one thread: `HostLanes` runs both lanes in call order and its marks are clock
 readings. The scheduling code in `engine.Stream` is the same for both, which is what lets the CPU
 tests check the order of launches, decodes and hand-overs.
+
+`device_scope(device)` makes `device` the current CUDA device for the work it encloses: streams,
+events, graph captures and kernels that use "the current device" land on the engine's device, even
+when the caller's current device is another one (an engine on cuda:1 in a process at cuda:0).
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from typing import Any, Literal, Protocol
 import torch
 
 Lane = Literal["compute", "decode"]
+
+
+def device_scope(device: torch.device) -> AbstractContextManager[Any]:
+    """`torch.cuda.device(device)` on a CUDA device, nothing elsewhere (the CPU has no current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 class Lanes(Protocol):
@@ -36,6 +45,9 @@ class Lanes(Protocol):
 
     def host_wait(self, mark: Any) -> None:
         """Block the host until `mark` is reached."""
+
+    def reached(self, mark: Any) -> bool:
+        """Whether `mark` is reached, without blocking (for waits that must give up after a timeout)."""
 
     def used_on(self, lane: Lane, tensor: Any) -> None:
         """`tensor`, allocated on another lane, is read on `lane`: its memory must outlive that use."""
@@ -61,6 +73,9 @@ class HostLanes:
     def host_wait(self, mark: float) -> None:
         pass
 
+    def reached(self, mark: float) -> bool:
+        return True
+
     def used_on(self, lane: Lane, tensor: Any) -> None:
         pass
 
@@ -78,8 +93,9 @@ class CudaLanes:
     def __init__(self, device: torch.device | str, overlapped: bool = True) -> None:
         self.device = torch.device(device)
         self.overlapped = overlapped
-        self.compute = torch.cuda.current_stream(self.device)
-        self.decode = torch.cuda.Stream(self.device)
+        with device_scope(self.device):
+            self.compute = torch.cuda.current_stream(self.device)
+            self.decode = torch.cuda.Stream(self.device)
 
     def _stream(self, lane: Lane) -> torch.cuda.Stream:
         return self.compute if lane == "compute" else self.decode
@@ -88,8 +104,9 @@ class CudaLanes:
         return torch.cuda.stream(self._stream(lane))
 
     def mark(self, lane: Lane) -> torch.cuda.Event:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(self._stream(lane))
+        with device_scope(self.device):  # an event belongs to the device current at its first record
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(self._stream(lane))
         return event
 
     def wait(self, lane: Lane, mark: torch.cuda.Event) -> None:
@@ -97,6 +114,9 @@ class CudaLanes:
 
     def host_wait(self, mark: torch.cuda.Event) -> None:
         mark.synchronize()
+
+    def reached(self, mark: torch.cuda.Event) -> bool:
+        return mark.query()
 
     def used_on(self, lane: Lane, tensor: torch.Tensor) -> None:
         # the caching allocator would otherwise hand the block out again as soon as it is freed on its
@@ -116,4 +136,4 @@ def lanes_for(device: torch.device, overlapped: bool) -> Lanes:
     return HostLanes()
 
 
-__all__ = ["CudaLanes", "HostLanes", "Lane", "Lanes", "lanes_for"]
+__all__ = ["CudaLanes", "HostLanes", "Lane", "Lanes", "device_scope", "lanes_for"]

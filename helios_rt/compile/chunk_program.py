@@ -26,6 +26,21 @@ amplified plan (more steps), and a chunk whose history has no prefix frame yet w
 A stream owns its own `HistoryMemory`; `attach()` moves that state into the program's buffer (and
 the previous owner's back out), so several streams of one engine take turns on one program.
 
+On several ranks the chunk's collectives (the Ulysses all-to-alls, the output all-gather) are
+captured inside the graph, not kept outside it: a forward holds two all-to-alls per block, so a
+graph cut at each would be ~80 graphs per forward with Python and a host launch between them, which
+is the overhead the one-graph chunk exists to remove, and the planner could no longer place their
+buffers in one arena. NCCL supports capture once its communicators exist (the eager warm-up run
+before each capture makes them). The capture uses `capture_error_mode="thread_local"`: in the
+default "global" mode a CUDA call that is illegal during capture from *any* thread invalidates it,
+and NCCL's watchdog thread queries events all the time. Captured collectives are not queued to that
+watchdog, so the timeout of a replayed chunk is the host's (`parallel.group.wait_within`, used by
+the stream's waits).
+
+Every entry point runs under `device_scope(self.device)`, and graphs are captured on a stream of
+the program's own device (torch's default capture stream is made once, on whatever device was
+current at the first capture in the process).
+
 A prompt is a copy into the static text K/V (`set_text`). Text of another shape (embeddings of
 another length, or CFG halves of unequal length) needs other plans: `replan(text)` is that explicit
 call, and it refuses to run while a graph is being captured.
@@ -39,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.transformer import HeliosTransformer, TextContext
+from ..overlap import device_scope
 from ..profiling import nvtx_range
 from ..sampling.chunk import ChunkSampler, Conditioning
 from ..sampling.history import HistoryMemory
@@ -106,7 +122,11 @@ def meta_model(model: HeliosTransformer) -> HeliosTransformer:
 
 
 def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Whether `device`'s current stream is capturing (not the caller's current device's)."""
+    if device.type != "cuda":
+        return False
+    with device_scope(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 class ChunkProgram:
@@ -134,6 +154,7 @@ class ChunkProgram:
         self._meta: tuple[ChunkSampler, ChunkState] | None = None
         self._graphs: dict[ChunkKind, torch.cuda.CUDAGraph] = {}
         self._pool = None
+        self._capture_stream: torch.cuda.Stream | None = None  # made on this device at the first capture
         self._source: TextContext | None = None  # the caller's context last copied into the state
         self._owner: weakref.ref[HistoryMemory] | None = None
 
@@ -271,11 +292,12 @@ class ChunkProgram:
         """
         if self._source is None:
             raise RuntimeError("ChunkProgram.run: no prompt bound; call set_text() first")
-        self.noise.fill(generator)
-        if kind in self._graphs:
-            self._graphs[kind].replay()
-        else:
-            self._execute(kind)
+        with device_scope(self.device):  # the noise upload's event and the replay on this device
+            self.noise.fill(generator)
+            if kind in self._graphs:
+                self._graphs[kind].replay()
+            else:
+                self._execute(kind)
         self.history.prefix_set = self.history.prefix_set or kind.set_prefix
         return self.output
 
@@ -302,18 +324,28 @@ class ChunkProgram:
         self.detach()
         for buf in self.noise.buffers:
             buf.zero_()
-        for kind in kinds:
-            if kind in self._graphs:
-                continue
-            self._execute(kind)  # warm-up
-            if self.cuda_graph:
-                graph = torch.cuda.CUDAGraph()
-                with nvtx_range(f"capture {kind}"), torch.cuda.graph(graph, pool=self._pool):
-                    self._execute(kind)
-                self._pool = self._pool or graph.pool()
-                self._graphs[kind] = graph
+        with device_scope(self.device):
+            for kind in kinds:
+                if kind not in self._graphs:
+                    self._execute(kind)  # warm-up (and, on several ranks, the communicators' creation)
+                    if self.cuda_graph:
+                        self._graphs[kind] = self._capture(kind)
         self.history.buffer.zero_()
         self.history.prefix_set = False
+
+    def _capture(self, kind: ChunkKind) -> torch.cuda.CUDAGraph:
+        """One kind's graph, on this device's capture stream, in the thread-local error mode (see the
+        module docstring: NCCL's watchdog thread must not invalidate a capture that holds collectives)."""
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.device)
+        graph = torch.cuda.CUDAGraph()
+        capture = torch.cuda.graph(
+            graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"
+        )
+        with nvtx_range(f"capture {kind}"), capture:
+            self._execute(kind)
+        self._pool = self._pool or graph.pool()
+        return graph
 
     def _forget_graphs(self) -> None:
         self._graphs.clear()

@@ -4,7 +4,9 @@ helios_rt runs on PyTorch's own distributed runtime (NCCL between GPUs, gloo bet
 Under `torchrun` the group is made here from its environment (RANK, WORLD_SIZE, MASTER_ADDR, ...);
 an application that made its own group (`torch.distributed.init_process_group`) keeps it.
 Every collective goes through `collective()`, so that a dead, stopped or timed-out peer surfaces as
-one `ParallelError` naming this rank and the exchange that failed, never as a hang.
+one `ParallelError` naming this rank and the exchange that failed, never as a hang. Collectives
+inside a replayed CUDA graph are not seen by NCCL's watchdog (captured work is never queued to it),
+so the host waits on a chunk's GPU work through `wait_within`, which gives up after the same timeout.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +105,31 @@ def collective(mesh: Mesh, what: str) -> Iterator[None]:
             f"rank {mesh.rank} of {mesh.world}: the {what} failed ({_first_line(err)}); another rank died, "
             f"was stopped or did not answer within {mesh.timeout_s:g} s: see its log; every rank stops here"
         ) from err
+
+
+def wait_within(
+    mesh: Mesh,
+    reached: Callable[[], bool],
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Poll `reached()` until it is true; after `mesh.timeout_s` raise `ParallelError` naming `what`.
+
+    A replayed chunk graph runs its all-to-alls and all-gather without a host call, so a peer that
+    died leaves this rank's GPU waiting inside the graph with no watchdog to end it: the host must
+    not block on it unboundedly (an event's `synchronize()` would). The poll sleeps 0.2 ms, a small
+    fraction of a chunk. `sleep` and `clock` are for tests.
+    """
+    deadline = clock() + mesh.timeout_s
+    while not reached():
+        if clock() >= deadline:
+            raise ParallelError(
+                f"rank {mesh.rank} of {mesh.world}: {what} did not finish within {mesh.timeout_s:g} s (its collectives "
+                "run inside a CUDA graph); another rank died, was stopped or did not answer: see its log; every rank "
+                "stops here, and this process must exit (its GPU still waits inside the graph)"
+            )
+        sleep(2e-4)
 
 
 def _first_line(err: BaseException) -> str:
