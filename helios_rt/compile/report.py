@@ -12,8 +12,17 @@ plus the peak of its activations, planned the same way on meta tensors (its atte
 form, so that plan is for accounting only; the decode runs on the caching allocator). Whole-chunk
 activations are the largest buffers of all; with `--gpu-memory` the plan decodes in time slices
 (`EngineConfig(decode_slice_frames=N)`, exact) when that is what makes the budget fit.
-The umT5 text encoder is resident while the engine holds it (it encodes each new prompt); its
-weights are counted separately, so a budget can be checked with and without it.
+Two phases are totalled and a budget must hold both (`PlanReport.phases`):
+- generate a chunk: transformer weights, static state, the arena, the VAE (and umT5 if resident);
+- encode a prompt (stream start, prompt switch): all of that plus umT5 on the GPU and its activations
+  for one 512-token prompt (planned on meta tensors through `model.text.run_umt5`, the engine's own
+  encode). The engine encodes at `generate_stream` and at `Stream.set_prompt`; at a switch the arena
+  is live (the program holds it from the first chunk or `Engine.warmup()` on, and the next chunk is
+  running in it) and the decode's memory is held by the caching allocator (the chunk just handed
+  over still has its frames there), so `offload_text_encoder` lowers the memory between prompts,
+  never this peak. The encode phase is the peak of both: what makes it fit is the text encoder's
+  precision (`EngineConfig(text_encoder_precision="fp8")`: e4m3 weight-only linears, 4.3 GiB instead
+  of 10.6) or a smaller decode.
 """
 
 from __future__ import annotations
@@ -77,9 +86,11 @@ class PlanReport:
     weights_bytes: int
     vae_bytes: int  # VAE weights + the planned peak of one chunk's decode
     decode_slice_frames: int | None  # latent frames per decode slice (None: the whole chunk at once)
-    text_encoder_bytes: int  # umT5 weights (0 when the model has none)
+    text_encoder_bytes: int  # umT5's weights on the GPU while it encodes (0 when the model has none)
     plan_seconds: float
     precision: str = "native"  # "fp8": the block linears in e4m3 (EngineConfig(precision="fp8"))
+    text_encoder_precision: str = "native"  # "fp8": umT5's linears e4m3 weight-only, its embedding on the host
+    encode_activation_bytes: int = 0  # planned peak of umT5's activations for one 512-token prompt
 
     @property
     def arena_bytes(self) -> int:
@@ -99,14 +110,47 @@ class PlanReport:
     def total_with_text_encoder_bytes(self) -> int:
         return self.total_bytes + self.text_encoder_bytes
 
-    def fits(self, budgets_gb: tuple[float, ...] = GPU_SIZES_GB) -> dict[str, bool]:
-        """GPU size (N GB cards carry about N GiB) -> whether the total with the text encoder resident,
-        plus RESERVE_BYTES, fits."""
-        need = self.total_with_text_encoder_bytes + RESERVE_BYTES
-        return {f"{n:g} GB": need <= n * GIB for n in budgets_gb}
+    @property
+    def encode_parts(self) -> dict[str, int]:
+        """What is on the GPU while a prompt is encoded, at a prompt switch (the larger of the two
+        encodes: at a stream's start the arena and the decode memory are live only after a warm-up or an
+        earlier stream)."""
+        return {
+            "transformer weights": self.weights_bytes,
+            "static state": self.persistent_bytes,
+            "arena (live: the chunk in flight runs in it)": self.arena_bytes,
+            "VAE weights + planned decode peak (held)": self.vae_bytes,
+            f"umT5 on the GPU ({_TEXT_NOTE[self.text_encoder_precision]})": self.text_encoder_bytes,
+            "umT5 activations, one 512-token prompt": self.encode_activation_bytes,
+        }
 
-    def fits_without_text_encoder(self, budgets_gb: tuple[float, ...] = GPU_SIZES_GB) -> dict[str, bool]:
-        return {f"{n:g} GB": self.total_bytes + RESERVE_BYTES <= n * GIB for n in budgets_gb}
+    @property
+    def encode_bytes(self) -> int:
+        return sum(self.encode_parts.values())
+
+    def phases(self, resident: bool = True) -> dict[str, int]:
+        """Phase -> bytes; umT5 resident between prompts or offloaded (`offload_text_encoder`)."""
+        generate = self.total_with_text_encoder_bytes if resident else self.total_bytes
+        return {"generate a chunk": generate, "encode a prompt (stream start, prompt switch)": self.encode_bytes}
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest phase: the encode phase (it holds everything generation holds, and umT5)."""
+        return max(self.phases(resident=True).values())
+
+    def fits(self, budgets_gb: tuple[float, ...] = GPU_SIZES_GB) -> dict[str, bool]:
+        """GPU size (N GB cards carry about N GiB) -> whether every phase, plus RESERVE_BYTES, fits."""
+        return {f"{n:g} GB": self.peak_bytes + RESERVE_BYTES <= n * GIB for n in budgets_gb}
+
+    @property
+    def setting(self) -> str:
+        """The engine settings this report was made for, as EngineConfig arguments."""
+        args = [f"precision={self.precision!r}"] if self.precision != "native" else []
+        if self.text_encoder_precision != "native":
+            args.append(f"text_encoder_precision={self.text_encoder_precision!r}")
+        if self.decode_slice_frames is not None:
+            args.append(f"decode_slice_frames={self.decode_slice_frames}")
+        return f"EngineConfig({', '.join(args)})"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,7 +158,8 @@ class PlanReport:
             k.update(ratio=kr.ratio)
         d.update(arena_bytes=self.arena_bytes, persistent_bytes=self.persistent_bytes, total_bytes=self.total_bytes,
                  total_with_text_encoder_bytes=self.total_with_text_encoder_bytes, reserve_bytes=RESERVE_BYTES,
-                 fits=self.fits(), fits_without_text_encoder=self.fits_without_text_encoder())  # fmt: skip
+                 encode_parts=self.encode_parts, encode_bytes=self.encode_bytes, phases=self.phases(),
+                 peak_bytes=self.peak_bytes, fits=self.fits(), setting=self.setting)  # fmt: skip
         return d
 
     def format(self) -> str:
@@ -139,14 +184,16 @@ class PlanReport:
             f"{'transformer weights':<46} {g(self.weights_bytes)}",
             f"{'arena (largest kind; the kinds share it)':<46} {g(self.arena_bytes)}",
             f"{'VAE weights + planned decode peak':<46} {g(self.vae_bytes)}   ({self.decode_mode})",
-            f"{'total (text encoder off the GPU)':<46} {g(self.total_bytes)}",
-            f"{'umT5 text encoder weights':<46} {g(self.text_encoder_bytes)}",
-            f"{'total (text encoder resident)':<46} {g(self.total_with_text_encoder_bytes)}",
+            f"{'phase: generate a chunk (text encoder off)':<46} {g(self.total_bytes)}",
+            f"{'phase: generate a chunk (text encoder resident)':<46} {g(self.total_with_text_encoder_bytes)}",
+            "phase: encode a prompt (stream start, prompt switch; umT5 resident or offloaded alike)",
+        ]
+        lines += [f"  {name:<44} {g(b)}" for name, b in self.encode_parts.items()]
+        lines += [
+            f"  {'total':<44} {g(self.encode_bytes)}",
             f"{'+ reserve (CUDA context, cuBLAS, slack)':<46} {g(RESERVE_BYTES)}",
             "",
-            "fits, text encoder resident: " + _yes_no(self.fits()),
-            "fits, text encoder offloaded after encoding (EngineConfig(offload_text_encoder=True)): "
-            + _yes_no(self.fits_without_text_encoder()),
+            f"fits, every phase, {self.setting}: " + _yes_no(self.fits()),
         ]
         return "\n".join(lines)
 
@@ -201,15 +248,49 @@ def vae_decode_bytes(shape: ChunkShape, dtype: torch.dtype, vae_config=None, sli
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
 
 
-def text_encoder_bytes(dtype: torch.dtype, config: dict | None = UMT5_XXL) -> int:
-    """Bytes of the umT5 encoder's weights in `dtype` (the engine loads it in the model dtype)."""
+TEXT_ENCODER_PRECISIONS = ("native", "fp8")
+_TEXT_NOTE = {"native": "model dtype", "fp8": "e4m3 linears, host embedding"}
+
+
+def text_encoder_bytes(dtype: torch.dtype, config: dict | None = UMT5_XXL, precision: str = "native") -> int:
+    """Bytes of the umT5 encoder's weights on the GPU while it encodes, as the engine loads it: the whole
+    encoder in `dtype`, or with precision="fp8" its stack (e4m3 linears, float32 scales, norms and
+    position bias in `dtype`) without the token embedding, which stays in host memory."""
     if config is None:
         return 0
+    model = _meta_umt5(dtype, tuple(sorted(config.items())), precision)
+    on_gpu = model.encoder if precision == "fp8" else model
+    return sum(p.numel() * p.element_size() for p in on_gpu.parameters())
+
+
+@functools.lru_cache(maxsize=8)  # a pure function of its arguments; planning umT5-XXL takes a second
+def text_encode_bytes(dtype: torch.dtype, config: tuple | None, precision: str = "native") -> int:
+    """Planned peak of umT5's activations while it encodes one 512-token prompt (`run_umt5`, the engine's
+    encode body, on meta tensors; accounting only). `config`: the sorted items of a umT5 config dict."""
+    if config is None:
+        return 0
+    from ..model.text import MAX_TEXT_TOKENS, run_umt5
+
+    model = _meta_umt5(dtype, config, precision)
+    ids = torch.zeros(1, MAX_TEXT_TOKENS, dtype=torch.long, device=META)
+    # a padded prompt's [B, 1, S, S] mask, as transformers builds it (built outside: its "any padding?"
+    # test reads a value on the host)
+    mask = torch.ones(1, 1, MAX_TEXT_TOKENS, MAX_TEXT_TOKENS, dtype=torch.bool, device=META)
+    with torch.no_grad():
+        plan = plan_program(run_umt5, model, ids, mask, META, require_out=False)
+    return plan.arena_bytes
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_umt5(dtype: torch.dtype, config: tuple, precision: str):
+    """umT5's encoder on meta as the engine holds it (`quantize_umt5_` with precision="fp8")."""
     from transformers import UMT5Config, UMT5EncoderModel
 
+    from ..model.text import quantize_umt5_
+
     with torch.device("meta"):
-        model = UMT5EncoderModel(UMT5Config(**config))
-    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+        model = UMT5EncoderModel(UMT5Config(**dict(config))).to(dtype).eval()
+    return quantize_umt5_(model, META) if precision == "fp8" else model
 
 
 def distilled_spec(stages: int = 3, steps: tuple[int, ...] | None = None) -> SamplingSpec:
@@ -256,13 +337,15 @@ def plan_engine(
     gpu_memory_gb: float | None = None,
     precision: str = "native",
     attention: str = "auto",
+    text_encoder_precision: str = "native",
 ) -> PlanReport:
     """Plan the chunk kinds of `config` at `height` x `width` pixels and total the engine's memory.
 
     kernels: the op table as a CUDA engine resolves it ("auto": the Triton kernels).
     attention: `EngineConfig.attention` ("auto": Triton, what a CUDA engine runs without flash-attn).
-    gpu_memory_gb: a budget; when the whole-chunk decode does not fit it, the largest decode slice
-    that does is chosen (see `choose_decode_slices`).
+    text_encoder_precision: umT5's precision on the GPU ("fp8": `EngineConfig(text_encoder_precision="fp8")`).
+    gpu_memory_gb: a budget; when every phase does not fit it, the settings that make it fit are chosen
+    (see `choose_settings`).
     """
     t0 = time.perf_counter()
     shape = shape or ChunkShape(height=height, width=width, batch=batch, text_len=text_len)
@@ -295,12 +378,14 @@ def plan_engine(
         weights_bytes=weights_bytes(config, dtype, precision),
         vae_bytes=vae_decode_bytes(shape, dtype),
         decode_slice_frames=None,
-        text_encoder_bytes=text_encoder_bytes(dtype, text_encoder),
+        text_encoder_bytes=text_encoder_bytes(dtype, text_encoder, text_encoder_precision),
         plan_seconds=0.0,
         precision=precision,
+        text_encoder_precision=text_encoder_precision,
+        encode_activation_bytes=_encode_bytes(dtype, text_encoder, text_encoder_precision),
     )
     if gpu_memory_gb is not None:
-        report = choose_decode_slices(report, shape, dtype, gpu_memory_gb)
+        report = choose_settings(report, shape, dtype, gpu_memory_gb, text_encoder)
     return dataclasses.replace(report, plan_seconds=time.perf_counter() - t0)
 
 
@@ -310,22 +395,49 @@ def plan_engine(
 DECODE_SLICE_CANDIDATES = (3, 2, 1)
 
 
-def choose_decode_slices(report: PlanReport, shape: ChunkShape, dtype: torch.dtype, gb: float) -> PlanReport:
-    """The report with the largest decode slice that fits `gb` (the text encoder resident if some
-    slice allows it, else offloaded after encoding); unchanged if the whole chunk fits or nothing does."""
-    key = f"{gb:g} GB"
-    for fits in (lambda r: r.fits((gb,))[key], lambda r: r.fits_without_text_encoder((gb,))[key]):
-        if fits(report):
-            return report
-        for frames in DECODE_SLICE_CANDIDATES:
-            if frames >= shape.latent_frames:
-                continue
-            sliced = dataclasses.replace(
-                report, vae_bytes=vae_decode_bytes(shape, dtype, slice_frames=frames), decode_slice_frames=frames
-            )
-            if fits(sliced):
-                return sliced
+def choose_settings(
+    report: PlanReport, shape: ChunkShape, dtype: torch.dtype, gb: float, text_encoder: dict | None = UMT5_XXL
+) -> PlanReport:
+    """The report with the first settings under which every phase fits `gb`; unchanged if it fits or
+    nothing does. Exact settings first: the text encoder in the model dtype with the whole-chunk decode,
+    then the largest decode slice; then umT5 in FP8 weight-only form (if the model has umT5), the
+    same way. Offloading umT5 is never a candidate: it leaves the encode phase, the peak, as it is."""
+    if report.fits((gb,))[f"{gb:g} GB"]:
+        return report
+    precisions = [report.text_encoder_precision]
+    if text_encoder is not None and "fp8" not in precisions:
+        precisions.append("fp8")
+    for precision in precisions:
+        text = dataclasses.replace(
+            report,
+            text_encoder_precision=precision,
+            text_encoder_bytes=text_encoder_bytes(dtype, text_encoder, precision),
+            encode_activation_bytes=_encode_bytes(dtype, text_encoder, precision),
+        )
+        chosen = choose_decode_slices(text, shape, dtype, gb)
+        if chosen.fits((gb,))[f"{gb:g} GB"]:
+            return chosen
     return report
+
+
+def choose_decode_slices(report: PlanReport, shape: ChunkShape, dtype: torch.dtype, gb: float) -> PlanReport:
+    """The report with the largest decode slice under which every phase fits `gb`; unchanged if the
+    whole chunk fits or nothing does."""
+    if report.fits((gb,))[f"{gb:g} GB"]:
+        return report
+    for frames in DECODE_SLICE_CANDIDATES:
+        if frames >= shape.latent_frames:
+            continue
+        sliced = dataclasses.replace(
+            report, vae_bytes=vae_decode_bytes(shape, dtype, slice_frames=frames), decode_slice_frames=frames
+        )
+        if sliced.fits((gb,))[f"{gb:g} GB"]:
+            return sliced
+    return report
+
+
+def _encode_bytes(dtype: torch.dtype, text_encoder: dict | None, precision: str) -> int:
+    return text_encode_bytes(dtype, None if text_encoder is None else tuple(sorted(text_encoder.items())), precision)
 
 
 _FP8_NOTE = {"native": "", "fp8": " (block linears fp8 e4m3)"}
@@ -386,6 +498,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--precision", default="native", choices=["native", "fp8"],
                    help="fp8: the block linears in e4m3 (EngineConfig(precision='fp8'))")  # fmt: skip
+    p.add_argument("--text-encoder-precision", default="native", choices=list(TEXT_ENCODER_PRECISIONS),
+                   help="fp8: umT5's linears in e4m3 weight-only (EngineConfig(text_encoder_precision='fp8')); "
+                   "with --gpu-memory it is chosen when the model dtype does not fit")  # fmt: skip
     p.set_defaults(func=run_plan)
     return p
 
@@ -403,7 +518,8 @@ def run_plan(args: argparse.Namespace) -> int:
     encoder = None if args.model == "tiny" else _text_encoder_config(args.model)
     report = plan_engine(config, args.height, args.width, _DTYPES[args.dtype], args.batch, args.text_len, args.model,
                          kernels=args.kernels, text_encoder=encoder, gpu_memory_gb=args.gpu_memory,
-                         precision=args.precision, attention=args.attention)  # fmt: skip
+                         precision=args.precision, attention=args.attention,
+                         text_encoder_precision=args.text_encoder_precision)  # fmt: skip
     if args.json:
         out = report.to_dict()
         if args.gpu_memory is not None:
@@ -412,15 +528,17 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(report.format(), file=sys.stdout)
         if args.gpu_memory is not None:
-            budget = {k: "fits" if v else "does not fit" for k, v in _budget(report, args.gpu_memory).items()}
-            print(f"budget {args.gpu_memory:g} GB: text encoder resident {budget['resident']}, "
-                  f"offloaded after encoding {budget['offloaded']}", file=sys.stdout)  # fmt: skip
+            budget = _budget(report, args.gpu_memory)
+            verdict = "fits" if budget["fits"] else "does not fit"
+            peak = format_bytes(report.peak_bytes).strip()
+            print(f"budget {args.gpu_memory:g} GB: {verdict} (every phase, peak {peak} + reserve) "
+                  f"with {budget['setting']}", file=sys.stdout)  # fmt: skip
     return 0
 
 
-def _budget(report: PlanReport, gb: float) -> dict[str, bool]:
-    key = f"{gb:g} GB"
-    return {"resident": report.fits((gb,))[key], "offloaded": report.fits_without_text_encoder((gb,))[key]}
+def _budget(report: PlanReport, gb: float) -> dict:
+    """Whether every phase fits `gb`, and the engine settings the answer holds for."""
+    return {"fits": report.fits((gb,))[f"{gb:g} GB"], "setting": report.setting}
 
 
 def _text_encoder_config(name: str) -> dict | None:
@@ -438,4 +556,5 @@ def _text_encoder_config(name: str) -> dict | None:
 
 
 __all__ = ["KindReport", "PlanReport", "add_plan_parser", "distilled_spec", "plan_chunk", "plan_engine", "run_plan",
-           "vae_decode_bytes", "weights_bytes", "choose_decode_slices"]  # fmt: skip
+           "vae_decode_bytes", "weights_bytes", "choose_decode_slices", "choose_settings", "text_encoder_bytes",
+           "text_encode_bytes"]  # fmt: skip

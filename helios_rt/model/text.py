@@ -3,6 +3,11 @@
 Helios conditions on umT5-XXL's last hidden state for a prompt padded to 512 tokens; positions
 past the prompt's own tokens are zero (not the encoder's output for padding), and the transformer
 sees all 512 rows without a mask. Numerics depend on both, so both are reproduced here.
+
+`text_encoder_precision="fp8"` holds umT5's linears in e4m3, weight-only, per output channel
+(`fp8.weight_only`), on the device, and its token embedding in host memory (a row gather there, one
+`[B, 512, d_model]` upload): 4.3 GiB on the GPU instead of 10.6 GiB, which is what lets a prompt be
+encoded beside the FP8 transformer within 24 GB (`helios-rt plan`'s encode phase).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ..errors import InputError
 
 Tensor = torch.Tensor
 MAX_TEXT_TOKENS = 512
+TEXT_ENCODER_PRECISIONS = ("native", "fp8")
 
 
 def clean_prompt(text: str, fix_text: bool = True) -> str:
@@ -77,13 +83,30 @@ class PromptEncoder(Protocol):
 
 
 class UMT5PromptEncoder:
-    """umT5 encoder + tokenizer read from a checkpoint's `text_encoder/` and `tokenizer/` folders."""
+    """umT5 encoder + tokenizer read from a checkpoint's `text_encoder/` and `tokenizer/` folders.
 
-    def __init__(self, tokenizer, encoder: torch.nn.Module, device: torch.device, offload: bool = False) -> None:
+    precision: "native" (the whole encoder on `device`) or "fp8" (`quantize_umt5_`: e4m3 linears on
+    `device`, the token embedding in host memory). offload: the device part goes back to host memory
+    between prompts.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        encoder: torch.nn.Module,
+        device: torch.device,
+        offload: bool = False,
+        precision: str = "native",
+    ) -> None:
+        if precision not in TEXT_ENCODER_PRECISIONS:
+            raise ValueError(f"text encoder precision must be one of {TEXT_ENCODER_PRECISIONS}, got {precision!r}")
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.device = device
+        self.precision = precision
         self.text_dim = encoder.config.d_model
+        if precision == "fp8" and not is_weight_only_fp8(encoder):
+            quantize_umt5_(encoder, device)
         self.offload = offload  # keep the weights in host memory between prompts (see EngineConfig)
         if offload:
             self._park()
@@ -95,7 +118,10 @@ class UMT5PromptEncoder:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         offload: bool = False,
+        precision: str = "native",
     ) -> UMT5PromptEncoder:
+        """With precision="fp8" the float weights are read into host memory and quantised onto `device` one
+        linear at a time: the float encoder (10.6 GiB in bf16) never sits on the device."""
         from transformers import AutoTokenizer
 
         tokenizer_dir = find_component(root, "tokenizer")
@@ -103,8 +129,14 @@ class UMT5PromptEncoder:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         except Exception as err:  # transformers raises many types for a broken folder; name the folder
             raise CheckpointError(f"cannot load the tokenizer from {tokenizer_dir}: {err}") from err
-        encoder = load_umt5_encoder(find_component(root, "text_encoder"), dtype, device)
-        return cls(tokenizer, encoder, torch.device(device), offload)
+        load_on = "cpu" if precision == "fp8" else device
+        encoder = load_umt5_encoder(find_component(root, "text_encoder"), dtype, load_on)
+        return cls(tokenizer, encoder, torch.device(device), offload, precision)
+
+    @property
+    def device_part(self) -> torch.nn.Module:
+        """The modules that live on the device while encoding: all of umT5, or with fp8 its stack."""
+        return self.encoder.encoder if self.precision == "fp8" else self.encoder
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Tensor:
@@ -117,21 +149,72 @@ class UMT5PromptEncoder:
             return_attention_mask=True,
             return_tensors="pt",
         )
-        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         if self.offload:
-            self.encoder.to(self.device)
+            self.device_part.to(self.device)
         try:
-            hidden = self.encoder(ids, mask).last_hidden_state.float()
+            return run_umt5(self.encoder, batch.input_ids, batch.attention_mask.to(self.device), self.device)
         finally:
             if self.offload:
                 self._park()
-        return hidden * mask[..., None].to(hidden.dtype)
 
     def _park(self) -> None:
         """Weights to host memory; the device's copy goes back to the allocator (and to the driver)."""
-        self.encoder.to("cpu")
+        self.device_part.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def run_umt5(encoder: torch.nn.Module, ids: Tensor, mask: Tensor, device: torch.device | str) -> Tensor:
+    """`[B, 512, d_model]` float32 last hidden state on `device`, zero past each prompt's tokens.
+
+    The encode body the engine runs and `helios-rt plan` traces on meta tensors. ids: `[B, 512]` token
+    ids (host); mask: the attention mask on `device` (`[B, 512]`, or `[B, 1, 512, 512]` when planning).
+    A weight-only FP8 encoder (`quantize_umt5_`) embeds the tokens on the host and uploads the rows.
+    """
+    if is_weight_only_fp8(encoder):
+        embeds = encoder.shared(ids.to(encoder.shared.weight.device)).to(device)
+        hidden = encoder.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.float()
+    else:
+        hidden = encoder(ids.to(device), mask).last_hidden_state.float()
+    keep = mask if mask.ndim == 2 else mask[:, 0, 0, :]  # a planning mask: its first query row is the padding
+    return hidden * keep[..., None].to(hidden.dtype)
+
+
+def is_weight_only_fp8(encoder: torch.nn.Module) -> bool:
+    return getattr(encoder, "weight_only_fp8", False)
+
+
+def quantize_umt5_(encoder: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """umT5 in the FP8 weight-only form, in place: every linear of its stack becomes an
+    `FP8WeightOnlyLinear` quantised on `device`, the rest of the stack (norms, relative position
+    bias) moves there, and the token embedding stays where it is, untied from the stack.
+
+    The gated FFN is replaced by `_GatedFFN` (the same math): transformers' FFN casts its input to
+    `wo.weight.dtype`, which would be e4m3 here.
+    """
+    from ..fp8.weight_only import quantize_linears_
+
+    stack = encoder.encoder
+    stack.embed_tokens = None  # tied to `shared`: moving the stack would move the embedding with it
+    for name, module in list(stack.named_modules()):
+        if type(module).__name__ == "UMT5DenseGatedActDense":
+            parent_name, _, child = name.rpartition(".")
+            setattr(stack.get_submodule(parent_name), child, _GatedFFN(module))
+    quantize_linears_(stack, device)
+    stack.to(device)
+    encoder.weight_only_fp8 = True
+    return encoder
+
+
+class _GatedFFN(torch.nn.Module):
+    """umT5's gated-GELU FFN, `wo(act(wi_0(x)) * wi_1(x))`, without transformers' cast to `wo.weight.dtype`."""
+
+    def __init__(self, ffn: torch.nn.Module) -> None:
+        super().__init__()
+        self.wi_0, self.wi_1, self.wo, self.act, self.dropout = ffn.wi_0, ffn.wi_1, ffn.wo, ffn.act, ffn.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x)))
 
 
 def load_umt5_encoder(folder: Path, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
