@@ -298,3 +298,73 @@ def test_calibration_prices_the_reference_pipeline(chunk14b) -> None:
     assert compiled.vae_s > ours.total(vae=True) - ours.seconds  # float32 decode moves twice the bytes
     assert eager.fps < compiled.fps
     assert "vs the paper's 19.5 FPS at steps 1+1+1" in compiled.line()
+
+
+# ---- device-derived rates and the lanes model (issue 22) --------------------------------------------------
+H100_SXM_ATTRS = dict(name="NVIDIA H100 80GB HBM3", sm_count=132, major=9, minor=0, max_clock_khz=1_980_000,
+                      mem_clock_khz=2_619_000, bus_width_bits=5120)  # fmt: skip
+H100_PCIE_ATTRS = dict(name="NVIDIA H100 PCIe", sm_count=114, major=9, minor=0, max_clock_khz=1_755_000,
+                       mem_clock_khz=1_593_000, bus_width_bits=5120)  # fmt: skip
+
+
+def test_peak_rates_from_sm_count_and_clocks_match_the_h100_datasheets() -> None:
+    from helios_rt.compile.cost.device_rates import peak_rates
+
+    # datasheets (dense): SXM 989.4 / 1978.9 TFLOP/s bf16 / fp8, 3.35 TB/s; PCIe 756 / 1513, 2.0 TB/s
+    bf16, fp8, hbm = peak_rates(132, 1_830_000, 2_619_000, 5120, 9, 0)
+    assert bf16 / 1e12 == pytest.approx(989.4, rel=2e-3) and fp8 / 1e12 == pytest.approx(1978.9, rel=2e-3)
+    assert hbm / 1e12 == pytest.approx(3.35, rel=2e-3)
+    bf16, fp8, hbm = peak_rates(114, 1_620_000, 1_593_000, 5120, 9, 0)
+    assert bf16 / 1e12 == pytest.approx(756, rel=2e-3) and fp8 / 1e12 == pytest.approx(1513, rel=2e-3)
+    assert hbm / 1e12 == pytest.approx(2.04, rel=2e-3)
+    assert peak_rates(108, 1_410_000, 1_215_000, 5120, 8, 0)[0] / 1e12 == pytest.approx(312, rel=2e-3)  # A100
+    with pytest.raises(ValueError, match="sm_75.*ARCH_RATES"):
+        peak_rates(40, 1_590_000, 5_001_000, 256, 7, 5)
+
+
+def test_device_spec_is_read_from_the_attributes_and_a_fallback_says_so() -> None:
+    from types import SimpleNamespace
+
+    from helios_rt.compile.cost import device_rates as dr
+
+    def source_of(attrs: dict):
+        table = {attr: attrs[field] for field, attr in dr.RUNTIME_ATTRIBUTES.items()}
+        return lambda name, index: table[name]
+
+    def props_of(attrs: dict):
+        return SimpleNamespace(name=attrs["name"], multi_processor_count=attrs["sm_count"], major=attrs["major"],
+                               minor=attrs["minor"])  # fmt: skip
+
+    sxm, note = dr.device_spec_for(0, source_of(H100_SXM_ATTRS), props_of(H100_SXM_ATTRS))
+    assert sxm.bf16_tflops == pytest.approx(989.4, rel=2e-3) and sxm.fp32_tflops == pytest.approx(66.9, rel=2e-3)
+    assert sxm.hbm_tbps == pytest.approx(3.35, rel=2e-3) and "from the device's attributes" in note
+    pcie, _ = dr.device_spec_for(0, source_of(H100_PCIE_ATTRS), props_of(H100_PCIE_ATTRS))
+    assert pcie.bf16_tflops == pytest.approx(756, rel=2e-3) and pcie.hbm_tbps == pytest.approx(2.04, rel=2e-3)
+
+    def absent(name: str, index: int) -> int:
+        raise ImportError("cuda-python is not installed: pip install 'cuda-python>=12'")
+
+    fallback, note = dr.device_spec_for(0, absent, props_of(H100_PCIE_ATTRS))
+    assert fallback.name == "H100 PCIe" and "FALLBACK name table" in note and "cuda-python" in note
+    nvl, _ = dr.device_spec_for(0, absent, SimpleNamespace(name="NVIDIA H100 NVL"))
+    assert nvl.name == "H100 NVL" and nvl.bf16_tflops < cost.H100_SXM.bf16_tflops
+
+
+def test_attention_rates_carry_over_to_every_sm_90_part_only() -> None:
+    from helios_rt.compile.cost import attention_rates as rates
+
+    pcie = cost.DeviceSpec("H100 PCIe", 756.0, 1513.0, 51.2, 2.04)
+    assert rates.efficiency_for("fa2", pcie).attention == rates.efficiency_for("fa2").attention
+    with pytest.raises(ValueError, match="sm_80"):
+        rates.efficiency_for("fa2", cost.DeviceSpec("A100", 312.0, 0.0, 19.5, 2.04, sm=(8, 0)))
+
+
+def test_steady_fps_prices_both_lanes_on_one_gpu(chunk14b) -> None:
+    from helios_rt.fp8.projection import project_fp8
+
+    assert cost.steady_chunk_seconds(0.8, 0.15) == pytest.approx(0.95)  # the sum, not max(0.8, 0.15)
+    p = cost.project(chunk14b, fused=True)
+    assert p.fps_end_to_end == pytest.approx(33 / cost.steady_chunk_seconds(p.seconds, p.vae_seconds))
+    f = project_fp8(chunk14b, (1, 1, 1))
+    assert f.fps_fp8_end_to_end == pytest.approx(33 / (f.fp8_seconds + f.vae_seconds))
+    assert f.fps_bf16_end_to_end == pytest.approx(p.fps_end_to_end)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ FIGURES = (
     "attention TFLOP/s, stage 2", "largest GEMM TFLOP/s, stage 2", "peak memory", "graph replay vs eager",
 )  # fmt: skip
 POSITIVE = FIGURES[:-2]  # measured on a CPU too (peak memory is CUDA's; the replay difference may be 0)
+FP8_FIGURES = ("FP8 _scaled_mm TFLOP/s", "FP8 _scaled_mm worst error", "FP8 steady FPS", "FP8 gate: latent drift")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU profile")
@@ -46,6 +48,17 @@ def test_dry_run_writes_the_json_and_the_table(tmp_path, capsys) -> None:
     assert [s for n, s in checks.items() if n.startswith("head dim 128")] == [PASS]
     assert FAIL not in checks.values()
     assert (tmp_path / "pytest-gpu.xml").is_file()
+    fp8_checks = [n for n in checks if n.startswith("FP8 ")]
+    for op in ("fp8_quantize_rows", "gelu_tanh_fp8", "modulate_layernorm_fp8", "_scaled_mm"):
+        assert [checks[n] for n in fp8_checks if op in n] == [PASS], (op, fp8_checks)
+    for prefix in FP8_FIGURES:
+        for flag in ("use_fast_accum=False", "use_fast_accum=True"):
+            assert any(n.startswith(prefix) and flag in n and f"| {n} |" in table for n in figures), (prefix, flag)
+    out = capsys.readouterr().out
+    assert "| FP8 " in out and "| GPU phase (estimate, one H100) |" in out and "| pytest runs" in out
+    estimate = re.search(r"GPU run estimate: (\d+) s of 480 s", out)
+    assert estimate is not None and int(estimate.group(1)) < 480, out[-2000:]
+    assert report["gpu_estimate"][-1] in out
 
 
 def test_a_failed_check_fails_the_run_and_a_timing_never_does() -> None:
@@ -111,10 +124,83 @@ def test_video_files_without_av_name_the_install_command(use: str, tmp_path, mon
     assert not (tmp_path / "a.mp4").exists()  # refused before the file is created
 
 
-def test_memory_flat_needs_two_chunks_after_the_first_and_fails_when_it_grows() -> None:
+def test_memory_flat_compares_the_steady_chunks_exactly() -> None:
+    """A simulated stream's allocated bytes at each handover: chunk 0 warms up, and the last chunk is handed
+    over with no successor launched (one 0-dim flag, 512 B, fewer alive), so chunks 1..n-2 are compared."""
     from helios_rt.first_light.measure import replay_checks
 
     same = [torch.zeros(2)] * 3
-    status = {n: replay_checks(same, same, allocated)[0][0].status for n, allocated in
-              {"two": [5, 7], "flat": [5, 7, 7], "grows": [5, 7, 8]}.items()}  # fmt: skip
-    assert status == {"two": SKIP, "flat": PASS, "grows": FAIL}
+    base, leak = 10_000_000, 512
+    series = {
+        "three": [5, base, base],  # one steady chunk: nothing to compare
+        "flat": [5, base, base, base, base],
+        "last lower by one flag": [5, base, base, base, base - 512],
+        "leaks 512 B a chunk": [5, *(base + i * leak for i in range(4))],
+        "steps once": [5, base, base + 512, base + 512, base + 512],
+    }
+    status = {n: replay_checks(same, same, allocated)[0][0].status for n, allocated in series.items()}
+    assert status == {"three": SKIP, "flat": PASS, "last lower by one flag": PASS, "leaks 512 B a chunk": FAIL,
+                      "steps once": FAIL}  # fmt: skip
+
+
+CUDA_ON = {"cpu": False, "cuda": True}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("kernels", ["auto", "reference", "triton"])
+@pytest.mark.parametrize("attention", ["fa3", "fa2", "triton", "sdpa", "reference"])
+def test_projection_prices_the_op_table_and_the_attention_backend_the_engine_selected(
+    device: str, kernels: str, attention: str, monkeypatch
+) -> None:
+    from helios_rt.compile.cost import H100_SXM
+    from helios_rt.compile.cost.attention_rates import H100_ATTENTION
+    from helios_rt.config import EngineConfig
+    from helios_rt.first_light.measure import projection_inputs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: CUDA_ON[device])
+    inputs = projection_inputs(EngineConfig(device="auto", kernels=kernels), attention)
+    op_table = "triton" if kernels == "triton" or (kernels == "auto" and device == "cuda") else "reference"
+    assert (inputs.op_table, inputs.attention, inputs.fused) == (op_table, attention, op_table == "triton")
+    assert inputs.efficiency.attention == pytest.approx(H100_ATTENTION[attention].tflops / H100_SXM.bf16_tflops)
+    assert inputs.efficiency.attention_label.startswith(f"{attention}:")
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_the_op_table_rule_is_the_one_the_engine_runs(kernels: str) -> None:
+    from helios_rt.config import EngineConfig
+    from helios_rt.first_light.measure import projection_inputs
+    from helios_rt.ops import OpSet
+
+    config = EngineConfig(device="cpu", kernels=kernels)  # conftest runs Triton on the interpreter here
+    assert projection_inputs(config, "reference").op_table == OpSet("cpu", kernels).backend_of("modulate_layernorm")
+    assert projection_inputs(EngineConfig(device="cpu"), "reference").op_table == OpSet("cpu").backend_of("rmsnorm")
+
+
+def test_the_memory_figure_plans_the_op_table_and_the_attention_backend_apart(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from helios_rt.compile.cost import Efficiency
+    from helios_rt.first_light import measure
+    from helios_rt.first_light.profile import dry_run_profile
+
+    seen = {}
+    monkeypatch.setattr(measure, "plan_engine", lambda *a, **kw: seen.update(kw) or SimpleNamespace(total_bytes=1e9))
+    inputs = measure.ProjectionInputs("triton", "fa3", True, Efficiency())
+    figure = measure.memory_figure(dry_run_profile(), inputs, 1.5, precision="fp8")
+    assert (seen["kernels"], seen["attention"], seen["precision"]) == ("triton", "fa3", "fp8")
+    assert figure.projected == 1.0 and figure.name.startswith("FP8 peak memory")
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_steady_fps_projects_both_lanes_sharing_the_gpu(overlap: bool) -> None:
+    from types import SimpleNamespace
+
+    from helios_rt.first_light.measure import stream_figures
+    from helios_rt.first_light.profile import dry_run_profile
+
+    proj = SimpleNamespace(seconds=0.8, vae_seconds=0.2, total=lambda **kw: 0.01)
+    warm = SimpleNamespace(frames_per_chunk=33, chunks=4, ttff_s=2.0, steady_fps=30.0, e2e_fps=25.0, lane_ms={})
+    stages = SimpleNamespace(stage_ms={}, chunks=4)
+    figures = stream_figures(dry_run_profile(), proj, SimpleNamespace(seconds=1.6), warm, warm, stages, overlap)
+    steady = next(f for f in figures if f.name.startswith("steady FPS"))
+    assert steady.projected == pytest.approx(33 / (0.8 + 0.2))  # not 33 / max(0.8, 0.2) with overlap
