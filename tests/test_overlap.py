@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from helios_rt import Engine, EngineConfig
 from helios_rt import engine as engine_module
@@ -149,3 +151,45 @@ def test_overlap_and_graphs_are_refused_without_cuda() -> None:
         EngineConfig(graphs="always")
     with pytest.raises(ValueError, match="overlap_decode="):
         EngineConfig(overlap_decode="yes")
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class NewStorage(TorchDispatchMode):
+    """Records every op whose output owns new storage (neither an input's nor an out= argument's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        given = {_storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.ops += [str(func) for t in tree_leaves(out) if isinstance(t, torch.Tensor) and _storage(t) not in given]
+        return out
+
+
+def test_a_steady_launch_allocates_nothing_its_finite_flag_is_the_slots(monkeypatch) -> None:
+    """The compiled chunk's launch (prompt, program run, slot copy, finite flag) makes no tensor of its
+    own once steady: a per-chunk flag kept the chunk in flight one allocation ahead, so the allocated
+    bytes at the last chunk's hand-over (no successor launched) differed from every other's."""
+    engine = Engine.from_pretrained("demo", SMALL.replace(graphs="chunk"))
+    stream, lanes, _ = recorded_stream(engine, monkeypatch, overlapped=True, chunks=5)
+    launch, made = stream._launch, {}
+
+    def counted():
+        with NewStorage() as mode:
+            launched = launch()
+        made[launched.index] = mode.ops
+        return launched
+
+    stream._launch = counted
+    list(stream)
+    launched = {e[1]: e[2] for e in lanes.log if e[0] == "launch"}
+    for k in (2, 3, 4):  # chunk 0 plans the first kind, chunk 1 the steady kind
+        assert made[k] == [], f"chunk {k}'s launch allocated: {made[k]}"
+        assert launched[k].finite is launched[k - 2].finite is not launched[k - 1].finite  # the slot's flag
+    assert all(bool(launched[k].finite) for k in range(5))

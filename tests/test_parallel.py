@@ -7,10 +7,16 @@ parallelism at world 4), and at world 2 the compiled chunk (`graphs="chunk"`: th
 the gather planned into the arena) of Base with its CFG batch sequence-parallel. Each stream runs
 three chunks and switches its prompt after the first on rank 0 only: the other ranks must follow
 rank 0. The world-4 group ends with a rank killed by SIGKILL: the others must stop with a
-`ParallelError` within seconds, never hang."""
+`ParallelError` within seconds, never hang.
+
+With CUDA graphs the collectives replay inside the chunk's graph, unseen by NCCL's watchdog: the
+capture's arguments (thread-local error mode, the program's own stream) and the host's bounded wait
+on a chunk (`wait_within`, a hung replay simulated by lanes whose marks are never reached) are
+checked here on a CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import time
 from pathlib import Path
@@ -19,8 +25,14 @@ import pytest
 import torch
 from support.parallel_worker import Scenario, build_engine, run_scenario, worker
 
+from helios_rt import Engine
+from helios_rt import engine as engine_module
+from helios_rt.compile.chunk_program import ChunkKind
 from helios_rt.config import EngineConfig
-from helios_rt.parallel import ParallelConfig
+from helios_rt.errors import StreamFailedError
+from helios_rt.overlap import HostLanes
+from helios_rt.parallel import Mesh, ParallelConfig, ParallelError
+from helios_rt.parallel.group import wait_within
 from helios_rt.parallel.sequence import token_shards
 
 T2V = Scenario("t2v", "distilled", "t2v")
@@ -147,3 +159,108 @@ def test_torchrun_environment_decides_the_cli_layout(monkeypatch) -> None:
     assert torchrun_parallel() == ParallelConfig() and not writes_output()
     monkeypatch.setenv("RANK", "0")
     assert writes_output()
+
+
+SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference", graphs="chunk")
+MESH = Mesh(rank=0, world=2, cfg=1, sequence=2, sequence_group=None, timeout_s=0.05)
+
+
+class FakeCapture:
+    """Stand-ins for torch.cuda's CUDAGraph, graph and Stream that record how a capture is made."""
+
+    def __init__(self) -> None:
+        self.captures: list[dict] = []
+        self.streams: list[object] = []
+
+    def stream(self, device=None):
+        made = ("stream", torch.device(device))
+        self.streams.append(made)
+        return made
+
+    def graph_class(self):
+        class Graph:
+            def pool(self):
+                return ("pool", id(self))
+
+        return Graph
+
+    def graph(self, cuda_graph, **kwargs):
+        self.captures.append(kwargs)
+        return contextlib.nullcontext()
+
+
+def test_graphs_are_captured_thread_local_on_the_programs_own_stream(monkeypatch) -> None:
+    """The default "global" mode lets NCCL's watchdog thread (event queries) invalidate a capture that
+    holds collectives; torch's default capture stream is made on whichever device was current first."""
+    engine = Engine.from_pretrained("demo", SMALL)
+    program = engine.chunk_program
+    fake = FakeCapture()
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", fake.graph_class())
+    monkeypatch.setattr(torch.cuda, "graph", fake.graph)
+    monkeypatch.setattr(torch.cuda, "Stream", fake.stream)
+    monkeypatch.setattr(program, "cuda_graph", True)
+    engine.warmup()  # two kinds: the first chunk's and the steady one
+    assert [c["capture_error_mode"] for c in fake.captures] == ["thread_local", "thread_local"]
+    assert fake.streams == [("stream", program.device)], "one capture stream, made on the program's device"
+    assert all(c["stream"] is fake.streams[0] for c in fake.captures)
+    first, steady = program.captured
+    assert fake.captures[0]["pool"] is None and fake.captures[1]["pool"] == program._graphs[first].pool()
+    assert steady == ChunkKind(False, False)
+
+
+def test_wait_within_polls_until_reached_and_names_what_timed_out() -> None:
+    now = [0.0]
+    sleep = lambda s: now.__setitem__(0, now[0] + s)  # noqa: E731  a clock that moves only when slept
+    polls = iter([False, False, True])
+    wait_within(MESH, lambda: next(polls), "chunk 3", sleep=sleep, clock=lambda: now[0])
+    assert next(polls, "done") == "done"  # returned at the first reached poll
+    with pytest.raises(ParallelError, match=r"rank 0 of 2: chunk 4 did not finish within 0.05 s.*another rank died"):
+        wait_within(MESH, lambda: False, "chunk 4", sleep=sleep, clock=lambda: now[0])
+    assert now[0] >= 0.05  # it slept up to the deadline, then gave up
+
+
+class HungLanes(HostLanes):
+    """Host lanes whose marks made after `hang` is set are never reached (a replay stuck in a collective)."""
+
+    def __init__(self, overlapped: bool) -> None:
+        self.overlapped = overlapped
+        self.hang = False
+
+    def mark(self, lane):
+        return (lane, self.hang)
+
+    def reached(self, mark) -> bool:
+        return not mark[1]
+
+    def host_wait(self, mark) -> None:
+        assert self.reached(mark), "blocked on a mark that is never reached: a hang"
+
+    def seconds(self, start, end) -> float:
+        return 0.0
+
+
+@pytest.mark.parametrize(
+    ("overlapped", "what"), [(True, "chunk 1's compute"), (False, "chunk 1")], ids=["overlapped", "serial"]
+)
+def test_a_stream_gives_up_on_a_hung_chunk_with_a_parallel_error(monkeypatch, overlapped: bool, what: str) -> None:
+    """Overlapped, the prompt broadcast before chunk 2 waits for chunk 1's compute; serial, the hand-over waits
+    for chunk 1's decode: either wait ends with a ParallelError after the mesh's timeout, never a hang."""
+    engine = Engine.from_pretrained("demo", SMALL)
+    lanes = HungLanes(overlapped)
+    monkeypatch.setattr(engine, "parallel", MESH)
+    monkeypatch.setattr(engine_module, "lanes_for", lambda device, overlap: lanes)
+    monkeypatch.setattr(engine_module, "prompt_from_rank0", lambda mesh, fresh, embeds, uncond: (fresh, embeds, uncond))
+    stream = engine.generate_stream("a lighthouse", num_frames=None, seed=1)
+    launch = stream._launch
+
+    def launch_and_hang_from_chunk_1():
+        lanes.hang = lanes.hang or stream._launched == 1
+        return launch()
+
+    stream._launch = launch_and_hang_from_chunk_1
+    assert next(stream).index == 0
+    with pytest.raises(ParallelError, match=rf"rank 0 of 2: {what} did not finish within 0.05 s"):
+        next(stream)
+    with pytest.raises(StreamFailedError, match="failed at chunk 1"):
+        next(stream)
+    stream.close()
