@@ -27,15 +27,15 @@ A stream owns its own `HistoryMemory`; `attach()` moves that state into the prog
 the previous owner's back out), so several streams of one engine take turns on one program.
 
 On several ranks the chunk's collectives (the Ulysses all-to-alls, the output all-gather) are
-captured inside the graph, not kept outside it: a forward holds two all-to-alls per block, so a
-graph cut at each would be ~80 graphs per forward with Python and a host launch between them, which
-is the overhead the one-graph chunk exists to remove, and the planner could no longer place their
-buffers in one arena. NCCL supports capture once its communicators exist (the eager warm-up run
-before each capture makes them). The capture uses `capture_error_mode="thread_local"`: in the
-default "global" mode a CUDA call that is illegal during capture from *any* thread invalidates it,
-and NCCL's watchdog thread queries events all the time. Captured collectives are not queued to that
-watchdog, so the timeout of a replayed chunk is the host's (`parallel.group.wait_within`, used by
-the stream's waits).
+captured inside the graph, not kept outside it: a forward of the 14B model holds two all-to-alls in
+each of its 40 blocks, so graphs cut at each collective would be ~80 pieces per forward (times every
+step of a chunk), each with Python and a host launch between them: the overhead the one-graph chunk
+exists to remove. NCCL supports capture once its communicators exist (the eager warm-up run before
+each capture makes them). The capture uses `capture_error_mode="thread_local"`: in the default
+"global" mode a CUDA call that is illegal during capture, made from *any* thread, invalidates it,
+and NCCL's watchdog thread queries events while the capture runs. Captured collectives are not
+queued to that watchdog, so the timeout of a replayed chunk is the host's
+(`parallel.group.wait_within`, used by the stream's waits).
 
 Every entry point runs under `device_scope(self.device)`, and graphs are captured on a stream of
 the program's own device (torch's default capture stream is made once, on whatever device was
