@@ -38,7 +38,6 @@ def test_14b_at_384x640_plans_tight():
     assert 10 * 2**30 < report.text_encoder_bytes < 11 * 2**30  # umT5-XXL's ~5.7e9 parameters in bf16
     assert 4 * 2**30 < report.vae_bytes < 6 * 2**30  # the planned whole-chunk decode at 384x640
     assert report.fits() == {"24 GB": False, "48 GB": True, "80 GB": True}
-    assert report.fits_without_text_encoder() == {"24 GB": False, "48 GB": True, "80 GB": True}
 
 
 def test_the_plan_is_the_engines_compiled_chunk():
@@ -78,7 +77,8 @@ def test_report_dict_and_text():
     assert all(k["ratio"] >= 1.0 for k in d["kinds"]) and set(d["fits"]) == {"24 GB", "48 GB", "80 GB"}
     text = report.format()
     for needle in ("chunk kind", "lower bound", "history latents", "text K/V", "RoPE", "transformer weights",
-                   "planned decode peak", "fits, text encoder resident: 24 GB yes", "reference ops"):  # fmt: skip
+                   "planned decode peak", "encode a prompt", "fits, every phase, EngineConfig(): 24 GB yes",
+                   "reference ops"):  # fmt: skip
         assert needle in text, needle
 
 
@@ -106,7 +106,7 @@ def test_cli_prints_the_report(capsys):
     args = _parse(argv)
     assert args.func is run_plan and run_plan(args) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["budget"] == {"resident": False, "offloaded": False}  # the 1 GiB reserve alone exceeds 0.5 GB
+    assert d["budget"] == {"fits": False, "setting": "EngineConfig()"}  # the 1 GiB reserve alone exceeds 0.5 GB
     assert d["model"] == "tiny" and d["dtype"] == "float32" and len(d["kinds"]) == 3
 
 
@@ -117,6 +117,7 @@ def test_cli_rejects_an_unknown_model():
 
 def test_a_budget_is_answered_from_the_total(capsys):
     report = plan_engine(TINY, 64, 128, torch.float32, model_name="tiny", kernels="reference", text_encoder=None)
+    assert report.peak_bytes == report.encode_bytes == report.total_bytes  # no text encoder: nothing to add
     need_gb = (report.total_bytes + RESERVE_BYTES) / 2**30
     assert report.fits((need_gb * 1.01,)) == {f"{need_gb * 1.01:g} GB": True}
     assert report.fits((need_gb * 0.99,)) == {f"{need_gb * 0.99:g} GB": False}
@@ -165,7 +166,7 @@ def test_the_cli_budget_switches_the_decode_to_slices(capsys):
     assert run_plan(args) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["decode_slice_frames"] == 1 and d["vae_bytes"] == vae[1]
-    assert d["budget"] == {"resident": True, "offloaded": True}
+    assert d["budget"] == {"fits": True, "setting": "EngineConfig(decode_slice_frames=1)"}
 
 
 def test_the_plan_uses_the_attention_backend_asked_for(capsys):
@@ -174,3 +175,93 @@ def test_the_plan_uses_the_attention_backend_asked_for(capsys):
                    "--attention", "sdpa"])  # fmt: skip
     assert run_plan(args) == 0
     assert json.loads(capsys.readouterr().out)["kernels"] == "sdpa"
+
+
+# ---- the encode phase: umT5 on the GPU beside everything a chunk holds ------------------------------------
+@functools.lru_cache(maxsize=1)
+def fp8_report_14b():
+    return plan_engine(HELIOS_14B, 384, 640, torch.bfloat16, model_name="helios-14b", precision="fp8")
+
+
+def _umt5_parts(precision: str) -> tuple[int, int]:
+    """umT5-XXL's bytes on the GPU and its planned activations, computed here from their own parts: the
+    meta encoder as the engine holds it, and `run_umt5` planned on meta tensors."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from helios_rt.compile.report import UMT5_XXL
+    from helios_rt.compile.workspace import plan_program
+    from helios_rt.model.text import quantize_umt5_, run_umt5
+
+    with torch.device("meta"):
+        model = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16).eval()
+    if precision == "fp8":
+        quantize_umt5_(model, "meta")
+    on_gpu = model.encoder if precision == "fp8" else model
+    weights = sum(p.numel() * p.element_size() for p in on_gpu.parameters())
+    ids = torch.zeros(1, 512, dtype=torch.long, device="meta")
+    mask = torch.ones(1, 1, 512, 512, dtype=torch.bool, device="meta")
+    with torch.no_grad():
+        acts = plan_program(run_umt5, model, ids, mask, "meta", require_out=False).arena_bytes
+    return weights, acts
+
+
+def test_the_encode_phase_is_the_sum_of_what_a_prompt_switch_holds():
+    """At a prompt switch the engine holds the transformer, the static state, the arena (the next chunk runs
+    in it), the VAE and its decode memory, and moves umT5 beside them: the phase is their sum, and the peak."""
+    from helios_rt.compile.cost import ChunkShape
+    from helios_rt.compile.report import vae_decode_bytes
+
+    report = fp8_report_14b()
+    umt5, acts = _umt5_parts("native")
+    assert 10 * 2**30 < umt5 < 11 * 2**30 and 0 < acts < 2**30
+    parts = [
+        weights_bytes(HELIOS_14B, torch.bfloat16, "fp8"),
+        report.persistent_bytes,
+        report.arena_bytes,
+        vae_decode_bytes(ChunkShape(height=384, width=640), torch.bfloat16),
+        umt5,
+        acts,
+    ]
+    assert list(report.encode_parts.values()) == parts
+    assert report.encode_bytes == sum(parts) == report.peak_bytes
+    assert report.phases(resident=False)["encode a prompt (stream start, prompt switch)"] == sum(parts)
+    assert report.phases(resident=False)["generate a chunk"] == report.total_bytes < sum(parts)
+    # the FP8 transformer fits 24 GB while it generates, but not while a bf16 umT5 encodes beside it
+    assert report.total_bytes + RESERVE_BYTES <= 24 * 2**30
+    assert report.fits() == {"24 GB": False, "48 GB": True, "80 GB": True}
+
+
+def test_umt5_in_fp8_weight_only_form_is_its_stack_in_e4m3_without_the_embedding():
+    from helios_rt.compile.report import UMT5_XXL, text_encoder_bytes
+
+    weights, acts = _umt5_parts("fp8")
+    assert text_encoder_bytes(torch.bfloat16, UMT5_XXL, "fp8") == weights
+    c = UMT5_XXL
+    linears = c["num_layers"] * (4 * c["d_model"] * c["d_kv"] * c["num_heads"] + 3 * c["d_model"] * c["d_ff"])
+    rows = c["num_layers"] * (4 * c["d_model"] + 2 * c["d_ff"] + c["d_model"])  # a float32 scale per output
+    assert linears + 4 * rows < weights < linears + 4 * rows + 2 * 2**20  # + norms and position bias in bf16
+    assert 4.3 * 2**30 < weights < 4.4 * 2**30 and 0 < acts < 2**30
+
+
+def test_the_cli_fits_fp8_in_24_gb_only_with_the_setting_that_fits_the_encode_phase(capsys):
+    """`--precision fp8 --gpu-memory 24`: the bf16 umT5 does not fit beside the FP8 chunk at a prompt switch;
+    the FP8 weight-only umT5 (with the largest decode slice that then fits) does, and the plan names it."""
+    args = _parse(["plan", "--precision", "fp8", "--gpu-memory", "24", "--json"])
+    assert run_plan(args) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["budget"] == {
+        "fits": True,
+        "setting": "EngineConfig(precision='fp8', text_encoder_precision='fp8', decode_slice_frames=3)",
+    }
+    assert d["peak_bytes"] == d["encode_bytes"] == sum(d["encode_parts"].values())
+    assert d["peak_bytes"] + RESERVE_BYTES <= 24 * 2**30
+    # the same engine with umT5 in the model dtype: no decode slice makes the encode phase fit
+    args = _parse(["plan", "--precision", "fp8", "--gpu-memory", "24", "--json", "--text-encoder-precision", "fp8"])
+    assert run_plan(args) == 0
+    assert json.loads(capsys.readouterr().out)["budget"]["fits"]
+    from helios_rt.compile.cost import ChunkShape
+    from helios_rt.compile.report import choose_decode_slices
+
+    native = choose_decode_slices(fp8_report_14b(), ChunkShape(height=384, width=640), torch.bfloat16, 24)
+    assert native.fits((24,)) == {"24 GB": False}
+    assert native.encode_bytes + RESERVE_BYTES > 24 * 2**30

@@ -11,6 +11,8 @@ scale multiplication rounds; the transient is one weight in the activation dtype
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,6 +24,19 @@ Tensor = torch.Tensor
 BF16_UNIT_ROUNDOFF = 2.0**-8  # half the relative spacing of bfloat16's 7 stored mantissa bits
 # one rounded operand (the weight, u) plus the dequantised weight's rounding to bfloat16 (scale and product)
 WEIGHT_ONLY_LAYER_BOUND = UNIT_ROUNDOFF + 2 * BF16_UNIT_ROUNDOFF
+
+
+def encoder_drift_bound(layers: int) -> float:
+    """Relative L2 error an encoder of `layers` blocks with weight-only e4m3 linears may show in its output.
+
+    Round-to-nearest leaves each weight within +-u of itself, relative; spread over that interval its RMS
+    is at most u / sqrt(3), so each block adds a relative error of about that size, and independent
+    blocks add like a random walk: u * sqrt(layers / 3) (0.177 for umT5-XXL's 24 blocks). Measured on a
+    24-block umT5 (d_model 512, random weights, CPU), against the bf16 encoder: 0.027 per linear and
+    0.027 * sqrt(L) end to end for L = 1, 4, 12, 24 (0.133 at 24), the same sqrt(L) law as bf16's own
+    drift from float32 (0.0048 * sqrt(L)). An encoder that amplified errors, or a wrong scale, exceeds it.
+    """
+    return UNIT_ROUNDOFF * math.sqrt(layers / 3)
 
 
 class FP8WeightOnlyLinear(nn.Module):
@@ -77,4 +92,10 @@ def quantize_linears_(module: nn.Module, device: torch.device | str | None = Non
     return names
 
 
-__all__ = ["BF16_UNIT_ROUNDOFF", "WEIGHT_ONLY_LAYER_BOUND", "FP8WeightOnlyLinear", "quantize_linears_"]
+__all__ = [
+    "encoder_drift_bound",
+    "BF16_UNIT_ROUNDOFF",
+    "WEIGHT_ONLY_LAYER_BOUND",
+    "FP8WeightOnlyLinear",
+    "quantize_linears_",
+]
