@@ -13,7 +13,8 @@ the same things are checked where they matter:
   Triton kernels;
 - overlap: chunk k's decode (decode stream) and chunk k+1's compute (compute stream) overlap in
   time, and steady-state chunks issue no device-wide synchronize;
-- memory: allocated bytes are the same at chunk 5 and chunk 49, and the peak does not grow.
+- memory: allocated bytes are the same at chunk 5 and chunk 49, and the peak does not grow; they
+  are the same at every hand-over after the first, the last chunk's included.
 """
 
 from __future__ import annotations
@@ -163,6 +164,19 @@ def test_memory_is_constant_over_50_chunks() -> None:
     stream.close()
     assert allocated[49] == allocated[5], f"allocated bytes went from {allocated[5]} to {allocated[49]}"
     assert torch.cuda.max_memory_allocated() == peak, "the peak grew after chunk 10"
+
+
+def test_allocated_bytes_are_equal_at_every_hand_over_the_last_included() -> None:
+    """First light's "memory flat" series: the last chunk has no successor in flight, so nothing made
+    per chunk may live beside a launched one (a per-chunk 0-d finite flag did: 512 B less at the last)."""
+    engine = Engine.from_pretrained("demo", CUDA)
+    engine.warmup()
+    allocated = []
+    with engine.generate_stream(PROMPT, num_frames=33 * 6, seed=2) as stream:
+        for _ in stream:
+            torch.cuda.synchronize()
+            allocated.append(torch.cuda.memory_allocated())
+    assert len(allocated) == 6 and len(set(allocated[1:])) == 1, f"allocated bytes at each hand-over: {allocated}"
 
 
 @pytest.mark.parametrize(("overlap", "effective"), [(True, 2), (False, 1)])
