@@ -25,17 +25,22 @@ HUB_KEY: web.AppKey[Hub] = web.AppKey("helios_hub", Hub)
 _PAGES = {"/": ("index.html", "text/html"), "/player.js": ("player.js", "text/javascript")}
 
 
-def create_app(engine: Any, config: ServeConfig | None = None) -> web.Application:
+def create_app(
+    engine: Any, config: ServeConfig | None = None, *, encoder: JpegEncoder | None = None
+) -> web.Application:
     """An application serving `engine`: `web.run_app(create_app(engine))`, or mount it in your own
     application with `app.add_subapp("/video/", create_app(engine))` (the page uses relative URLs).
 
     Routes: `GET /` the page, `GET /player.js`, `GET /ws` the stream WebSocket, `GET /stats` the
     hub's counters (JSON). The engine is used from one worker thread only; close it after the app.
     With a token, keep access logs off (`run_app(..., access_log=None)`): the page sends it as ?token=.
+    `encoder` turns each chunk's frames into JPEGs (default: a `JpegEncoder` at the config's quantiser);
+    the tests pass one that records the frames it is given, to compare them with the engine's own.
     """
     config = config or ServeConfig()
     hub = Hub(config)
-    encoder = JpegEncoder(engine.config.height, engine.config.width, config.jpeg_qscale, config.jpeg_chroma)
+    if encoder is None:
+        encoder = JpegEncoder(engine.config.height, engine.config.width, config.jpeg_qscale, config.jpeg_chroma)
     app = web.Application()
     app[HUB_KEY] = hub
     sessions: set[Session] = set()
