@@ -3,18 +3,13 @@ engine (`EngineConfig(precision="fp8")`, the profile's model with random weights
 beside the bf16 one: steady FPS against the projection and the gate's latent drift, with and without
 `use_fast_accum`.
 
-Fast accumulation: the runtime's `FP8Linear` calls `_scaled_mm` with PyTorch's default,
-`use_fast_accum=False` (float32 accumulation; nothing in helios_rt sets it). The gate decides whether
-the faster mode (Hopper's reduced-precision accumulation) may become the default, so first light runs the
-engine both ways: with the flag bound onto `torch._scaled_mm` for the life of that engine (its graphs are
-captured inside, so replay keeps it), restored afterwards.
+Fast accumulation: the runtime's `FP8Linear` calls `_scaled_mm` with `use_fast_accum=False` by default
+(float32 accumulation). The gate decides whether the faster mode (Hopper's reduced-precision
+accumulation) may become the default, so first light runs the engine both ways, setting the layers' flag
+(`set_fast_accum`) before the engine's graphs are captured.
 """
 
 from __future__ import annotations
-
-import contextlib
-import functools
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +18,7 @@ from .. import benchmarking as hb
 from ..compile import cost
 from ..fp8 import gate
 from ..fp8.format import quantize_rows, quantize_weight
-from ..fp8.linear import quantize_blocks_, require_fp8_support
+from ..fp8.linear import quantize_blocks_, require_fp8_support, set_fast_accum
 from ..fp8.projection import FP8_GEMM_EFFICIENCY, project_fp8
 from .measure import Measured, Recorded, engine_config, largest, memory_figure, prompt_embeds, time_ms
 from .profile import Profile
@@ -31,17 +26,6 @@ from .report import FAIL, PASS, SKIP, Check, Figure
 
 Tensor = torch.Tensor
 FLAGS = (False, True)  # use_fast_accum: the runtime's default first
-
-
-@contextlib.contextmanager
-def fast_accumulation(enabled: bool) -> Iterator[None]:
-    """`torch._scaled_mm` with `use_fast_accum=enabled` inside the block (FP8Linear looks it up per call)."""
-    original = torch._scaled_mm
-    torch._scaled_mm = functools.partial(original, use_fast_accum=enabled)
-    try:
-        yield
-    finally:
-        torch._scaled_mm = original
 
 
 def fp8_unsupported(profile: Profile) -> str | None:
@@ -146,11 +130,12 @@ def scaled_mm_rows(profile: Profile, measured: Measured, spec: cost.DeviceSpec) 
 
 
 # ---- the FP8 engine ---------------------------------------------------------------------------------------
-def fp8_engine(profile: Profile):
+def fp8_engine(profile: Profile, fast_accum: bool = False):
     """The profile's engine with precision="fp8": the same random weights as the bf16 engine (same seed),
     its block linears quantised on the device before anything is planned or captured."""
     engine = hb.random_engine(profile.model, engine_config(profile).replace(precision="fp8"), profile.vae)
     quantize_blocks_(engine.transformer)
+    set_fast_accum(engine.transformer, fast_accum)
     return engine
 
 
@@ -166,12 +151,11 @@ def engine_rows(profile: Profile, measured: Measured, spec: cost.DeviceSpec) -> 
     embeds, figures = prompt_embeds(profile), []
     for flag in FLAGS:
         tag = f"use_fast_accum={flag}"
-        with fast_accumulation(flag):
-            engine = fp8_engine(profile)
-            engine.warmup()
-            recorded = Recorded(engine)
-            warm = hb.measure_stream(recorded, profile.fp8_chunks, prompt_embeds=embeds, stages=False)
-            engine.close()
+        engine = fp8_engine(profile, fast_accum=flag)
+        engine.warmup()
+        recorded = Recorded(engine)
+        warm = hb.measure_stream(recorded, profile.fp8_chunks, prompt_embeds=embeds, stages=False)
+        engine.close()
         del engine
         hb.stream._free_cuda()
         drift = latent_drift(recorded.latents, measured.latents)

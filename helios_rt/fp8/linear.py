@@ -44,7 +44,14 @@ class FP8Linear(nn.Module):
 
     The output dtype is the bias dtype (the model dtype). Parameters are named so that a quantised
     checkpoint stores `<linear>.weight` (F8_E4M3), `<linear>.weight_scale` (F32) and `<linear>.bias`.
+
+    use_fast_accum: `_scaled_mm`'s flag, off by default (float32 accumulation). Hopper's fast mode
+    accumulates in reduced precision; first light measures it against the gate before it may become a
+    default. Set it with `set_fast_accum` before a chunk is captured: a graph keeps the mode it was
+    captured with.
     """
+
+    use_fast_accum: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
@@ -86,6 +93,7 @@ class FP8Linear(nn.Module):
             self.weight_scale.view(1, -1),
             bias=self.bias,
             out_dtype=self.bias.dtype,
+            use_fast_accum=self.use_fast_accum,
         )
         return y.view(*lead, self.out_features)
 
@@ -109,6 +117,14 @@ def require_fp8_support(device: torch.device | str, dtype: torch.dtype) -> None:
             f"{torch.__version__} ({str(err).splitlines()[0][:160]}); use precision='native', or dtype='bfloat16' "
             "on an sm_89+ GPU (Ada, Hopper), or torch >= 2.13 on a CPU"
         ) from err
+
+
+def set_fast_accum(model: nn.Module, enabled: bool) -> int:
+    """Set `use_fast_accum` on every FP8Linear of `model`; returns how many there are."""
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    for layer in layers:
+        layer.use_fast_accum = enabled
+    return len(layers)
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
