@@ -140,3 +140,25 @@ def test_an_offloaded_encoder_runs_on_its_device_and_rests_in_host_memory(checkp
     assert moves == [str(offloaded.device), "cpu"]
     torch.testing.assert_close(got, resident.encode(["a red kite over the beach"]), rtol=0, atol=0)
     assert all(p.device.type == "cpu" for p in offloaded.encoder.parameters())
+
+
+def test_an_fp8_encoder_keeps_its_embedding_on_the_host_and_moves_only_its_stack(checkpoint, monkeypatch) -> None:
+    """precision="fp8": e4m3 linears (`quantize_umt5_`) on the device, the token embedding in host memory;
+    with offload only the stack travels. Its embeddings are within the weight-only gate of the float ones."""
+    from helios_rt.fp8.gate import relative_error
+    from helios_rt.fp8.weight_only import FP8WeightOnlyLinear, encoder_drift_bound
+
+    prompt = "a red kite over the beach"
+    native = UMT5PromptEncoder.from_pretrained(checkpoint).encode([prompt])
+    fp8 = UMT5PromptEncoder.from_pretrained(checkpoint, precision="fp8", offload=True)
+    assert fp8.device_part is fp8.encoder.encoder and fp8.encoder.encoder.embed_tokens is None
+    assert all(isinstance(m, FP8WeightOnlyLinear) for m in fp8.encoder.encoder.modules() if hasattr(m, "in_features"))
+    moves: list[str] = []
+    to = type(fp8.device_part).to
+    monkeypatch.setattr(type(fp8.device_part), "to", lambda self, *a, **k: moves.append(str(a[0])) or to(self, *a, **k))
+    got = fp8.encode([prompt])
+    assert moves == [str(fp8.device), "cpu"]
+    assert got.dtype == torch.float32 and got[0, 7:].abs().max() == 0
+    assert 0 < relative_error(got[0, :7], native[0, :7]) <= encoder_drift_bound(2)
+    with pytest.raises(ValueError, match="text encoder precision must be one of"):
+        UMT5PromptEncoder.from_pretrained(checkpoint, precision="int4")
