@@ -90,3 +90,15 @@ def test_a_missing_compiler_names_the_fix(tmp_path: Path) -> None:
     error = result.stderr.strip().splitlines()[-1]
     assert "helios-no-such-c" in error and "apt-get install g++" in error, result.stderr[-3000:]
     assert not (tmp_path / "lib").exists()
+
+
+def test_every_package_is_installed() -> None:
+    """A non-editable install copies only the packages pyproject.toml lists: each folder of helios_rt with an
+    __init__.py must be there (helios_rt.fp8 once was not)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "helios_rt").rglob("__init__.py")}
+    found |= {"helios_rt.kernels"}  # installed from the top-level kernels/ folder (package-dir)
+    assert found - listed == set(), f"pyproject.toml does not install {sorted(found - listed)}"
