@@ -110,3 +110,18 @@ def test_a_cc_that_is_not_on_path_is_missing(monkeypatch: pytest.MonkeyPatch) ->
 def test_a_module_that_fails_to_import_is_missing_with_its_error() -> None:
     ok, found = pf.probe_module("helios_rt_no_such_module")
     assert not ok and found == "ModuleNotFoundError: No module named 'helios_rt_no_such_module'"
+
+
+def test_first_light_stops_at_the_preflight_before_any_work(machine, monkeypatch, tmp_path, capsys) -> None:
+    """`python -m helios_rt.first_light --dry-run` prints the table first and, with safetensors missing,
+    exits 2 naming it, before a phase runs or the output folder is made."""
+    from helios_rt.first_light import cli
+
+    monkeypatch.setattr(cli, "_needs_interpreter", lambda profile: False)
+    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("a phase ran despite a missing requirement"))
+    machine("safetensors")
+    out = tmp_path / "results"
+    assert cli.main([str(out), "--dry-run"]) == cli.EXIT_USAGE
+    printed = capsys.readouterr()
+    assert "| safetensors |" in printed.out and "missing safetensors" in printed.err
+    assert not out.exists()

@@ -29,7 +29,9 @@ BEHAVIOURS = {
     "memory flat over 50 chunks": "test_memory_is_constant_over_50_chunks",
     "a replayed chunk allocates nothing": "test_a_replayed_chunk_allocates_nothing",
 }
-KERNEL_TESTS = ("test_kernels_attention.py", "test_kernels_norm.py", "test_kernels_sampler.py")
+KERNEL_TESTS = (
+    "test_kernels_attention.py", "test_kernels_norm.py", "test_kernels_sampler.py", "test_fp8_kernels.py",
+)
 
 
 def tests_dir() -> Path:

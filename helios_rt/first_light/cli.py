@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .preflight import missing, preflight, preflight_table
 from .profile import (
     PhaseEstimate,
     Profile,
@@ -104,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         again = sys.argv[1:] if argv is None else list(argv)  # the caller's arguments, not this process's
         os.execve(sys.executable, [sys.executable, "-m", "helios_rt.first_light", *again], env)
+    reqs = preflight(args.dry_run)  # before any GPU minute is spent: everything missing, with its fix
+    print(preflight_table(reqs))
+    if missing(reqs):
+        names = ", ".join(r.name for r in missing(reqs))
+        print(f"first light: missing {names}: install what the fix column says, then run again", file=sys.stderr)
+        return EXIT_USAGE
     args.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     report = run(profile, args.out_dir, args.pytest_timeout)
