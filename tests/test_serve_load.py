@@ -106,8 +106,10 @@ async def read_forever(client: Client) -> None:
 
 
 def test_nine_clients_slow_leaving_and_busy() -> None:
+    engine = Engine.from_pretrained("demo", FAST_DEMO)
+    reference = engine_frames(engine, START["prompt"], START["seed"], chunks=2)  # before the server runs
+
     async def run() -> dict:
-        engine = Engine.from_pretrained("demo", FAST_DEMO)
         # the stalled client keeps its turn for the whole test (the ack timeout is tested in test_serve_messages)
         config = ServeConfig(max_sessions=2, max_queue=4, chunks_ahead=1, ack_timeout_s=3600)
         async with recording_server(engine, config) as (url, hub, encoder), aiohttp.ClientSession() as http:
@@ -170,7 +172,6 @@ def test_nine_clients_slow_leaving_and_busy() -> None:
 
     result = asyncio.run(asyncio.wait_for(run(), 600))  # a hang guard: ~7 chunks take a second or more each on a CPU
     stats, clients = result["stats"], result["clients"]
-    reference = engine_frames(FAST_DEMO, START["prompt"], START["seed"], chunks=2)
     lengths = {"fast": 18, "slow": 18, "short": 9, "stalled": 9, "midway": FRAMES_PER_CHUNK // 2}
     for name, client in clients.items():
         got = client.frames[: lengths[name]] if name == "midway" else client.frames

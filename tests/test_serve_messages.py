@@ -18,8 +18,10 @@ import av
 import numpy as np
 import pytest
 from aiohttp import web
+from support.serve_checks import FAST_DEMO, assert_served_from, by_chunk, engine_frames, recording_server
 from support.serve_harness import Client, running_server, small_demo_engine
 
+from helios_rt import Engine
 from helios_rt.cli import main
 from helios_rt.serve import ServeConfig, create_app, frames
 from helios_rt.serve.frames import JpegEncoder, decode_image, decode_jpeg
@@ -328,12 +330,18 @@ def test_websocket_connections_are_capped() -> None:
 
 
 def test_a_client_that_never_acknowledges_loses_its_turn() -> None:
-    """One turn: a stalled client's stream stops after ack_timeout_s and the queued client gets the turn."""
+    """One turn: a stalled client's stream stops after ack_timeout_s and the queued client gets the turn.
+
+    The queued client's stream is one chunk, within `chunks_ahead`: its stream never waits for an
+    acknowledgement, so the short ack_timeout_s is a deadline for the stalled client only.
+    """
 
     async def run() -> None:
-        config = ServeConfig(max_sessions=1, chunks_ahead=1, ack_timeout_s=0.5)
+        config = ServeConfig(max_sessions=1, chunks_ahead=2, ack_timeout_s=0.5)
+        engine = Engine.from_pretrained("demo", FAST_DEMO)
+        frames_per_chunk = engine.vae.config.num_frames(FAST_DEMO.latent_frames_per_chunk)
         held = threading.Event()
-        async with running_server(small_demo_engine(), config) as (url, hub), aiohttp.ClientSession() as http:
+        async with running_server(engine, config) as (url, hub), aiohttp.ClientSession() as http:
             hub.on_engine_later(held.wait)  # the stalled stream holds the turn, not started, until the other queues
             try:
                 stalled = Client(await http.ws_connect(f"{url}/ws"))
@@ -343,20 +351,17 @@ def test_a_client_that_never_acknowledges_loses_its_turn() -> None:
                     await asyncio.sleep(0.02)
                 waiting = Client(await http.ws_connect(f"{url}/ws"))
                 await waiting.until("hello")
-                await waiting.send({"type": "start", "prompt": "a bird", "num_frames": 33})
+                await waiting.send({"type": "start", "prompt": "a bird", "num_frames": frames_per_chunk})
                 assert (await waiting.until("started", "busy"))["position"] == 1
             finally:
                 held.set()
             assert (await stalled.until("started", "error"))["type"] == "started"
             error = await stalled.until("error")
             assert error["message"] == "no acknowledgement for 0.5 s; the stream was stopped", error
-            assert len(stalled.frames) == 33  # one chunk (chunks_ahead), then it waited and was stopped
+            assert len(stalled.frames) == 2 * frames_per_chunk  # chunks_ahead chunks, then it waited and was stopped
             assert (await waiting.until("started", "error"))["type"] == "started"
-            await waiting.until("chunk")
-            while len(waiting.frames) < 33:
-                assert await waiting.receive() is not None
-            await waiting.send({"type": "ack", "chunk": 0})  # a client that acknowledges plays to the end
-            assert (await waiting.until("end", "error"))["type"] == "end"
+            assert (await waiting.until("end", "error"))["type"] == "end"  # played to its end, never acknowledging
+            assert len(waiting.frames) == frames_per_chunk
             await stalled.send({"type": "stop"})
             assert (await stalled.until("stopped"))["reason"] == "nothing was playing"
             assert hub.stats.streams_started == 2
@@ -364,12 +369,56 @@ def test_a_client_that_never_acknowledges_loses_its_turn() -> None:
     asyncio.run(asyncio.wait_for(run(), 300))
 
 
+def test_a_prompt_switch_changes_the_frames_from_its_announced_chunk() -> None:
+    """The frames the server sends after a switch are the engine's own stream (same seed) with `set_prompt`
+    at the chunk the server announced, compared before JPEG encoding; they differ from the unswitched stream.
+    """
+    start = {"type": "start", "prompt": "a tropical fish among corals", "seed": 11}
+    new_prompt = "a red bird over the sea"
+
+    engine = Engine.from_pretrained("demo", FAST_DEMO)
+    # the engine's own streams, before the server runs: switched at chunk 1 (asserted below), and not
+    switched = engine_frames(engine, start["prompt"], start["seed"], 2, switch=(1, new_prompt))
+    plain = engine_frames(engine, start["prompt"], start["seed"], 2)
+
+    async def run() -> tuple[Client, dict, object]:
+        frames_per_chunk = engine.vae.config.num_frames(FAST_DEMO.latent_frames_per_chunk)
+        # one chunk ahead: when chunk 0 has arrived the engine thread waits for its acknowledgement
+        config = ServeConfig(chunks_ahead=1)
+        async with recording_server(engine, config) as (url, _, encoder), aiohttp.ClientSession() as http:
+            client = Client(await http.ws_connect(f"{url}/ws"))
+            await client.until("hello")
+            await client.send({**start, "num_frames": 2 * frames_per_chunk})
+            answer = None
+            while (message := await client.until("frame", "end", "error"))["type"] == "frame":
+                chunk = message["chunk"]
+                if sum(c == chunk for c, _, _ in client.frames) < frames_per_chunk:
+                    continue
+                if answer is None:  # all of chunk 0 is in, and not acknowledged: switch now
+                    await client.send({"type": "prompt", "prompt": new_prompt})
+                    answer = await client.until("prompt", "error")
+                await client.send({"type": "ack", "chunk": chunk})
+            assert message["type"] == "end", message
+            return client, answer, encoder
+
+    client, answer, encoder = asyncio.run(asyncio.wait_for(run(), 300))
+    # the engine thread was waiting for chunk 0's acknowledgement, so chunk 1 is the first not started
+    assert answer == {"type": "prompt", "prompt": new_prompt, "chunk": 1}, answer
+    served = by_chunk(client.frames)
+    assert sorted(served) == [0, 1], sorted(served)
+    assert_served_from(encoder, served, switched, "the client")
+    assert np.array_equal(switched[0], plain[0])  # before the switch, the stream is the unswitched one
+    for got in encoder.frames_behind(served[1]):
+        assert not np.array_equal(got, plain[1]), "chunk 1 is the unswitched stream's: the switch was not applied"
+
+
 def test_one_prompt_switch_at_a_time() -> None:
     """A switch sent while one waits for the engine thread is refused; once answered, the next is accepted."""
 
     async def run() -> None:
         held = threading.Event()
-        async with running_server(small_demo_engine()) as (url, hub), aiohttp.ClientSession() as http:
+        engine = Engine.from_pretrained("demo", FAST_DEMO)
+        async with running_server(engine) as (url, hub), aiohttp.ClientSession() as http:
             try:
                 client = Client(await http.ws_connect(f"{url}/ws"))
                 await client.until("hello")

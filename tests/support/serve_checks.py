@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 import numpy as np
 from aiohttp import web
 
-from helios_rt import Engine, EngineConfig
+from helios_rt import Engine
 from helios_rt.serve import ServeConfig, create_app
 from helios_rt.serve.app import HUB_KEY
 from helios_rt.serve.frames import JpegEncoder
@@ -71,23 +71,25 @@ async def recording_server(
 
 
 def engine_frames(
-    config: EngineConfig,
+    engine: Engine,
     prompt: str,
     seed: int,
     chunks: int,
     image: np.ndarray | None = None,
     switch: tuple[int, str] | None = None,
 ) -> list[np.ndarray]:
-    """The first `chunks` chunks of the engine's own stream; `switch=(k, prompt)` calls `set_prompt` before chunk k.
+    """The first `chunks` chunks of `engine`'s own stream; `switch=(k, prompt)` calls `set_prompt` before chunk k.
 
-    A fresh engine, so that nothing the server did to its engine can make the two agree.
+    Made on the server's engine before the server runs (nothing the server does can then make the two
+    agree, and the engine's first-chunk warm-up is paid once), or after it stopped where the stream's
+    inputs are known only then; the engine runs on one thread at a time either way.
     """
-    with Engine.from_pretrained("demo", config) as engine, engine.generate_stream(prompt, image=image, seed=seed) as s:
+    with engine.generate_stream(prompt, image=image, seed=seed) as stream:
         out = []
         for index in range(chunks):
             if switch is not None and index == switch[0]:
-                assert s.set_prompt(switch[1]) == index, "the engine's own switch must land at the chunk asked for"
-            out.append(next(s).video_frames.copy())
+                assert stream.set_prompt(switch[1]) == index, "the engine's own switch must land at the chunk asked"
+            out.append(next(stream).video_frames.copy())
         return out
 
 
