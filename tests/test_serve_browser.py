@@ -3,7 +3,10 @@
 The page loads, starts a demo stream (image-to-video, from an image uploaded on the page), plays
 frames that change over time, switches the prompt mid-stream and shows the chunk the switch takes
 effect at. What the canvas shows is compared pixel by pixel with the JPEG frames the server sent, as
-Chromium itself recorded them off the WebSocket.
+Chromium itself recorded them off the WebSocket; those JPEGs are the server encoder's output of
+exactly the engine's own stream (same image, prompt and seed as the page sent) with `set_prompt` at
+the chunk the server announced, compared before encoding, and the switched chunk is not the
+unswitched stream's.
 
 Chromium comes from the distribution (`apt-get install -y chromium`); without it the test fails in
 CI (CI=true) and is skipped elsewhere, with the install line.
@@ -25,16 +28,20 @@ import aiohttp
 import av
 import numpy as np
 import pytest
-from support.serve_harness import running_server, small_demo_engine
+from support.serve_checks import FAST_DEMO, assert_served_from, by_chunk, engine_frames, recording_server
 
-from helios_rt.serve.frames import decode_jpeg
-from helios_rt.serve.protocol import unpack_frame
+from helios_rt import Engine
+from helios_rt.serve import ServeConfig
+from helios_rt.serve.frames import decode_image, decode_jpeg
+from helios_rt.serve.protocol import Start, parse_message, unpack_frame
 
 # --disable-background-networking and friends: this machine's closed network refuses Chromium's own
 # connections (updates, sync, QUIC probes), which otherwise stall start-up.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--window-size=800,600", "--remote-debugging-port=0"]  # fmt: skip
+FRAMES_PER_CHUNK = 9  # FAST_DEMO
+CHUNKS = 6  # the page asks for six chunks: the switch, sent once frame 3 is shown, lands well before the end
 
 
 @pytest.fixture
@@ -164,19 +171,26 @@ def decode_png(data: bytes) -> np.ndarray:
     return ctx.decode(av.Packet(data))[0].to_ndarray(format="rgb24")
 
 
-def sent_over_the_socket(events: list[dict]) -> tuple[dict[int, np.ndarray], list[dict]]:
-    """The frames (by index) and JSON messages the server sent, as Chromium received them."""
-    frames, messages = {}, []
+def received_over_the_socket(events: list[dict]) -> tuple[list[tuple[int, int, bytes]], list[dict]]:
+    """The frames (chunk, frame, JPEG) and JSON messages the server sent, as Chromium received them, in order."""
+    frames, messages = [], []
     for event in events:
         if event["method"] != "Network.webSocketFrameReceived":
             continue
         response = event["params"]["response"]
         if response["opcode"] == 2:
-            _, frame, jpeg = unpack_frame(base64.b64decode(response["payloadData"]))
-            frames[frame] = decode_jpeg(jpeg)
+            frames.append(unpack_frame(base64.b64decode(response["payloadData"])))
         else:
             messages.append(json.loads(response["payloadData"]))
     return frames, messages
+
+
+def start_sent(events: list[dict]) -> Start:
+    """The page's start message (prompt, seed, the image as it uploaded it), as Chromium sent it."""
+    sent = [e["params"]["response"]["payloadData"] for e in events if e["method"] == "Network.webSocketFrameSent"]
+    starts = [m for m in sent if json.loads(m)["type"] == "start"]
+    assert len(starts) == 1, starts
+    return parse_message(starts[0], ServeConfig())
 
 
 def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -184,8 +198,10 @@ def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: Path) -> None:
+    engine = Engine.from_pretrained("demo", FAST_DEMO)
+
     async def run() -> tuple:
-        async with running_server(small_demo_engine()) as (url, hub), page_in_chromium(chromium, tmp_path) as page:
+        async with recording_server(engine) as (url, _, encoder), page_in_chromium(chromium, tmp_path) as page:
             await page.call("Network.enable")
             await page.call("Performance.enable")
             await page.call("Page.navigate", url=f"{url}/?zoom=1")
@@ -198,7 +214,7 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
             )
             await page.evaluate(
                 "document.getElementById('prompt').value = 'a tropical fish among corals';"
-                "document.getElementById('frames').value = '99';"
+                f"document.getElementById('frames').value = '{CHUNKS * FRAMES_PER_CHUNK}';"
                 "document.getElementById('start').click()"
             )
             await page.wait_for("helios.player.shown.frame >= 3")
@@ -211,7 +227,10 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
             switch = await page.wait_for(
                 "(document.getElementById('switch').textContent.match(/switch at chunk (\\d+)/) || [])[1]"
             )
-            await page.wait_for(f"helios.player.shown.chunk >= {switch} && helios.player.shown.frame % 33 >= 3")
+            await page.wait_for(
+                f"helios.player.shown.chunk >= {switch} && "
+                "helios.player.shown.frame % helios.player.hello.frames_per_chunk >= 3"
+            )
             second = await canvas_shot(page)
             drawn = second[0]["frame"] - first[0]["frame"]
             stats_cpu = (await main_thread_seconds(page) - cpu_before) / max(drawn, 1)
@@ -220,11 +239,12 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
                 "({ttff: document.getElementById('ttff').textContent, error: document.getElementById('error')"
                 ".textContent, decode: document.getElementById('decode').textContent})"
             )
-            return first, second, int(switch), label, stats, page.events, stats_cpu
+            return first, second, int(switch), label, stats, page.events, stats_cpu, encoder
 
-    first, second, switch, label, stats, events, cpu_per_frame = asyncio.run(asyncio.wait_for(run(), 100))
-    frames, messages = sent_over_the_socket(events)
-    assert [m["chunk"] for m in messages if m["type"] == "prompt"] == [switch] and switch >= 1
+    first, second, switch, label, stats, events, cpu_per_frame, encoder = asyncio.run(asyncio.wait_for(run(), 100))
+    received, messages = received_over_the_socket(events)
+    frames = {frame: decode_jpeg(jpeg) for _, frame, jpeg in received}
+    assert [m["chunk"] for m in messages if m["type"] == "prompt"] == [switch] and 1 <= switch < CHUNKS
     assert [m["image"] for m in messages if m["type"] == "started"] == [True]  # the upload reached the engine
     assert label == f"switched at chunk {switch} (shown)" and stats["error"] == ""
     assert stats["ttff"].endswith(" s"), stats
@@ -240,5 +260,17 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
         assert distances[shown["frame"]] < 3.0, distances[shown["frame"]]
     assert second[0]["chunk"] >= switch > first[0]["chunk"]
     assert mean_diff(first[1], second[1]) > 10 * max(diffs)  # the picture changed over time
+    # what Chromium received is the engine's own stream, switched where the server said; the same image
+    # (as the page uploaded it), prompt and seed, on the server's engine now that the server has stopped
+    start = start_sent(events)
+    image = decode_image(start.image, FAST_DEMO.height, FAST_DEMO.width)
+    new_prompt = next(m["prompt"] for m in messages if m["type"] == "prompt")
+    served = by_chunk(received)
+    assert switch in served, sorted(served)  # the page showed a frame of the switched chunk
+    switched = engine_frames(engine, start.prompt, start.seed, max(served) + 1, image, switch=(switch, new_prompt))
+    assert_served_from(encoder, served, switched, "Chromium")
+    plain = engine_frames(engine, start.prompt, start.seed, switch + 1, image)
+    for got in encoder.frames_behind(served[switch]):
+        assert not np.array_equal(got, plain[switch][: len(got)]), "the switched chunk is the unswitched stream's"
     print(f"\nbrowser: canvas vs sent frame {diffs}, switch at chunk {switch}, decode {stats['decode']} ms/frame "
           f"(latency), page main thread {cpu_per_frame * 1000:.2f} ms per frame shown")  # fmt: skip
