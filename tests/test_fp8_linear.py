@@ -15,6 +15,7 @@ import pytest
 import torch
 from support.capabilities import needs_cpu_fp8
 
+from helios_rt.config import ModelConfig
 from helios_rt.fp8 import FP8Activation, FP8Linear, quantize_rows
 from helios_rt.fp8.format import E4M3_MAX, FP8_DTYPE, dequantize, quantize_blocks, rounding_bound
 
@@ -111,3 +112,24 @@ def test_fp8_is_refused_before_loading_where_scaled_mm_cannot_run(monkeypatch):
     config = EngineConfig(height=64, width=64, device="cpu", dtype="float32", precision="fp8")
     with pytest.raises(ValueError, match=r"precision='fp8' cannot run on cpu .*use precision='native'"):
         Engine.from_pretrained("demo", config)
+
+
+@pytest.mark.parametrize(("tokens", "n_hist"), [(13, 5), (9, 0)])
+def test_an_fp8_block_normalises_each_token_segment_with_its_own_table(tokens: int, n_hist: int) -> None:
+    """The FP8 block's quantised linear input (`modulate_layernorm_fp8`) is the float block's, token by token,
+    within e4m3 rounding: history tokens with the history row of the two-segment table, noisy tokens with the
+    noisy row. The rows differ widely here, so an FP8 path that hands one segment the other's table fails."""
+    from helios_rt.model.transformer import Block
+    from helios_rt.ops.registry import OpSet
+
+    config = ModelConfig(num_attention_heads=2, attention_head_dim=16, ffn_dim=48, num_layers=1, rope_dim=(4, 6, 6))
+    block, ops = Block(config), OpSet("cpu", "reference")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, tokens, config.dim, generator=g) * 3 + 1
+    shift, scale = torch.randn(2, 2, config.dim, generator=g), torch.randn(2, 2, config.dim, generator=g)
+    shift[:, 0] += 4.0  # the history row far from the noisy row
+    ref = block._modulated(x, shift, scale, n_hist, ops)
+    block.fp8 = True
+    q = block._modulated(x, shift, scale, n_hist, ops)
+    assert isinstance(q, FP8Activation) and q.data.dtype == FP8_DTYPE
+    _assert_within(dequantize(q.data, q.scale), ref.double(), rounding_bound(ref, q.scale).double(), "FP8 block norm")
