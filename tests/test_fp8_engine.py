@@ -11,7 +11,7 @@ Bounds. `fp8/gate.py` bounds any model from e4m3's roundoff (latent drift <= 2u 
 that gate is loose: the integration bug "FP8 history tokens modulated with the noisy segment's table"
 (`Block._modulated` passing n_hist=0 to `modulate_layernorm_fp8`) moved T2V's drift to 0.127 and
 passed I2V and V2V. So each task has bounds per chunk, set from the measured distribution: the FP8
-engine against the bf16 engine over seeds 5-9 (reference op table, this demo, x86 CPU, torch 2.11+),
+engine against the bf16 engine over seeds 5-9 (reference op table, this demo, an AMD EPYC CPU, torch 2.13),
 the largest latent drift and the lowest frame PSNR per chunk, then a margin of 1.5 (drift x 1.5, PSNR
 - 20 log10 1.5 = 3.5 dB) for other CPUs and torch versions:
 
