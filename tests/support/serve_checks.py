@@ -9,13 +9,14 @@ switch where the server announced one.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
-import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import numpy as np
+import pytest
 from aiohttp import web
 
 from helios_rt import Engine
@@ -127,10 +128,25 @@ def assert_served_from(
             )
 
 
-def rss_bytes() -> int:
-    """This process's resident set (the server and its engine run in the test's process)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]  # fmt: skip
+
+
+def heap_bytes() -> int:
+    """Bytes this process holds allocated from malloc, every thread's arena and mmapped blocks (glibc's mallinfo2).
+
+    Not the resident set: memory freed earlier (by a previous test, or a chunk's working memory) stays
+    resident and is reused, so a leak can grow inside it without moving the RSS at all. Tensors, numpy
+    arrays and large Python objects (JPEG bytes) are malloc'd; only pymalloc's small objects are not.
+    """
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("heap_bytes needs glibc's mallinfo2 (glibc 2.33+)")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def slope(values: list[float]) -> float:
