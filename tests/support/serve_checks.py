@@ -3,8 +3,8 @@
 `RecordingEncoder` keeps every chunk the server encodes, before encoding, with the JPEGs it made of
 it: a client's JPEGs are looked up among them (so the bytes were not changed on the way) and the
 frames behind them compared with the engine's own stream byte for byte (so nothing before the
-encoder changed them either). `engine_frames` is that stream, on a fresh engine, with a prompt
-switch where the server announced one.
+encoder changed them either). `engine_frames` is that stream, with a prompt switch where the
+server announced one. `heap_bytes` and `slope` measure the memory a server holds per chunk.
 """
 
 from __future__ import annotations
