@@ -74,3 +74,84 @@ def _modulate_layernorm_launch(x: Tensor, shift: Tensor, scale: Tensor, n_hist: 
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1), **launch_config(d),
     )  # fmt: skip
+
+
+@triton.jit
+def _row_norm_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    L, D, eps,
+    sxb, sxl, sob, sol,
+    RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """LayerNorm (RMS=False) or RMSNorm (RMS=True) of one row, float32 statistics, optional affine."""
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: B x L x row stride can pass 2^31
+    b = row // L
+    l_idx = row - b * L
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + b * sxb + l_idx * sxl + cols, mask=mask, other=0.0).to(tl.float32)
+    if RMS:  # noqa: SIM108  (a constexpr branch: the RMS variant never computes the mean)
+        xc = x
+    else:
+        xc = tl.where(mask, x - tl.sum(x, axis=0) / D, 0.0)
+    y = xc * (1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps))
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * sob + l_idx * sol + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_rows(name: str, x: Tensor) -> tuple[int, int, int]:
+    check_tensor(name, x, dtype=FLOAT_DTYPES, inner_contiguous=True)
+    check(x.dim() == 3, f"{name} must be [B, L, D], got shape {tuple(x.shape)}")
+    check(x.shape[-1] <= MAX_D, f"{name}: D={x.shape[-1]} exceeds the single-block limit {MAX_D}")
+    return tuple(x.shape)
+
+
+@register_impl("layernorm", "triton")
+def layernorm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out: Tensor | None = None) -> Tensor:
+    """Triton `layernorm` (the cross-attention norm). x: `[B, L, D]` in any float dtype, unit stride in D,
+    any batch and row strides (the noisy rows of the residual stream); weight, bias: `[D]` contiguous, any
+    float dtype, or None; out: `[B, L, D]` in x.dtype (unit stride in D), allocated if None. Statistics and
+    affine in float32, one read of x and one write: no float32 copy of the activation exists."""
+    b, n, d = _check_rows("x", x)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(name, t, (d,), FLOAT_DTYPES, contiguous=True, device=x.device)
+    out = check_out(out, (b, n, d), x.dtype, x.device, inner_contiguous=True)
+    if x.numel():
+        _layernorm_launch(x, weight, bias, float(eps), out)
+    return out
+
+
+@register_impl("rmsnorm", "triton")
+def rmsnorm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> Tensor:
+    """Triton `rmsnorm` over the last dim (all heads together: the cross-attention Q and text K norms).
+    x: `[B, L, D]`, unit stride in D, any batch and row strides; weight: `[D]` contiguous in any float
+    dtype (read and upcast in the kernel); out: `[B, L, D]` in x.dtype, allocated if None."""
+    b, n, d = _check_rows("x", x)
+    check_tensor("weight", weight, (d,), FLOAT_DTYPES, contiguous=True, device=x.device)
+    out = check_out(out, (b, n, d), x.dtype, x.device, inner_contiguous=True)
+    if x.numel():
+        _rmsnorm_launch(x, weight, float(eps), out)
+    return out
+
+
+def _launch_row_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out: Tensor, rms: bool):
+    b, n, d = x.shape
+    _row_norm_kernel[(b * n,)](
+        x, x if weight is None else weight, x if bias is None else bias, out, n, d, eps,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, **launch_config(d),
+    )  # fmt: skip
+
+
+@fused_op("layernorm", mutates=("out",))
+def _layernorm_launch(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out: Tensor) -> None:
+    _launch_row_norm(x, weight, bias, eps, out, rms=False)
+
+
+@fused_op("rmsnorm", mutates=("out",))
+def _rmsnorm_launch(x: Tensor, weight: Tensor, eps: float, out: Tensor) -> None:
+    _launch_row_norm(x, weight, None, eps, out, rms=True)

@@ -42,6 +42,10 @@ _PER_ELEM = {
         + 2 * _ops((BF, F32), *[(F32 / 2, F32 / 2)] * 4, *[(F32, F32 / 2)] * 2, (F32, F32), (F32, BF))
         + _ops((F32, F32)),
     ),
+    # the cross-attention LayerNorm: x.float(); layer_norm (float32 affine); .to(bf16)
+    "layernorm": (BF + BF, _ops((BF, F32), (F32, F32), (F32, BF))),
+    # the cross-attention Q RMSNorm: x.float(); pow; mean; *rsqrt; *w; .to(bf16)
+    "rmsnorm": (BF + BF, _ops((BF, F32), (F32, F32), (F32, 0), (F32, F32), (F32, F32), (F32, BF))),
     # unpatchify copy; v.double(); x.double(); st*v; x-(.); (1-sn)*x0; start.double(); sn*start; add;
     # where; .to(fp32)
     "flow_step": (
@@ -87,13 +91,15 @@ _ELEMS = {
     "modulate_layernorm": B * L * D,
     "gate_residual": B * L * D,
     "qk_norm_rope": B * L * D,
+    "layernorm": B * L_NOISY * D,
+    "rmsnorm": B * L_NOISY * D,
     "flow_step": LATENT,
     "stage_transition": LATENT,
     "cfg_combine (zero*)": LATENT,
 }
 # Per transformer block (excluding GEMMs and the attention core): two adaLN norms, two gated residuals,
-# the Q/K prologue.
-BLOCK_OPS = {"modulate_layernorm": 2, "gate_residual": 2, "qk_norm_rope": 1}
+# the Q/K prologue, the cross-attention LayerNorm and Q RMSNorm.
+BLOCK_OPS = {"modulate_layernorm": 2, "gate_residual": 2, "qk_norm_rope": 1, "layernorm": 1, "rmsnorm": 1}
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,7 @@ def main() -> None:
         ratio = f"{r.ratio:6.1f}" if r.ratio else f"{'-':>6}"
         print(f"{r.op:42} {r.fused_bytes / 1e6:9.1f} {ref} {ratio}")
     fused, ref = block_bytes()
-    print(f"\nper block (2 adaLN norms, 2 gated residuals, Q/K prologue): fused {fused / 1e9:.2f} GB, "
+    print(f"\nper block (2 adaLN norms, 2 gated residuals, Q/K prologue, 2 cross-attention norms): fused {fused / 1e9:.2f} GB, "
           f"reference {ref / 1e9:.2f} GB, ratio {ref / fused:.1f}x; 40 blocks at 3.35 TB/s: "
           f"{40 * fused / 3.35e12 * 1e3:.1f} ms vs {40 * ref / 3.35e12 * 1e3:.1f} ms")  # fmt: skip
     print("\n" + "\n".join(prologue_decision()))

@@ -127,3 +127,63 @@ def test_opset_picks_triton():
     ops = OpSet(D, kernels="triton")
     assert ops.backend_of("modulate_layernorm") == "triton"
     assert ops.gate_residual is residual.gate_residual
+
+
+def _strided_rows(b, n, d, dtype, g):  # on the CPU
+    """`[B, n, d]` rows of a wider activation (row stride 2d, batch stride (n+3)*2d), as the cross-attention
+    norm reads the noisy rows of the residual stream: not contiguous in any dim but the last."""
+    base = (torch.randn(b, n + 3, 2 * d, generator=g) * 3 + 0.5).to(dtype)
+    return base[:, 3:, d:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("b", [1, 2])
+def test_layernorm(b, affine, dtype):
+    """Batch 2 and strided rows, float32 affine (the checkpoint keeps norm2 in float32), the model dtype out."""
+    g = torch.Generator().manual_seed(20 + b)
+    x = _strided_rows(b, 37, 203, dtype, g)
+    w, bias = (torch.randn(203, generator=g), torch.randn(203, generator=g)) if affine else (None, None)
+    out = norm.layernorm(*to_device((x, w, bias), D), 1e-6)
+    ref32 = reference.layernorm(*upcast((x, w, bias)), 1e-6)
+    check_op("layernorm", out, ref32, reference.layernorm(x, w, bias, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 2])
+def test_rmsnorm(b, weight_dtype, dtype):
+    """The weight comes in the model dtype (norm_q/norm_k are not kept in float32) and is upcast in the kernel."""
+    g = torch.Generator().manual_seed(30 + b)
+    x = _strided_rows(b, 19, 113, dtype, g)
+    w = (torch.randn(113, generator=g) * 0.5 + 1).to(weight_dtype)
+    out = norm.rmsnorm(*to_device((x, w), D), 1e-6)
+    ref32 = reference.rmsnorm(*upcast((x, w)), 1e-6)
+    check_op("rmsnorm", out, ref32, reference.rmsnorm(x, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("op", ["layernorm", "rmsnorm"])
+def test_row_norms_write_only_their_out_view(op):
+    g = torch.Generator().manual_seed(3)
+    x = _strided_rows(2, 11, 64, torch.bfloat16, g)
+    w = torch.randn(64, generator=g)
+    args = (x, w, w) if op == "layernorm" else (x, w)
+    out_full = torch.zeros(2, 11, 100, dtype=torch.bfloat16, device=D)
+    out = out_full[:, :, 10:74]
+    res = getattr(norm, op)(*to_device(args, D), 1e-6, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    assert (out_full[:, :, :10] == 0).all() and (out_full[:, :, 74:] == 0).all(), "kernel wrote outside the out view"
+    ref = getattr(reference, op)
+    check_op(op, out, ref(*upcast(args), 1e-6), ref(*args, 1e-6), torch.bfloat16)
+
+
+def test_row_norms_validate():
+    x = torch.randn(1, 4, 32, device=D)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        norm.rmsnorm(x, torch.ones(16, device=D), 1e-6)
+    with pytest.raises(ValueError, match="x must have unit stride"):
+        norm.layernorm(x.transpose(1, 2).contiguous().transpose(1, 2), None, None, 1e-6)
+    with pytest.raises(ValueError, match="x must be"):
+        norm.layernorm(x[0], None, None, 1e-6)
+    with pytest.raises(ValueError, match="out"):
+        norm.rmsnorm(x, torch.ones(32, device=D), 1e-6, out=torch.empty(1, 4, 32, dtype=torch.bfloat16, device=D))
