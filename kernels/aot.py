@@ -94,9 +94,9 @@ def launches() -> list[Launch]:
         out.append(Launch("modulate_layernorm", lambda x=x, m=mod: norm.modulate_layernorm(x, m, m, 2400, 1e-6)))
         y = _empty(1, L, D)
         out.append(Launch("gate_residual", lambda x=x, y=y, g=mod: residual.gate_residual(x, y, g, 2400)))
-        noisy, w = x[:, 2400:], _empty(D, dtype=f32)  # the cross-attention norms read the noisy rows
-        out.append(Launch("layernorm", lambda x=noisy, w=w: norm.layernorm(x, w, w, 1e-6)))
-        out.append(Launch("rmsnorm", lambda x=noisy, w=_empty(D): norm.rmsnorm(x, w, 1e-6)))
+        noisy, w32, w16 = x[:, 2400:], _empty(D, dtype=f32), _empty(D)  # the cross-attention norms: noisy rows
+        out.append(Launch("layernorm", lambda x=noisy, w=w32: norm.layernorm(x, w, w, 1e-6)))
+        out.append(Launch("rmsnorm", lambda x=noisy, w=w16: norm.rmsnorm(x, w, 1e-6)))
     lat = _empty(1, C, T_LAT, H_LAT, W_LAT, dtype=f32)
     v, sig = _empty(1, T_LAT * H_LAT * W_LAT // 4, 4 * C), _empty(1, dtype=f32)
     out.append(Launch("flow_step", lambda: sampler.flow_step(v, lat, lat, sig, sig, (1, 2, 2))))

@@ -155,9 +155,10 @@ def main() -> None:
         ratio = f"{r.ratio:6.1f}" if r.ratio else f"{'-':>6}"
         print(f"{r.op:42} {r.fused_bytes / 1e6:9.1f} {ref} {ratio}")
     fused, ref = block_bytes()
-    print(f"\nper block (2 adaLN norms, 2 gated residuals, Q/K prologue, 2 cross-attention norms): fused {fused / 1e9:.2f} GB, "
-          f"reference {ref / 1e9:.2f} GB, ratio {ref / fused:.1f}x; 40 blocks at 3.35 TB/s: "
-          f"{40 * fused / 3.35e12 * 1e3:.1f} ms vs {40 * ref / 3.35e12 * 1e3:.1f} ms")  # fmt: skip
+    print(f"\nper block (2 adaLN norms, 2 gated residuals, Q/K prologue, 2 cross-attention norms): "
+          f"fused {fused / 1e9:.2f} GB, reference {ref / 1e9:.2f} GB, ratio {ref / fused:.1f}x; "
+          f"40 blocks at 3.35 TB/s: {40 * fused / 3.35e12 * 1e3:.1f} ms vs "
+          f"{40 * ref / 3.35e12 * 1e3:.1f} ms")  # fmt: skip
     print("\n" + "\n".join(prologue_decision()))
 
 
