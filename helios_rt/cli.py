@@ -71,6 +71,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="native", choices=["native", "fp8"],
                         help="fp8: the block linears in e4m3 (an FP8 checkpoint from `helios-rt quantize`, "
                         "or a float one quantised while loading)")  # fmt: skip
+    parser.add_argument("--text-encoder-precision", default="native", choices=["native", "fp8"],
+                        help="fp8: umT5's linears as e4m3 weights on the GPU (4.3 GiB instead of 10.6), "
+                        "what `helios-rt plan --gpu-memory 24` names for an FP8 engine")  # fmt: skip
     parser.add_argument("--decode-slice-frames", type=_positive_int, default=None, metavar="N",
                         help="decode each chunk N latent frames at a time (the same frames, less memory; "
                         "`helios-rt plan --gpu-memory GB` says when a budget needs it)")  # fmt: skip
@@ -128,6 +131,7 @@ def _engine_config(args: argparse.Namespace):
         fps=args.fps,
         parallel=torchrun_parallel(),  # N ranks under torchrun, one process otherwise
         precision=args.precision,
+        text_encoder_precision=args.text_encoder_precision,
         decode_slice_frames=args.decode_slice_frames,
     )
 

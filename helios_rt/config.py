@@ -260,6 +260,10 @@ class EngineConfig:
     # "fp8": the linears inside the transformer blocks run in e4m3 through torch._scaled_mm (weights per
     # output channel, activations per token; helios_rt.fp8), halving their weight memory; the rest keeps `dtype`
     precision: str = "native"
+    # "fp8": umT5's linears as e4m3 weights with per-channel scales, dequantised per product (4.3 GiB on the
+    # GPU instead of 10.6; the token embedding stays on the host); what makes an FP8 engine fit 24 GB while a
+    # prompt is encoded (`helios-rt plan --precision fp8 --gpu-memory 24` names it). Gate: fp8/weight_only.py
+    text_encoder_precision: str = "native"
 
     # several processes, one stream: a helios_rt.parallel.ParallelConfig (sequence and CFG parallelism
     # on torch.distributed, set by `torchrun ... -m helios_rt generate`); None = this process alone
@@ -283,6 +287,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.kernels={self.kernels!r}: use 'auto', 'reference' or 'triton'")
         if self.precision not in ("native", "fp8"):
             raise ValueError(f"EngineConfig.precision={self.precision!r}: use 'native' (the dtype) or 'fp8'")
+        if self.text_encoder_precision not in ("native", "fp8"):
+            raise ValueError(
+                f"EngineConfig.text_encoder_precision={self.text_encoder_precision!r}: use 'native' (the dtype) "
+                "or 'fp8' (umT5's linears in e4m3, weight-only)"
+            )
         if self.attention not in ("auto", "fa3", "fa2", "triton", "sdpa", "reference"):
             raise ValueError(
                 f"EngineConfig.attention={self.attention!r}: use 'auto', 'fa3', 'fa2', 'triton', 'sdpa' or 'reference'"

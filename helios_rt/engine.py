@@ -122,6 +122,12 @@ class Engine:
             from .fp8.linear import require_fp8_support
 
             require_fp8_support(config.resolved_device(), config.resolved_dtype())
+        no_umt5 = str(path) == "demo" or not (Path(path) / "text_encoder").is_dir()
+        if config.text_encoder_precision != "native" and no_umt5:
+            raise ValueError(
+                f"EngineConfig(text_encoder_precision={config.text_encoder_precision!r}) sets the precision of a "
+                f"checkpoint's umT5 encoder, and {path} has none (no text_encoder/): leave it 'native'"
+            )
         if str(path) == "demo":
             from .demo import build_demo_engine
 
@@ -144,7 +150,11 @@ class Engine:
             if (root / "text_encoder").is_dir():
                 # umT5-XXL is ~5.7B parameters: float32 on a GPU would take 23 GB, so it follows the model dtype
                 prompts = UMT5PromptEncoder.from_pretrained(
-                    root, config.resolved_dtype(), device, offload=config.offload_text_encoder
+                    root,
+                    config.resolved_dtype(),
+                    device,
+                    offload=config.offload_text_encoder,
+                    precision=config.text_encoder_precision,
                 )
             return cls(transformer, vae, prompts, spec, config)
 

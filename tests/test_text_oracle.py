@@ -105,3 +105,22 @@ def test_cli_refuses_a_text_prompt_without_ftfy_before_the_load(monkeypatch, tmp
     err = capsys.readouterr().err
     assert code == EXIT_USAGE, err
     assert "pip install ftfy" in err and "Traceback" not in err
+
+
+def test_an_fp8_text_encoder_is_what_the_engine_loads(tmp_path) -> None:
+    """EngineConfig(text_encoder_precision="fp8") reaches the checkpoint's umT5 (its linears weight-only e4m3,
+    within the encoder gate of the native engine's embedding); a model without umT5 refuses it by name."""
+    from helios_rt.fp8.weight_only import FP8WeightOnlyLinear, encoder_drift_bound
+
+    text_pipeline().save_pretrained(tmp_path, safe_serialization=True)
+    config = EngineConfig(height=HEIGHT, width=WIDTH, device="cpu", dtype="bfloat16", kernels="reference")
+    native = Engine.from_pretrained(tmp_path, config)
+    fp8 = Engine.from_pretrained(tmp_path, config.replace(text_encoder_precision="fp8"))
+    umt5 = [e._prompts.encoder for e in (native, fp8)]  # the engines' own encoders, behind their prompt caches
+    assert not any(isinstance(m, FP8WeightOnlyLinear) for m in umt5[0].encoder.modules())
+    assert any(isinstance(m, FP8WeightOnlyLinear) for m in umt5[1].encoder.modules())
+    a, b = (u.encode([PROMPT]).float() for u in umt5)
+    drift = ((b - a).norm() / a.norm()).item()
+    assert 0 < drift <= encoder_drift_bound(2), f"FP8 umT5 drift {drift:.3g}"
+    with pytest.raises(ValueError, match="text_encoder_precision='fp8'.*no text_encoder"):
+        Engine.from_pretrained("demo", config.replace(text_encoder_precision="fp8"))
