@@ -1,4 +1,4 @@
-"""The attention backend table: FlashAttention-3, FlashAttention-2, our Triton kernel, PyTorch SDPA, the reference.
+"""The attention backend table: FlashAttention-3, our Triton kernel, cuDNN, FlashAttention-2, SDPA, the reference.
 
 Every backend computes the `attention` op's contract (`ops/reference.py`): softmax(q k^T / sqrt(Dh)) v over
 `[B, L, H, Dh]` tensors, written into a caller-owned `out`. Which one runs is decided once per (dtype, head
@@ -6,32 +6,44 @@ dim) from an `AttentionEnv` (device capability, what is installed) and recorded 
 other backend was passed over, so that a user reads why FA3 does not run on an A100 instead of meeting an
 import error inside a stage. `auto` takes the first backend of `AUTO_ORDER` that can run; on a CUDA device
 it also makes one small probe call, so that an installed but broken wheel (built for another GPU) is a
-reported fallback at load time. An explicit choice that cannot run raises a ValueError naming the fix.
+reported fallback at load time, and the engine's warm-up then times every backend that runs at its own
+shapes and keeps the fastest (`ops/attention_tuning.py`). An explicit choice that cannot run raises a
+ValueError naming the fix.
 
 The library backends are `helios_rt::` custom ops that mutate only `out` and have a fake implementation:
-the chunk compiler plans and captures them like the Triton kernels. Their libraries return a fresh
-tensor (flash-attn's public functions take no `out=`), so each call copies it into `out`: one extra write
-of the output and a temporary from the caching allocator that the arena does not see.
+the chunk compiler plans and captures them like the Triton kernels. FlashAttention-2 (>= 2.6) and -3 (an
+interface whose `_flash_attn_forward` takes `out_`) write into `out` through their internal forwards;
+older releases, cuDNN and SDPA return a fresh tensor that is copied into `out` (one extra write of the
+output, and a temporary from the caching allocator that the arena does not see).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
+import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .registry import entry
 
 Tensor = torch.Tensor
 log = logging.getLogger("helios_rt")
 
-ATTENTION_CHOICES: tuple[str, ...] = ("auto", "fa3", "fa2", "triton", "sdpa", "reference")
-AUTO_ORDER: tuple[str, ...] = ("fa3", "fa2", "triton", "sdpa")
+ATTENTION_CHOICES: tuple[str, ...] = ("auto", "fa3", "fa2", "triton", "cudnn", "sdpa", "reference")
+# The untimed ranking (a CPU, graphs="off", the load-time pick before warm-up times them), by the cost model's
+# H100 rates (`compile/cost/attention_rates.py`): FA3 640 TFLOP/s (measured) > our Triton kernel 400
+# (estimate, FA2-class tiles on wgmma) > FA2 335 (measured) = SDPA's flash kernel. cuDNN has no rate there
+# and its speed moves with the cuDNN release inside the wheel, so it ranks below the kernel the model can
+# price and above FA2, whose code it outruns on Hopper; the warm-up's timing decides on the real machine.
+AUTO_ORDER: tuple[str, ...] = ("fa3", "triton", "cudnn", "fa2", "sdpa")
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -40,7 +52,8 @@ class AttentionEnv:
     """What decides which attention can run: the device, its compute capability and the importable libraries.
 
     `installed` holds module names: `flash_attn_interface` (FA3, built from flash-attention's hopper/),
-    `flash_attn` (FA2, `pip install helios_rt[fa]`), `triton`. `triton_runs`: Triton can launch here (a CUDA
+    `flash_attn` (FA2, `pip install helios_rt[fa]`), `triton`, and `cudnn_attention` when PyTorch was built
+    with cuDNN 9 or newer (its SDPA cuDNN backend). `triton_runs`: Triton can launch here (a CUDA
     device, or the CPU interpreter).
     """
 
@@ -69,7 +82,17 @@ def probe_env(device: str) -> AttentionEnv:
         return AttentionEnv(dev.type, None, installed, "triton" in installed and _triton_usable(dev), dev.type)
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     cap = torch.cuda.get_device_capability(index)
+    if _cudnn_attention_built():
+        installed |= {CUDNN}
     return AttentionEnv("cuda", cap, installed, "triton" in installed, torch.cuda.get_device_name(index))
+
+
+CUDNN = "cudnn_attention"  # the pseudo-module of `AttentionEnv.installed`: PyTorch's cuDNN SDPA backend
+
+
+def _cudnn_attention_built() -> bool:
+    """PyTorch's cuDNN attention needs cuDNN 9 (`torch.backends.cudnn.version()` >= 90000)."""
+    return torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
 
 
 _IMPORT_ERRORS: dict[str, BaseException] = {}
@@ -125,8 +148,22 @@ def _triton_reason(env: AttentionEnv, dtype: torch.dtype, head_dim: int) -> str 
     return None
 
 
+def _cudnn_reason(env: AttentionEnv, dtype: torch.dtype, head_dim: int) -> str | None:
+    if not env.cuda:
+        return f"needs a CUDA device (sm_80+), device is {env.device_type}"
+    if (env.capability or (0, 0)) < (8, 0):
+        return f"needs sm_80 or newer (Ampere+), device is sm_{_sm(env)}"
+    if dtype not in HALF_DTYPES:
+        return f"needs bfloat16 or float16, dtype is {str(dtype).removeprefix('torch.')}"
+    if head_dim % 8 or head_dim > 128:  # PyTorch's check_cudnn_tensor_shapes for the cuDNN 9 releases
+        return f"needs a head dim that is a multiple of 8 and <= 128, got {head_dim}"
+    if CUDNN not in env.installed:
+        return "this PyTorch has no cuDNN 9 (torch.backends.cudnn.version() < 90000)"
+    return None
+
+
 def _always(env: AttentionEnv, dtype: torch.dtype, head_dim: int) -> str | None:
-    return None  # PyTorch picks its own kernel (flash, memory-efficient, cuDNN or math) for any input
+    return None  # PyTorch picks its own kernel (flash, memory-efficient or math) for any input
 
 
 def _sm(env: AttentionEnv) -> str:
@@ -134,31 +171,85 @@ def _sm(env: AttentionEnv) -> str:
 
 
 # ---- the library backends as plannable ops --------------------------------------------------------------
-def _fa3_forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    from flash_attn_interface import flash_attn_func
+def _fa3_forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+    import flash_attn_interface as fa3
 
-    res = flash_attn_func(q, k, v, causal=False)
-    return res[0] if isinstance(res, tuple) else res  # some FA3 releases also return the log-sum-exp
+    forward = _raw(getattr(fa3, "_flash_attn_forward", None))
+    if forward is not None and _takes_out(forward, "out_") and out.stride(-1) == 1:
+        res = forward(q, k, v, out_=out, softmax_scale=q.shape[-1] ** -0.5, causal=False)
+        _into(out, res[0])
+        return
+    res = fa3.flash_attn_func(q, k, v, causal=False)  # an FA3 beta without `out_`: copy
+    out.copy_(res[0] if isinstance(res, tuple) else res)  # some FA3 releases also return the log-sum-exp
 
 
-def _fa2_forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    from flash_attn import flash_attn_func
-
-    return flash_attn_func(q, k, v, dropout_p=0.0, causal=False)
+FA2_OUT_SINCE = (2, 6)  # flash_attn_2_cuda.fwd(q, k, v, out_, alibi, p, scale, causal, wl, wr, softcap, ...)
 
 
-def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _fa2_forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+    import flash_attn
+
+    if _version(flash_attn) >= FA2_OUT_SINCE and out.stride(-1) == 1:
+        import flash_attn_2_cuda
+
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        res = flash_attn_2_cuda.fwd(q, k, v, out, None, 0.0, q.shape[-1] ** -0.5, False, -1, -1, 0.0, False, None)
+        _into(out, res[0])
+        return
+    out.copy_(flash_attn.flash_attn_func(q, k, v, dropout_p=0.0, causal=False))  # before 2.6: copy
+
+
+def _raw(fn: Callable | None) -> Callable | None:
+    """The Python function under a `torch.library.custom_op` (FA3 declares its forward functional, so calling
+    the op with `out_` trips PyTorch's aliasing check; the function itself passes `out_` to the kernel)."""
+    return getattr(fn, "_init_fn", fn)
+
+
+@functools.lru_cache(maxsize=8)
+def _takes_out(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+
+
+def _version(module) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", getattr(module, "__version__", "0"))[:2])
+
+
+def _into(out: Tensor, res: Tensor) -> None:
+    """The library wrote `out` (the usual case); if it handed back another buffer, copy it in."""
+    if res.data_ptr() != out.data_ptr():
+        out.copy_(res)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+# "sdpa" is PyTorch's pick among flash, memory-efficient and math (never cuDNN, which is its own backend):
+# the FlashAttention-2 kernel wherever it runs, and something that runs everywhere else (float32, sm_75, CPU)
+SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+    with sdpa_kernel(SDPA_KERNELS, set_priority=True):
+        out.copy_(_sdpa(q, k, v))
+
+
+def _cudnn_forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # only cuDNN: an unsupported input raises, never falls back
+        out.copy_(_sdpa(q, k, v))
 
 
 LIBRARY_OPS: dict[str, Callable] = {}  # name -> the torch.library op (for opcheck and plans)
 
 
-def _library_op(name: str, forward: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable:
-    """`helios_rt::attention_<name>`: run `forward` and copy its result into `out` (the only mutated input)."""
+def _library_op(name: str, forward: Callable[[Tensor, Tensor, Tensor, Tensor], None]) -> Callable:
+    """`helios_rt::attention_<name>`: `forward` writes `out` (the only mutated input)."""
 
     def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
-        out.copy_(forward(q, k, v))
+        forward(q, k, v, out)
 
     op = torch.library.custom_op(f"helios_rt::attention_{name}", launch, mutates_args=("out",))
     op.register_fake(lambda q, k, v, out: None)
@@ -189,6 +280,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 fa3_attention = _library_op("fa3", _fa3_forward)
 fa2_attention = _library_op("fa2", _fa2_forward)
+cudnn_attention = _library_op("cudnn", _cudnn_forward)
 sdpa_attention = _library_op("sdpa", _sdpa_forward)
 
 
@@ -203,6 +295,7 @@ BACKENDS: dict[str, AttentionBackend] = {
     "fa3": AttentionBackend("fa3", _fa3_reason, "build flash-attention's hopper/ package (flash_attn_interface)"),
     "fa2": AttentionBackend("fa2", _fa2_reason, "pip install 'helios_rt[fa]'"),
     "triton": AttentionBackend("triton", _triton_reason, "pip install triton (a CUDA device)"),
+    "cudnn": AttentionBackend("cudnn", _cudnn_reason, "install a CUDA build of PyTorch (it ships cuDNN 9)"),
     "sdpa": AttentionBackend("sdpa", _always, ""),
     "reference": AttentionBackend("reference", _always, ""),
 }
@@ -216,6 +309,8 @@ def implementation(name: str) -> Callable:
         return fa2_attention
     if name == "sdpa":
         return sdpa_attention
+    if name == "cudnn":
+        return cudnn_attention
     if name == "triton":
         from .registry import _load_backend
 
@@ -237,10 +332,13 @@ class AttentionSelection:
     head_dim: int
     passed_over: tuple[tuple[str, str], ...] = ()
     note: str = ""  # how the request became this choice, e.g. attention='auto' following kernels='triton'
+    timings: tuple[tuple[str, float], ...] = ()  # (backend, ms at the engine's shapes), fastest first
 
     def describe(self) -> str:
         dt = str(self.dtype).removeprefix("torch.")
         how = f"requested {self.requested}" + (f", {self.note}" if self.note else "")
+        if self.timings:
+            how += ": " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in self.timings)
         line = f"attention: {self.backend} ({dt}, head dim {self.head_dim}; {how})"
         if self.passed_over:
             line += "; not " + "; ".join(f"{name}: {why}" for name, why in self.passed_over)
@@ -298,16 +396,28 @@ def device_probe(device: torch.device, lookup: Callable[[str], Callable] | None 
     return probe
 
 
+AttentionShape = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]  # q shape, k shape, dtype
+
+
 @dataclass
 class AttentionDispatch:
-    """The op table's `attention`: one backend per (dtype, head dim), chosen on first use or by `select`."""
+    """The op table's `attention`: one backend per (dtype, head dim), chosen on first use or by `select`,
+    and replaced by the warm-up's timing (`adopt`). Calls on meta tensors (the planner tracing a chunk) are
+    counted by shape in `shapes`: the engine's own attention shapes, which the warm-up times."""
 
     choice: str
     env: AttentionEnv
     device: torch.device
     probe: Probe | None = None
     selections: dict[tuple[torch.dtype, int], AttentionSelection] = field(default_factory=dict)
+    shapes: Counter[AttentionShape] = field(default_factory=Counter)
     _impls: dict[str, Callable] = field(default_factory=dict)
+
+    def adopt(self, sel: AttentionSelection) -> None:
+        """Run `sel` from now on for its (dtype, head dim): plans and graphs made before must be remade."""
+        self._impls.setdefault(sel.backend, implementation(sel.backend))
+        self.selections[(sel.dtype, sel.head_dim)] = sel
+        log.info(sel.describe())
 
     def select(self, dtype: torch.dtype, head_dim: int) -> AttentionSelection:
         key = (dtype, head_dim)
@@ -324,6 +434,8 @@ class AttentionDispatch:
         return next(reversed(self.selections.values())).backend if self.selections else self.choice
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
+        if q.device.type == "meta":
+            self.shapes[(tuple(q.shape), tuple(k.shape), q.dtype)] += 1
         return _on(self.device, self._impls[self.select(q.dtype, q.shape[-1]).backend], q, k, v, out)
 
 
