@@ -152,6 +152,17 @@ def gelu_tanh(x: Tensor, out: Tensor | None = None) -> Tensor:
     return _write(F.gelu(x, approximate="tanh"), out)
 
 
+@register_reference("linear_gelu_tanh")
+def linear_gelu_tanh(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """The FFN's up projection and its tanh-GELU: `gelu_tanh(x @ weight.T + bias)`, the projection rounded
+    to x.dtype before the GELU (as nn.Linear then F.gelu run it in the Helios reference).
+
+    x: `[B, L, D]`; weight: `[H, D]`; bias: `[H]`; returns `[B, L, H]` in x.dtype. One op so that a fast
+    table can apply the GELU in the GEMM's epilogue and never write the projection to memory.
+    """
+    return gelu_tanh(F.linear(x, weight, bias), out)
+
+
 def attention_flops(b: int, lq: int, lk: int, heads: int, head_dim: int) -> int:
     """FLOPs of the attention core (QK^T and PV), for cost models and benchmarks."""
     return 4 * b * lq * lk * heads * head_dim

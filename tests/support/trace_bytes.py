@@ -17,7 +17,8 @@ import torch
 
 from helios_rt.compile.workspace import ProgramPlan, Step
 
-GEMM = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten._scaled_mm.", "aten.convolution.", "aten.linear.")
+GEMM = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten._scaled_mm.", "aten.convolution.", "aten.linear.",
+        "helios_rt.linear_gelu_tanh")  # a GEMM with its GELU epilogue
 ATTENTION = ("helios_rt.attention", "helios_rt::attention", "aten._softmax.")
 FREE = ("aten.empty", "aten.new_empty", "aten.empty_like", "aten.empty_strided", "aten.empty_permuted")
 
