@@ -49,3 +49,13 @@ def test_sync_debug_errors_sets_error_and_restores(monkeypatch) -> None:
 
 def test_timing_events_refuses_host_clocks() -> None:
     assert gc.timing_events([1.5]) == ["event 0 is a float, not a torch.cuda.Event"]
+
+
+def test_pool_blocks_sees_only_the_graph_pool() -> None:
+    snapshot = [
+        {"segment_pool_id": (0, 0), "blocks": [{"address": 0, "size": 64, "state": "active_allocated"}]},
+        {"segment_pool_id": (1, 7), "blocks": [{"address": 512, "size": 32, "state": "active_allocated"},
+                                                {"address": 544, "size": 32, "state": "inactive"}]},
+    ]  # fmt: skip
+    assert gc.pool_blocks(snapshot, (1, 7)) == [(512, 32)]
+    assert gc.pool_blocks(snapshot, (2, 0)) == []

@@ -25,9 +25,14 @@ from .report import FAIL, PASS, SKIP, Check
 BEHAVIOURS = {
     "graph replay == eager (bit-equal, reference and Triton ops)": "test_chunk_graph_replay_equals_the_eager_engine",
     "decode of chunk k overlaps compute of chunk k+1 (stream events)": "test_decode_of_chunk_k_overlaps_compute",
-    "no device synchronize in the steady state": "test_steady_state_chunks_issue_no_device_synchronize",
+    "no synchronising call in the steady state (sync debug mode: error)":
+        "test_steady_state_chunks_issue_no_device_synchronize",
     "memory flat over 50 chunks": "test_memory_is_constant_over_50_chunks",
-    "a replayed chunk allocates nothing": "test_a_replayed_chunk_allocates_nothing",
+    "a replayed chunk allocates nothing; intermediates in the arena (allocator snapshot, addresses)":
+        "test_a_replayed_chunk_allocates_nothing_and_its_intermediates_live_in_the_arena",
+    "lane and stage timings are timed CUDA events": "test_lane_and_stage_timings_are_cuda_events",
+    "a prompt switch lands in the latents at the announced chunk":
+        "test_set_prompt_switches_the_latents_at_the_announced_chunk",
 }
 KERNEL_TESTS = (
     "test_kernels_attention.py", "test_kernels_norm.py", "test_kernels_sampler.py", "test_fp8_kernels.py",

@@ -39,6 +39,17 @@ def allocator_changes(before: Iterable[dict[str, Any]], after: Iterable[dict[str
     return b - a, a - b
 
 
+def pool_blocks(snapshot: Iterable[dict[str, Any]], pool_id: object) -> list[Block]:
+    """Live blocks in the segments of one private memory pool (a CUDA graph's: `CUDAGraph.pool()`)."""
+    return sorted(
+        (block["address"], block["size"])
+        for segment in snapshot
+        if tuple(segment.get("segment_pool_id", ())) == tuple(pool_id or ())
+        for block in segment["blocks"]
+        if block["state"].startswith("active")
+    )
+
+
 def outside(ranges: Iterable[tuple[int, int]], allowed: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """The `[start, end)` ranges that lie inside none of the `allowed` ranges."""
     allowed = list(allowed)
