@@ -160,3 +160,29 @@ def test_a_fused_kernel_traces_as_one_custom_op_that_writes_its_planned_output()
     plan = plan_program(kernels.attention, q, q, q)
     assert [s.op for s in plan.steps] == ["aten.empty.memory_format", "helios_rt.attention.default"]
     assert plan.memory.requests[0].nbytes == q.numel() * 4
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Sees the ops the Executor's handler calls (it runs outside the Executor, inside this mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("convert", [lambda t: t.to(torch.bfloat16), lambda t: t.clone(), lambda t: t.t().contiguous()])
+def test_casts_and_clones_write_the_planned_buffer_directly(convert):
+    """`_to_copy.out` and `clone.out` are codegen-generated (compute into a temporary, then copy): the Executor
+    copies straight into the arena view instead, with the same result bit for bit."""
+    x = torch.randn(7, 13)
+    plan = plan_program(lambda t: convert(t) * 2, *meta_like(x))
+    recorder = _Recorder()
+    with recorder, Executor(plan, allocate_arena(plan, "cpu")):
+        got = convert(x) * 2
+    assert not [op for op in recorder.ops if op in ("aten._to_copy.out", "aten.clone.out")], recorder.ops
+    assert "aten.copy_.default" in recorder.ops
+    torch.testing.assert_close(got, convert(x) * 2, rtol=0, atol=0)

@@ -177,6 +177,19 @@ def out_variant(func: Any) -> _OutVariant | None:
     return found
 
 
+def _copy_into(args: Sequence[Any], kwargs: dict[str, Any], outs: list[Tensor]) -> Tensor:
+    return outs[0].copy_(args[0])
+
+
+# Ops whose generated out= form (`torch.Tag.generated`) would compute into a temporary and then copy it:
+# what they compute is a copy, so the planned buffer is written directly (one pass, no allocation
+# outside the arena, none inside a CUDA graph capture). Dtype, device and layout are the planned view's.
+_DIRECT_OUT: dict[Any, Callable[[Sequence[Any], dict[str, Any], list[Tensor]], Tensor]] = {
+    aten._to_copy.default: _copy_into,
+    aten.clone.default: _copy_into,
+}
+
+
 def _require_out_variant(func: Any) -> _OutVariant | None:
     if func in _EMPTY:
         return None
@@ -334,7 +347,10 @@ class Executor(TorchDispatchMode):
         if step.allocs:
             outs = [self.view(b, spec) for b, spec in step.allocs]
             variant = _require_out_variant(func)
-            result = outs[0] if variant is None else _call_out(func, variant, args, kwargs, outs)
+            if func in _DIRECT_OUT:
+                result = _DIRECT_OUT[func](args, kwargs, outs)
+            else:
+                result = outs[0] if variant is None else _call_out(func, variant, args, kwargs, outs)
         else:
             result = func(*args, **kwargs)
             self._check_aliases(step, args, kwargs, result)
