@@ -11,6 +11,8 @@ accumulation) may become the default, so first light runs the engine both ways, 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +21,7 @@ from ..compile import cost
 from ..fp8 import gate
 from ..fp8.format import quantize_rows, quantize_weight
 from ..fp8.linear import quantize_blocks_, require_fp8_support, set_fast_accum
-from ..fp8.projection import FP8_GEMM_EFFICIENCY, project_fp8
+from ..fp8.projection import project_fp8
 from .measure import Measured, Recorded, engine_config, largest, memory_figure, prompt_embeds, time_ms
 from .profile import Profile
 from .report import FAIL, PASS, SKIP, Check, Figure
@@ -96,7 +98,7 @@ def scaled_mm_rows(profile: Profile, measured: Measured, spec: cost.DeviceSpec) 
     dot product's worst case, (K + 2) 2^-24 sum_k |x_k w_k| (K additions, two scale multiplies). The
     default mode must meet it (a check); fast accumulation is a figure: its worst error over that bound."""
     device = torch.device(profile.device)
-    gemm = largest(measured.chunk.stages[-1].forward, cost.GEMM)
+    gemm = largest(measured.chunk.stage(len(profile.steps) - 1), cost.GEMM)
     n = gemm.outputs[0][0][-1]
     m = torch.Size(gemm.outputs[0][0]).numel() // n
     k = gemm.flops // (2 * m * n)
@@ -107,8 +109,8 @@ def scaled_mm_rows(profile: Profile, measured: Measured, spec: cost.DeviceSpec) 
     scale_sum = (xq.double() * xs.double()).abs() @ (wq.double() * ws.double()[:, None]).abs().T
     unit = torch.finfo(profile.dtype).eps / 2
     bound = unit * ref.abs() + (k + 2) * 2.0**-24 * scale_sum
-    fp8_eff = cost.Efficiency(gemm=FP8_GEMM_EFFICIENCY, gemm_dtype="float8_e4m3fn")
-    projected = gemm.flops / cost.op_seconds(gemm, spec, fp8_eff) / 1e12
+    fp8_gemm = replace(gemm, dtype="float8_e4m3fn")  # the same shape as `_scaled_mm` runs it
+    projected = gemm.flops / cost.op_seconds(fp8_gemm, spec, measured.inputs.efficiency) / 1e12
     shape, checks, figures = f"[{m}x{k}] @ [{k}x{n}] e4m3 -> {str(profile.dtype).removeprefix('torch.')}", [], []
     for flag in FLAGS:
 
@@ -119,7 +121,7 @@ def scaled_mm_rows(profile: Profile, measured: Measured, spec: cost.DeviceSpec) 
         ms = time_ms(run, device, profile.timing_iters)
         tag = f"use_fast_accum={flag}"
         figures.append(Figure(f"FP8 _scaled_mm TFLOP/s {shape}, {tag}", gemm.flops / ms / 1e9, "TFLOP/s", projected,
-                              f"{ms:.3f} ms; projected at {FP8_GEMM_EFFICIENCY:.0%} of the fp8 peak"))  # fmt: skip
+                              f"{ms:.3f} ms; projected at the fp8 GEMM rate (compile.cost.H100_RATES)"))  # fmt: skip
         figures.append(Figure(f"FP8 _scaled_mm worst error / float32-accumulation bound, {tag}", worst, "", None,
                               "<= 1: as exact as float32 accumulation"))  # fmt: skip
         if not flag:
@@ -147,7 +149,7 @@ def latent_drift(fp8: list[Tensor], bf16: list[Tensor]) -> float:
 
 def engine_rows(profile: Profile, measured: Measured, spec: cost.DeviceSpec) -> list[Figure]:
     """Steady FPS (beside the projection with FP8 GEMMs) and latent drift, for each accumulation mode."""
-    proj = project_fp8(measured.chunk, profile.steps, measured.inputs.efficiency, spec, measured.inputs.fused)
+    proj = project_fp8(measured.chunk, profile.steps, measured.inputs.efficiency, spec)
     embeds, figures = prompt_embeds(profile), []
     for flag in FLAGS:
         tag = f"use_fast_accum={flag}"

@@ -124,7 +124,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float
 
 
 def largest(trace: cost.Trace, kind: str) -> cost.OpCost:
-    return max((o for o in trace.ops if o.kind == kind), key=lambda o: o.flops)
+    return max((o for o in trace.priced if o.kind == kind), key=lambda o: o.flops)
 
 
 def _tflops(op: cost.OpCost, ms: float) -> float:
@@ -136,7 +136,7 @@ def attention_figure(profile: Profile, forward: cost.Trace, ops, spec: cost.Devi
     """The op table's attention alone at the stage's largest attention shape, beside the cost model's rate
     for the backend the engine selected."""
     device, att = torch.device(profile.device), largest(forward, cost.ATTENTION)
-    (b, h, lq, d), (_, _, lk, _) = att.inputs[0][0], att.inputs[1][0]  # recorded in the SDPA layout
+    (b, lq, h, d), (_, lk, _, _) = att.inputs[0][0], att.inputs[1][0]  # the op table's [B, L, H, D]
     g, dtype = torch.Generator(device).manual_seed(0), getattr(torch, att.dtype)
     q = torch.randn(b, lq, h, d, device=device, generator=g, dtype=dtype)
     k, v = (torch.randn(b, lk, h, d, device=device, generator=g, dtype=dtype) for _ in range(2))
@@ -234,7 +234,7 @@ class Measured:
     checks: list[Check]
     latents: list[Tensor]
     inputs: ProjectionInputs
-    chunk: cost.ChunkCost
+    chunk: cost.PlannedChunk
 
 
 def measure(profile: Profile, spec: cost.DeviceSpec) -> Measured:
@@ -244,18 +244,18 @@ def measure(profile: Profile, spec: cost.DeviceSpec) -> Measured:
     engine = hb.random_engine(profile.model, config, profile.vae)
     inputs = projection_inputs(engine.config, engine.attention.backend, spec)
     overlap = bool(engine.config.resolved_overlap())
-    chunk = cost.trace_chunk(profile.model, cost.ChunkShape(profile.height, profile.width, text_len=profile.text_len),
-                             profile.dtype, label="first light", vae=True)  # fmt: skip
-    proj = cost.project(chunk, spec, inputs.efficiency, steps=profile.steps, fused=inputs.fused)
-    first_proj = cost.project(chunk, spec, inputs.efficiency, steps=tuple(2 * s for s in profile.steps),
-                              fused=inputs.fused)  # fmt: skip
+    shape = cost.ChunkShape(profile.height, profile.width, text_len=profile.text_len)
+    chunk = cost.planned_chunk(profile.model, shape, profile.dtype, kernels=inputs.op_table,
+                               attention=inputs.attention, steps=tuple(profile.steps), label="first light")  # fmt: skip
+    proj = cost.project(chunk, spec, inputs.efficiency)
+    first_proj = cost.project(chunk, spec, inputs.efficiency, first=True)  # the amplified first chunk's plan
     cold = hb.measure_stream(engine, 1, prompt_embeds=embeds, stages=False, kind="cold")  # its TTFF only
     engine.warmup()
     graphed = Recorded(engine)
     warm = hb.measure_stream(graphed, profile.chunks, prompt_embeds=embeds, stages=False)
-    last = len(chunk.stages) - 1
-    figures = [attention_figure(profile, chunk.stages[-1].forward, engine.transformer.ops, spec, last, inputs),
-               gemm_figure(profile, chunk.stages[-1].forward, spec, last)]  # fmt: skip
+    last = len(profile.steps) - 1
+    figures = [attention_figure(profile, chunk.stage(last), engine.transformer.ops, spec, last, inputs),
+               gemm_figure(profile, chunk.stage(last), spec, last)]  # fmt: skip
     engine.close()
     del engine
     hb.stream._free_cuda()

@@ -1,27 +1,24 @@
-"""The FP8 row of the H100 projection: the same traced chunk with its GEMMs priced at the FP8 rate.
+"""The FP8 row of the H100 projection: the FP8 engine's own planned chunk, priced op by op.
 
-Stated assumption: FP8 GEMMs reach `FP8_GEMM_EFFICIENCY` = 0.70 of the 1979 TFLOP/s dense e4m3 peak
-(~1385 TFLOP/s; below bf16's 0.80 because the per-token and per-channel scales are applied in the
-GEMM epilogue and FP8 GEMMs are more often bandwidth-limited at these shapes). Every GEMM of the
-transformer is priced so, including the few that stay bf16 (patch embeddings, time MLP, output
-projection: under 1% of the FLOPs), so the row is slightly optimistic there; attention, the
-memory-bound ops and the VAE decode keep their bf16 prices (the VAE is not quantised).
+`EngineConfig(precision="fp8")` plans another chunk: the block linears are `FP8Linear` (`_scaled_mm` on
+e4m3 operands) and their activations are quantised by the ops that produce them. That plan is priced
+like the bf16 one: `_scaled_mm` at the achieved e4m3 GEMM rate (`compile.cost.H100_RATES["gemm fp8"]`,
+an estimate), the GEMMs that stay bf16 (patch embeddings, time MLP, output projection) at the bf16
+rate, the quantise kernels by their bytes. The VAE decode is not quantised.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from ..compile.cost import ChunkCost, project, steady_chunk_seconds
+from ..compile.cost import PlannedChunk, planned_chunk, project, steady_chunk_seconds
 from ..compile.cost.projection import H100_SXM, DeviceSpec, Efficiency
-
-FP8_GEMM_EFFICIENCY = 0.70
 
 
 @dataclass(frozen=True)
 class FP8Projection:
-    """Seconds per chunk (transformer + sampler, and VAE decode) and FPS, bf16 vs FP8 GEMMs."""
+    """Seconds per steady chunk (transformer + sampler, and VAE decode) and FPS, bf16 vs FP8."""
 
     frames: int
     bf16_seconds: float
@@ -40,22 +37,29 @@ class FP8Projection:
     def line(self, steps: Sequence[int]) -> str:
         tag = "+".join(map(str, steps))
         return (
-            f"FP8 (e4m3 GEMMs at {FP8_GEMM_EFFICIENCY:.0%} of the dense fp8 peak), steps {tag}: transformer "
+            f"FP8 (the precision='fp8' plan, e4m3 GEMMs at the fp8 rate), steps {tag}: transformer "
             f"{self.fp8_seconds * 1e3:.0f} ms vs {self.bf16_seconds * 1e3:.0f} ms bf16, VAE decode "
             f"{self.vae_seconds * 1e3:.0f} ms -> {self.fps_fp8_end_to_end:.1f} FPS end to end "
             f"(bf16 {self.fps_bf16_end_to_end:.1f})"
         )
 
 
-def project_fp8(chunk: ChunkCost, steps: Sequence[int], efficiency: Efficiency | None = None,
-                device: DeviceSpec = H100_SXM, fused: bool = True) -> FP8Projection:  # fmt: skip
-    """`chunk` (the fused Triton path, or with fused=False every aten op) on `device` with bf16 GEMMs and
-    with FP8 GEMMs; needs a chunk traced with its VAE."""
-    efficiency = efficiency or Efficiency()
-    bf16 = project(chunk, device, efficiency, steps=steps, fused=fused)
-    fp8_eff = replace(efficiency, gemm=FP8_GEMM_EFFICIENCY, gemm_dtype="float8_e4m3fn")
-    fp8 = project(chunk, device, fp8_eff, steps=steps, fused=fused)
-    if not bf16.vae_rows:
-        raise ValueError("project_fp8 needs the VAE decode: trace the chunk with vae=True")
-    vae = bf16.total(vae=True) - bf16.seconds
-    return FP8Projection(bf16.frames, bf16.seconds, fp8.seconds, vae)
+def fp8_chunk(chunk: PlannedChunk, steps: Sequence[int] | None = None) -> PlannedChunk:
+    """The FP8 engine's planned chunk for `chunk`'s configuration (same shape, op table and attention)."""
+    return planned_chunk(chunk.config, chunk.shape, chunk.dtype, "fp8", chunk.kernels, chunk.attention,
+                         tuple(steps or chunk.steps), chunk.label, chunk.vae is not None)  # fmt: skip
+
+
+def project_fp8(chunk: PlannedChunk, steps: Sequence[int] | None = None, efficiency: Efficiency | None = None,
+                device: DeviceSpec = H100_SXM) -> FP8Projection:  # fmt: skip
+    """`chunk` (a bf16 plan, with its VAE decode) beside the FP8 engine's plan of the same configuration, at
+    `steps` per stage (default: the chunk's; others are planned)."""
+    steps = tuple(steps or chunk.steps)
+    if steps != chunk.steps:
+        chunk = planned_chunk(chunk.config, chunk.shape, chunk.dtype, chunk.precision, chunk.kernels,
+                              chunk.attention, steps, chunk.label, chunk.vae is not None)  # fmt: skip
+    if chunk.vae is None:
+        raise ValueError("project_fp8 needs the VAE decode: plan the chunk with vae=True")
+    bf16 = project(chunk, device, efficiency)
+    fp8 = project(fp8_chunk(chunk, steps), device, efficiency)
+    return FP8Projection(chunk.frames, bf16.seconds, fp8.seconds, bf16.vae_seconds)

@@ -1,84 +1,91 @@
-"""FLOPs and bytes of every op of a Helios forward and chunk, and a roofline projection for a named GPU.
+"""FLOPs and bytes of the chunk the engine plans, op by op, and a roofline projection for a GPU.
 
-How the numbers are obtained: the program's code (the transformer forward, the sampler step, the stage
-transition, the start noise, the history patch embedding) runs on META tensors, so the 14B model costs
-no memory and no arithmetic, under a `TorchDispatchMode` that records every aten op with the shapes
-and dtypes of its inputs and outputs. Per op:
+One description of a chunk: the compiler's. `planned_chunk` builds the `ChunkProgram` that `helios-rt plan`
+reports and plans its kinds (the stream's first chunk, the steady chunk) under a cost recorder that sees
+the ops the planner records, in order (`planned.py` checks it step for step); the VAE decode is priced
+from its own plan. Per op:
 
-- FLOPs: `2 M K N` for mm/addmm/(bmm: times the batch)/linear/_scaled_mm, `2 * out_elements *
-  C_in/groups * prod(kernel)` for convolutions (the patch embeddings), `2 * B*H * Lq * Lk * (Dqk + Dv)`
-  for attention (= `4 B H Lq Lk Dh`). `F.scaled_dot_product_attention` is caught before it lowers
-  (on meta it lowers to the unfused math path: bmm, softmax, bmm) and recorded as one attention op, as
-  the FlashAttention kernels that run it on a GPU are; the fused `_scaled_dot_product_*` /
-  `_flash_attention_forward` / `_efficient_attention_forward` aten ops are priced the same way when a
-  trace meets them. Elementwise FLOPs (one per output element of a pointwise op, one per input element
-  of a reduction, five per element of a norm/softmax) are informational: those ops are priced by bytes.
-- bytes = reads + writes: every tensor input (once each, counting only the elements it addresses, so a
-  broadcast `expand` reads its small source) plus every output. Views cost nothing; `copy_` reads its
-  source only; in-place fills and random draws only write.
-- class: "gemm" (matmuls, convolutions), "attention", "elementwise/norm" (everything else that moves
-  memory: casts, norms, residuals, cats, the sampler's math), "other" (views, allocations: free).
+- FLOPs: `2 M K N` for mm/addmm/bmm/linear/_scaled_mm, `2 * out_elements * C_in/groups * prod(kernel)` for
+  convolutions, `4 B H Lq Lk Dh` for attention (the `helios_rt::attention*` ops of every backend, and a
+  fused `F.scaled_dot_product_attention`, priced as one kernel though meta lowers it to bmm/softmax).
+- bytes = reads + writes: every tensor input (the elements it addresses: a broadcast reads its small
+  source) plus every output; a `helios_rt::` op reads its unmutated tensors and writes its mutated ones.
+  An allocating step whose out= form PyTorch generates (functional op, then a copy) pays that copy too.
+- class: gemm, attention, norm (norms, softmax and the reductions RMSNorms are built of), elementwise,
+  copy/cast, other (indexing, padding, ...), view (moves nothing).
 
-Each op also carries the `helios_rt.ops` op (`OpSet` entry) it ran inside, so the "fused" scenario
-can replace the memory-bound aten ops of one fused-op call by one kernel that moves only that call's
-external inputs and outputs: exactly the bytes the Triton kernels in `helios_rt.kernels` move (see
-`helios_rt.kernels.report`). Ops outside the op table (e.g. the cross-attention residual `cat`) keep
-their own bytes in both scenarios.
-
-`project` prices a trace on a `DeviceSpec` with stated `Efficiency` assumptions: per op, time =
-max(FLOPs / (peak of its dtype * class efficiency), bytes / (HBM bandwidth * memory efficiency)), summed
-(a roofline per op, no overlap between ops, no launch gaps: the program runs as CUDA graphs).
+`project` prices a trace on a `DeviceSpec`: per op max(FLOPs / achieved rate of its class and backend,
+bytes / achieved bandwidth), summed (CUDA graphs: no launch gaps). Each rate names its source
+(`projection.H100_RATES`, `attention_rates.H100_ATTENTION`).
 """
 
 from __future__ import annotations
 
-from .chunk import (
-    ChunkCost,
-    ChunkShape,
-    StageCost,
-    meta_transformer,
-    stage_layouts,
-    trace_chunk,
-    trace_forward,
-    trace_history_embedding,
-    trace_text_encoding,
-    trace_vae_decode,
-)
 from .op_cost import (
     ATTENTION,
+    COPY,
     ELEMENTWISE,
     GEMM,
     KINDS,
+    MEMORY_BOUND,
+    NORM,
     OTHER,
+    VIEW,
     OpCost,
-    ScopeCall,
     attention_flops,
     op_cost,
     unique_bytes,
-)
+)  # fmt: skip
+from .planned import PlannedChunk, TraceMismatch, planned_chunk, price_plan, trace_kind, vae_trace
 from .projection import (
     DEVICES,
+    H100_RATES,
     H100_SXM,
     PAPER_FPS,
+    PAPER_STEPS,
     ChunkProjection,
     ClassProjection,
     DeviceSpec,
     Efficiency,
     ProjectionRow,
-    format_projection,
-    helios_14b_chunk,
+    Rate,
+    bytes_outside_gemm_and_attention,
     op_seconds,
     project,
     project_trace,
     steady_chunk_seconds,
-)
+    trace_seconds,
+)  # fmt: skip
+from .shape import ChunkShape, meta_transformer
+from .table import bytes_by_class, format_projection, top_ops, verbose_lines
 from .tracer import CostTracer, Trace, trace
 
+
+def trace_chunk(config, shape: ChunkShape | None = None, dtype=None, label: str = "", vae: bool = True,
+                steps: tuple[int, ...] = (1, 1, 1)) -> PlannedChunk:  # fmt: skip
+    """`planned_chunk` with the Triton op table and automatic attention (what a CUDA engine plans)."""
+    import torch
+
+    return planned_chunk(config, shape or ChunkShape(), dtype or torch.bfloat16, steps=tuple(steps), label=label,
+                         vae=vae)  # fmt: skip
+
+
+def helios_14b_chunk(precision: str = "native", attention: str = "auto") -> PlannedChunk:
+    """The 14B model at 384x640, batch 1, bf16 (block linears e4m3 with precision="fp8"), 1+1+1 steps."""
+    import torch
+
+    from ...config import HELIOS_14B
+
+    return planned_chunk(HELIOS_14B, ChunkShape(), torch.bfloat16, precision, attention=attention,
+                         label="Helios 14B")  # fmt: skip
+
+
 __all__ = [
-    "ATTENTION", "DEVICES", "ELEMENTWISE", "GEMM", "H100_SXM", "KINDS", "OTHER", "PAPER_FPS",
-    "ChunkCost", "ChunkProjection", "ChunkShape", "ClassProjection", "CostTracer", "DeviceSpec", "Efficiency",
-    "OpCost", "ProjectionRow", "ScopeCall", "StageCost", "Trace", "attention_flops", "format_projection",
-    "helios_14b_chunk", "meta_transformer", "op_cost", "op_seconds", "project", "project_trace", "stage_layouts",
-    "steady_chunk_seconds", "trace", "trace_chunk", "trace_forward", "trace_history_embedding", "trace_text_encoding",
-    "trace_vae_decode", "unique_bytes",
+    "ATTENTION", "COPY", "DEVICES", "ELEMENTWISE", "GEMM", "H100_RATES", "H100_SXM", "KINDS", "MEMORY_BOUND", "NORM",
+    "OTHER", "PAPER_FPS", "PAPER_STEPS", "VIEW", "ChunkProjection", "ChunkShape", "ClassProjection", "CostTracer",
+    "DeviceSpec", "Efficiency", "OpCost", "PlannedChunk", "ProjectionRow", "Rate", "Trace", "TraceMismatch",
+    "attention_flops", "bytes_by_class", "bytes_outside_gemm_and_attention", "format_projection", "helios_14b_chunk",
+    "meta_transformer", "op_cost", "op_seconds", "planned_chunk", "price_plan", "project", "project_trace",
+    "steady_chunk_seconds", "top_ops", "trace", "trace_chunk", "trace_kind", "trace_seconds", "unique_bytes",
+    "vae_trace", "verbose_lines",
 ]  # fmt: skip

@@ -1,6 +1,5 @@
-"""What the projection prices: the attention backend that would run, at its own stated rate, the VAE decode
-inside the end-to-end FPS, and a calibration row that prices the reference pipeline's op sequence against
-the paper's 19.5 FPS.
+"""Attention rates per backend, the backend a plain install runs, and the calibration row that prices the
+reference pipeline's op sequence against the paper's 19.5 FPS.
 
 Attention rates are H100 SXM, bf16, head dim 128, long non-causal sequences (the 14B stage-2 shape is
 11040 tokens); each says where it comes from. Only FA3's and FA2's are published measurements; ours is an
@@ -10,17 +9,24 @@ estimate until a GPU measures it (`helios-rt bench --suite gpu`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from ...ops.attention_backends import AttentionEnv, AttentionSelection, select_attention
-from .chunk import ChunkCost, ChunkShape, trace_vae_decode
-from .projection import H100_SXM, PAPER_FPS, PAPER_STEPS, DeviceSpec, Efficiency, project, project_trace
-from .tracer import Trace
-
-H100_TF32_TFLOPS = 494.7  # dense TF32: cuDNN runs float32 convolutions in TF32 by default
+from .planned import PlannedChunk, vae_trace
+from .projection import (
+    H100_SXM,
+    H100_TF32_TFLOPS,
+    PAPER_FPS,
+    PAPER_STEPS,
+    DeviceSpec,
+    Efficiency,
+    project,
+    trace_seconds,
+)  # fmt: skip
+from .shape import meta_transformer
+from .tracer import CostTracer, Trace
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,13 @@ H100_ATTENTION: dict[str, AttentionRate] = {
             "no warp specialisation or ping-pong), 0.55-0.7x FA3 by review",
         ),  # fmt: skip
         AttentionRate("sdpa", 335.0, "PyTorch SDPA's default CUDA backend is FlashAttention-2 code: the FA2 rate"),
+        AttentionRate("cudnn", 560.0, "estimate: cuDNN's fused attention (SDPA's cuDNN backend) is FA3 class on "
+                      "H100 (the FA3 paper's comparison puts it below FA3 at head dim 128)"),  # fmt: skip
         AttentionRate("reference", 200.0, "estimate: bmm + float32 softmax per query chunk, scores through HBM"),
     )
 }
-H100_INSTALLED = frozenset({"flash_attn_interface", "flash_attn", "triton"})  # helios_rt[fa] + FA3's hopper/ build
+H100_INSTALLED = frozenset({"triton"})  # `pip install helios_rt` on an H100: no flash-attn
+H100_WITH_FA3 = frozenset({"flash_attn_interface", "flash_attn", "triton"})  # helios_rt[fa] + FA3's hopper/ build
 
 
 def efficiency_for(backend: str, device: DeviceSpec = H100_SXM, base: Efficiency | None = None) -> Efficiency:
@@ -73,19 +82,24 @@ def efficiency_for(backend: str, device: DeviceSpec = H100_SXM, base: Efficiency
 
 
 def h100_selection(installed: frozenset[str] = H100_INSTALLED) -> AttentionSelection:
-    """What the backend table runs on an H100 for the 14B (bf16, head dim 128) with `installed`."""
+    """What the backend table runs on an H100 for the 14B (bf16, head dim 128) with `installed` (default: a
+    plain install, no flash-attn)."""
     env = AttentionEnv("cuda", (9, 0), installed, "triton" in installed, "H100 SXM")
     return select_attention("auto", env, torch.bfloat16, 128)
 
 
-def backend_lines(chunk: ChunkCost, steps: Sequence[int] = PAPER_STEPS, selected: str | None = None) -> list[str]:
-    """One line per backend: its rate and source, the stage-2 attention time and the end-to-end FPS."""
-    selected = selected or h100_selection().backend
-    lines = [f"{'attention':9} {'TFLOP/s':>7} {'stage-2 attn ms':>15} {'chunk ms':>8} {'FPS e2e':>7}  source"]
+def backend_lines(chunk: PlannedChunk, selected: str | None = None) -> list[str]:
+    """One line per backend: the steady chunk's attention ops priced at its rate, and the end-to-end FPS.
+
+    The plans of the backends differ only in the attention op's name (each is a `helios_rt::attention*` op
+    with q, k, v and out), so pricing the plan's attention ops at another backend's rate prices its plan.
+    """
+    selected = selected or chunk.attention
+    lines = [f"{'attention':9} {'TFLOP/s':>7} {'attn ms':>8} {'chunk ms':>8} {'FPS e2e':>7}  source"]
     for name, rate in H100_ATTENTION.items():
-        p = project(chunk, efficiency=efficiency_for(name), steps=steps, fused=True)
-        mark = " <- runs" if name == selected else ""
-        lines.append(f"{name:9} {rate.tflops:7.0f} {p.total('stage 2', 'attention') * 1e3:15.1f} "
+        p = project(chunk, efficiency=efficiency_for(name))
+        mark = " <- a plain install runs this" if name == selected else ""
+        lines.append(f"{name:9} {rate.tflops:7.0f} {p.total(kind='attention') * 1e3:8.1f} "
                      f"{p.total(vae=True) * 1e3:8.0f} {p.fps_end_to_end:7.1f}  {rate.source}{mark}")  # fmt: skip
     return lines
 
@@ -118,21 +132,23 @@ class Calibration:
 
 
 @functools.lru_cache(maxsize=2)
-def _fp32_vae(shape: ChunkShape) -> Trace:
-    return trace_vae_decode(shape, torch.float32)
+def text_kv_trace(config, dtype: torch.dtype = torch.bfloat16, text_len: int = 512) -> Trace:
+    """Per prompt: the text projection and every block's cross-attention K and V (`encode_text`, on meta)."""
+    model = meta_transformer(config, dtype)
+    with CostTracer() as tracer:
+        model.encode_text(torch.empty(1, text_len, config.text_dim, dtype=dtype, device="meta"))
+    return tracer.trace("text K/V")
 
 
-def calibrate(chunk: ChunkCost, compiled: bool = True) -> Calibration:
+def calibrate(chunk: PlannedChunk) -> Calibration:
     """The official pipeline's op sequence on an H100: FA3 attention, one step per stage, the cross-attention
-    K/V recomputed in every forward (no text K/V cache), a float32 VAE decode (its convolutions in TF32).
-    `compiled`: torch.compile modelled as one kernel per fused op (Inductor fuses the same pointwise chains
-    between GEMMs); False prices every aten op (eager), bracketing it from the other side."""
+    K/V recomputed in every forward (no text K/V cache), a float32 VAE decode (its convolutions in TF32), the
+    decode after the transformer (no second lane). The transformer is the planned steady chunk with the
+    Triton op table: torch.compile fuses the same pointwise chains between GEMMs into one kernel each."""
     eff = efficiency_for("fa3")
-    p = project(chunk, efficiency=eff, steps=PAPER_STEPS, fused=compiled)
-    text = chunk.per_prompt.fused() if compiled else chunk.per_prompt
-    text_s = sum(c.seconds for c in project_trace(text, H100_SXM, eff).values()) * sum(PAPER_STEPS)
-    vae = _fp32_vae(chunk.shape)
+    p = project(chunk, efficiency=eff)
+    text_s = trace_seconds(text_kv_trace(chunk.config, chunk.dtype, chunk.shape.text_len), H100_SXM, eff)
+    text_s *= sum(chunk.steps)
     tf32 = replace(H100_SXM, fp32_tflops=H100_TF32_TFLOPS)
-    vae_s = sum(c.seconds for c in project_trace(vae.fused() if compiled else vae, tf32, eff).values())
-    how = "torch.compile as fused kernels" if compiled else "eager, every aten op"
-    return Calibration(f"reference pipeline ({how}, FA3, fp32 VAE)", p.seconds, text_s, vae_s, p.frames)
+    vae_s = trace_seconds(vae_trace(chunk.shape, torch.float32), tf32, eff)
+    return Calibration("reference pipeline (torch.compile, FA3, fp32 VAE)", p.seconds, text_s, vae_s, p.frames)

@@ -1,26 +1,26 @@
 """Multi-GPU projection: one chunk on N GPUs with sequence (Ulysses) and CFG parallelism.
 
-Each stage's forward is traced as rank 0 runs it (the largest token shard): the transformer on meta
-tensors with `helios_rt.parallel`'s own hooks, so the trace holds the per-rank GEMMs (every rank
-still reads every weight), the attention over all tokens with its share of the heads, the packing
-copies around the exchanges, and the balanced noisy-only work. The collectives are replaced by a
-counter of the bytes each would bring to this rank; their time is `latency + bytes / bandwidth` on
-the stated interconnect, added to the compute (the exchanges are not overlapped with compute: the
-chunk program issues them in order on one stream). The sampler step, the stage transitions and the
-per-chunk work run on every rank, unchanged.
+The steady chunk is planned as rank 0 runs it (the largest token shard): the engine's `ChunkProgram`
+with `helios_rt.parallel`'s own hooks on the meta model, so the priced plan holds the per-rank GEMMs
+(every rank still reads every weight), the attention over all tokens with its share of the heads, the
+packing copies around the exchanges, the balanced noisy-only work, and the sampler's steps, transitions
+and history update that every rank runs. The collectives are replaced by a counter of the bytes each
+would bring to this rank; their time is `latency + bytes / bandwidth` on the stated interconnect, added
+to the compute (the chunk program issues them in order on one stream: no overlap).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ...config import ModelConfig
-from ...model.layout import TokenLayout
-from .chunk import ChunkCost, ChunkShape, meta_transformer, stage_layouts, trace_chunk, trace_forward
-from .projection import H100_SXM, DeviceSpec, Efficiency, project
+from .planned import build_program, planned_chunk, steady_kind, trace_kind
+from .projection import H100_SXM, DeviceSpec, Efficiency, trace_seconds
+from .shape import ChunkShape
+from .tracer import Trace
 
 Tensor = torch.Tensor
 
@@ -94,16 +94,19 @@ class ParallelProjection:
         return self.frames / self.seconds
 
 
-def _rank0_forward(config: ModelConfig, layout: TokenLayout, shape: ChunkShape, dtype, cfg: int, sequence: int):
-    """The trace of rank 0's forward and the bytes its collectives bring in."""
+def rank0_chunk(config: ModelConfig, shape: ChunkShape, dtype: torch.dtype, cfg: int, sequence: int,
+                steps: Sequence[int] = (1, 1, 1)) -> tuple[Trace, StageComm]:  # fmt: skip
+    """Rank 0's planned steady chunk (batch `shape.batch * cfg`) and the bytes its collectives bring in."""
     from ...parallel.forward import ParallelForward
     from ...parallel.group import Mesh
 
-    model = meta_transformer(config, dtype)
+    program = build_program(config, replace(shape, batch=shape.batch * cfg), dtype, "auto", "auto", tuple(steps),
+                            "native")  # fmt: skip
+    model = program.sampler.model  # the shared meta model: its hooks are copied into the plan's meta copy
     counter = CountingCollectives(cfg * sequence)
     model.set_parallel(ParallelForward(Mesh(0, cfg * sequence, cfg, sequence, None, 1.0), counter))
     try:
-        trace = trace_forward(config, layout, shape.batch * cfg, dtype, shape.text_len, label="rank 0 forward")
+        trace = trace_kind(program, steady_kind(), "rank 0 steady chunk")
     finally:
         model.set_parallel(None)
     return trace, StageComm(counter.calls, counter.bytes_in)
@@ -111,46 +114,27 @@ def _rank0_forward(config: ModelConfig, layout: TokenLayout, shape: ChunkShape, 
 
 def project_parallel(
     config: ModelConfig,
-    single: ChunkCost,
+    shape: ChunkShape,
     gpus: int,
-    steps: Sequence[int],
+    steps: Sequence[int] = (1, 1, 1),
     cfg: int = 1,
     device: DeviceSpec = H100_SXM,
     efficiency: Efficiency | None = None,
     link: Interconnect = NVLINK_H100,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> ParallelProjection:
-    """Project `single` (a one-GPU chunk trace, batch 1 per CFG half) on `gpus` GPUs, fused kernels.
-
-    cfg=2 puts the two halves of a CFG batch on two rank groups; the one-GPU baseline then runs both
-    halves in one batch (`single.shape.batch` is per half).
-    """
+    """The steady chunk at `shape` (batch per CFG half) on `gpus` GPUs: cfg CFG halves x sequence shards."""
     efficiency = efficiency or Efficiency()
     sequence = gpus // cfg
     if cfg * sequence != gpus or config.num_attention_heads % sequence:
         raise ValueError(f"{gpus} GPUs as {cfg} CFG halves x {sequence} shards: {sequence} must divide the heads")
-    layouts = stage_layouts(config, single.shape)
-    compute = comm = comm_bytes = 0.0
-    per_stage = []
-    for st, layout, n in zip(single.stages, layouts, steps, strict=True):
-        if gpus == 1:  # the one-process engine: no hooks, no exchanges
-            fwd, c = st.forward, StageComm(0, 0.0)
-        else:
-            fwd, c = _rank0_forward(config, layout, single.shape, single.dtype, cfg, sequence)
-        compute += n * _seconds(fwd, device, efficiency)
-        compute += n * _seconds(st.step, device, efficiency) * cfg  # the step runs on the whole CFG batch
-        if st.transition is not None:
-            compute += _seconds(st.transition, device, efficiency) * cfg
-        comm += n * link.seconds(c.calls, c.bytes_in) if c.calls else 0.0
-        comm_bytes += n * c.bytes_in
-        per_stage.append(c)
-    compute += _seconds(single.per_chunk, device, efficiency)
-    return ParallelProjection(
-        gpus, cfg, sequence, single.shape.pixel_frames, compute, comm, comm_bytes, tuple(per_stage)
-    )
-
-
-def _seconds(trace, device: DeviceSpec, efficiency: Efficiency) -> float:
-    return sum(p.seconds for p in project(trace, device, efficiency, fused=True).values())
+    if gpus == 1:  # the one-process engine: no hooks, no exchanges
+        trace, comm = planned_chunk(config, shape, dtype, steps=tuple(steps), vae=False).steady, StageComm(0, 0.0)
+    else:
+        trace, comm = rank0_chunk(config, shape, dtype, cfg, sequence, steps)
+    compute = trace_seconds(trace, device, efficiency)
+    comm_s = link.seconds(comm.calls, comm.bytes_in) if comm.calls else 0.0
+    return ParallelProjection(gpus, cfg, sequence, shape.pixel_frames, compute, comm_s, comm.bytes_in, (comm,))
 
 
 def parallel_table(
@@ -166,7 +150,7 @@ def parallel_table(
     eff = Efficiency()
     lines = [
         f"{config.num_layers}-block Helios ({config.num_attention_heads} heads), {dtype}, steps per stage "
-        f"{tuple(steps)}, Ulysses sequence parallelism, fused kernels, on {device.name}",
+        f"{tuple(steps)}, Ulysses sequence parallelism, the planned steady chunk, on {device.name}",
         f"assumptions: {eff.describe(device)}",
         f"interconnect: {link.describe()}; exchanges not overlapped with compute; VAE decode not included",
         "",
@@ -174,10 +158,9 @@ def parallel_table(
         f"{'FPS':>6} {'speed-up':>8} {'efficiency':>10}",
     ]
     for shape in shapes:
-        single = trace_chunk(config, shape, dtype)
         base = None
         for n in gpus:
-            p = project_parallel(config, single, n, steps, 1, device, eff, link)
+            p = project_parallel(config, shape, n, steps, 1, device, eff, link, dtype)
             base = base or p.seconds
             lines.append(
                 f"{shape.height:>4}x{shape.width:<5} {n:>4} {p.compute_s * 1e3:10.1f} {p.comm_s * 1e3:8.1f} "

@@ -1,17 +1,12 @@
-"""Roofline projection of a trace or a chunk on a named GPU, with stated efficiencies."""
+"""Roofline projection of a planned trace on a GPU, each rate with its source."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from .chunk import ChunkCost, ChunkShape, trace_chunk
-from .op_cost import ATTENTION, ELEMENTWISE, GEMM, KINDS, OTHER, OpCost, _dtype_name
+from .op_cost import ATTENTION, GEMM, KINDS, MEMORY_BOUND, VIEW, OpCost
+from .planned import PlannedChunk
 from .tracer import Trace
-
-Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -39,43 +34,67 @@ DEVICES: dict[str, DeviceSpec] = {"h100-sxm": H100_SXM}
 
 
 @dataclass(frozen=True)
-class Efficiency:
-    """Achieved fraction of peak per op class: the projection's stated assumptions.
+class Rate:
+    """An achieved rate on an H100 SXM (TFLOP/s or TB/s) and where the number comes from."""
 
-    gemm: of the dtype's dense peak (0.80: ~790 TFLOP/s bf16 in large cuBLAS GEMMs on H100);
-    attention: of the bf16 peak (0.647: ~640 TFLOP/s, FlashAttention-3 forward at head dim 128);
-    memory: of HBM bandwidth for every op's bytes (0.80: ~2.7 TB/s, what streaming kernels reach);
-    launch_us: added per kernel (0: the program replays as CUDA graphs);
-    gemm_dtype: price bf16 GEMMs at another dtype's peak (e.g. "float8_e4m3fn": an FP8 what-if);
-    attention_label: which attention backend `attention` prices, and its source (`cost.attention_rates`).
+    value: float
+    source: str
+
+
+# The H100 SXM rates of everything but attention (those are in `attention_rates.H100_ATTENTION`).
+H100_RATES: dict[str, Rate] = {
+    "gemm bf16": Rate(680.0, "estimate: cuBLAS bf16 at the 14B's shapes (M 3.7k-11k, K/N 5120-13824) sustains "
+                             "~650-720 TFLOP/s at the 700 W limit (issue 24's review), not the 989 dense peak"),
+    "gemm fp8": Rate(1300.0, "estimate: cuBLAS e4m3 `_scaled_mm` with row/column scales, ~0.66 of the 1979 dense "
+                             "peak (the bf16 ratio, less for the scale epilogue and the bandwidth-bound shapes)"),
+    "conv": Rate(400.0, "estimate: cuDNN 3-D convolutions of the VAE decoder (implicit GEMM, 96-384 channels, "
+                        "3x3x3 kernels), ~0.4 of the dense peak; the issue's review puts the decode at 250-400 ms"),
+    "memory": Rate(2.68, "estimate: 0.80 of the 3.35 TB/s HBM3 peak, what streaming elementwise kernels reach"),
+}  # fmt: skip
+H100_TF32_TFLOPS = 494.7  # dense TF32: cuDNN runs float32 convolutions in TF32 by default
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved fractions of the peaks: the projection's stated assumptions (`H100_RATES`, sources there).
+
+    gemm / gemm_fp8: of the dense bf16 / e4m3 peak; conv: of the dtype's peak for convolutions (the VAE);
+    attention: of the bf16 peak, at the rate of `attention_label`'s backend (`attention_rates`);
+    memory: of HBM bandwidth for every op's bytes; launch_us: added per kernel (0: CUDA graphs).
     """
 
-    gemm: float = 0.80
-    attention: float = 0.647
-    memory: float = 0.80
+    gemm: float = H100_RATES["gemm bf16"].value / H100_SXM.bf16_tflops
+    gemm_fp8: float = H100_RATES["gemm fp8"].value / H100_SXM.fp8_tflops
+    conv: float = H100_RATES["conv"].value / H100_SXM.bf16_tflops
+    attention: float = 400.0 / H100_SXM.bf16_tflops
+    memory: float = H100_RATES["memory"].value / H100_SXM.hbm_tbps
     launch_us: float = 0.0
-    gemm_dtype: str | None = None
-    attention_label: str = "fa3: FlashAttention-3 at head dim 128"
+    attention_label: str = "triton: estimate (see attention_rates)"
 
     def describe(self, device: DeviceSpec) -> str:
-        g = self.gemm * device.peak_flops(self.gemm_dtype or "bfloat16") / 1e12
-        a = self.attention * device.peak_flops("bfloat16") / 1e12
-        m = self.memory * device.hbm_tbps
-        s = (f"GEMM {self.gemm:.0%} of dense peak ({g:.0f} TFLOP/s {self.gemm_dtype or 'bf16'}), attention "
-             f"{self.attention:.1%} of bf16 peak ({a:.0f} TFLOP/s, {self.attention_label}), memory-bound ops "
-             f"{self.memory:.0%} of HBM ({m:.2f} TB/s); per op max(compute, memory) time, summed")  # fmt: skip
+        g, f = self.gemm * device.bf16_tflops, self.gemm_fp8 * device.fp8_tflops
+        a, c, m = self.attention * device.bf16_tflops, self.conv * device.bf16_tflops, self.memory * device.hbm_tbps
+        s = (f"GEMM {g:.0f} TFLOP/s bf16, {f:.0f} fp8; convolutions {c:.0f} bf16; attention {a:.0f} "
+             f"({self.attention_label.split(':')[0]}); memory-bound ops {m:.2f} TB/s; per op max(compute, memory), "
+             "summed")  # fmt: skip
         return s + (f"; {self.launch_us} us per kernel launch" if self.launch_us else "; no launch gaps (CUDA graphs)")
 
 
+def rate_sources() -> list[str]:
+    return [f"{name}: {r.value:g} {'TB/s' if name == 'memory' else 'TFLOP/s'}: {r.source}"
+            for name, r in H100_RATES.items()]  # fmt: skip
+
+
 def op_seconds(op: OpCost, device: DeviceSpec = H100_SXM, eff: Efficiency = Efficiency()) -> float:
-    """Roofline time of one op: max(FLOPs at the class's achieved rate, bytes at the achieved bandwidth)."""
-    if op.kind == OTHER or not (op.flops or op.bytes):
+    """Roofline time of one op: max(FLOPs at its class's achieved rate, bytes at the achieved bandwidth)."""
+    if op.kind == VIEW or not (op.flops or op.bytes) or not op.priced:
         return 0.0
     memory = op.bytes / (device.hbm_tbps * 1e12 * eff.memory)
     compute = 0.0
     if op.kind == GEMM:
-        dtype = eff.gemm_dtype if eff.gemm_dtype and op.dtype in ("bfloat16", "float16") else op.dtype
-        compute = op.flops / (device.peak_flops(dtype) * eff.gemm)
+        fraction = eff.gemm_fp8 if op.dtype.startswith("float8") else eff.gemm
+        fraction = eff.conv if "convolution" in op.name else fraction
+        compute = op.flops / (device.peak_flops(op.dtype) * fraction)
     elif op.kind == ATTENTION:
         compute = op.flops / (device.peak_flops(op.dtype) * eff.attention)
     return max(compute, memory) + eff.launch_us * 1e-6
@@ -89,18 +108,21 @@ class ClassProjection:
     kernels: int
 
 
-def project_trace(
-    trace: Trace, device: DeviceSpec = H100_SXM, eff: Efficiency = Efficiency()
-) -> dict[str, ClassProjection]:
+def project_trace(trace: Trace, device: DeviceSpec = H100_SXM, eff: Efficiency = Efficiency()
+                  ) -> dict[str, ClassProjection]:  # fmt: skip
     """Per op class: FLOPs, bytes, projected seconds and kernel count of one run of `trace`."""
     acc = {k: [0, 0, 0.0, 0] for k in KINDS}
-    for o in trace.ops:
+    for o in trace.priced:
         a = acc[o.kind]
         a[0] += o.flops
         a[1] += o.bytes
         a[2] += op_seconds(o, device, eff)
-        a[3] += 1 if (o.flops or o.bytes) and o.kind != OTHER else 0
+        a[3] += 1 if (o.flops or o.bytes) and o.kind != VIEW else 0
     return {k: ClassProjection(*v) for k, v in acc.items()}
+
+
+def trace_seconds(trace: Trace, device: DeviceSpec = H100_SXM, eff: Efficiency = Efficiency()) -> float:
+    return sum(op_seconds(o, device, eff) for o in trace.priced)
 
 
 def steady_chunk_seconds(transformer_s: float, vae_s: float) -> float:
@@ -112,43 +134,51 @@ def steady_chunk_seconds(transformer_s: float, vae_s: float) -> float:
     waves; the decode's convolutions too), so two such kernels on two streams divide the same SMs and
     bandwidth instead of running side by side. max() would hold only if each lane had a GPU of its own.
     What the overlap does hide is the host's share: the handover's synchronisation, the frames' copy to
-    the host and the Python between launches, which the roofline does not count in either case. The sum
-    is therefore the model's floor for both overlapped and serial decode; a measured overlapped stream
-    faster than it would mean the kernels leave the SMs idle (tails, launch gaps), which the first-light
-    figures show as measured / projected.
+    the host and the Python between launches, which the roofline does not count in either case.
     """
     return transformer_s + vae_s
 
 
 @dataclass(frozen=True)
 class ProjectionRow:
-    group: str  # "stage 0", ..., "per chunk", "VAE decode"
+    group: str  # a sampler section ("stage 0", "transition 1"), "per chunk" (outside them), "VAE decode"
     kind: str
     flops: float
     bytes: float
     seconds: float
 
 
+def _group(section: str) -> str:
+    return section or "per chunk"
+
+
+def _rows(trace: Trace, device: DeviceSpec, eff: Efficiency) -> tuple[ProjectionRow, ...]:
+    acc: dict[tuple[str, str], list[float]] = {}
+    for o in trace.priced:
+        a = acc.setdefault((_group(o.section), o.kind), [0.0, 0.0, 0.0])
+        a[0] += o.flops
+        a[1] += o.bytes
+        a[2] += op_seconds(o, device, eff)
+    return tuple(ProjectionRow(g, k, *v) for (g, k), v in acc.items())
+
+
 @dataclass(frozen=True)
 class ChunkProjection:
-    """A chunk projected on a device: rows per (group, op class), totals and FPS."""
+    """One chunk kind of a planned chunk on a device: rows per (section, op class), totals and FPS."""
 
     label: str
     device: DeviceSpec
     efficiency: Efficiency
     steps: tuple[int, ...]
-    fused: bool
     frames: int
     rows: tuple[ProjectionRow, ...]
     vae_rows: tuple[ProjectionRow, ...] = ()
 
-    def total(
-        self, group: str | None = None, kind: str | None = None, attr: str = "seconds", vae: bool = False
-    ) -> float:
+    def total(self, group: str | None = None, kind: str | None = None, attr: str = "seconds",
+              vae: bool = False) -> float:  # fmt: skip
         rows = self.rows + (self.vae_rows if vae else ())
-        return sum(
-            getattr(r, attr) for r in rows if (group is None or r.group == group) and (kind is None or r.kind == kind)
-        )
+        return sum(getattr(r, attr) for r in rows
+                   if (group is None or r.group == group) and (kind is None or r.kind == kind))  # fmt: skip
 
     @property
     def seconds(self) -> float:
@@ -161,119 +191,42 @@ class ChunkProjection:
 
     @property
     def vae_seconds(self) -> float:
-        """The VAE decode of one chunk (0 when the chunk was traced without it)."""
+        """The VAE decode of one chunk (0 when the chunk was planned without it)."""
         return self.total(vae=True) - self.seconds
 
     @property
     def fps_end_to_end(self) -> float:
         """Steady frames per second of both lanes on one GPU (`steady_chunk_seconds`): what the paper's
-        19.5 FPS measures. Needs a traced VAE."""
+        19.5 FPS measures. Needs a planned VAE decode."""
         if not self.vae_rows:
-            raise ValueError("fps_end_to_end needs the VAE decode: trace the chunk with vae=True")
+            raise ValueError("fps_end_to_end needs the VAE decode: plan the chunk with vae=True")
         return self.frames / steady_chunk_seconds(self.seconds, self.vae_seconds)
 
     @property
     def fps_with_vae(self) -> float | None:
-        """`fps_end_to_end`, or None when the chunk was traced without its VAE decode."""
         return self.fps_end_to_end if self.vae_rows else None
 
 
-def project(
-    cost: Trace | ChunkCost,
-    device: DeviceSpec = H100_SXM,
-    efficiency: Efficiency = Efficiency(),
-    steps: Sequence[int] = (1, 1, 1),
-    fused: bool = False,
-) -> dict[str, ClassProjection] | ChunkProjection:
-    """Project a trace (per op class, one run) or a chunk (per stage and class, `steps[s]` steps in stage s).
+def project(chunk: PlannedChunk, device: DeviceSpec = H100_SXM, efficiency: Efficiency | None = None,
+            first: bool = False) -> ChunkProjection:  # fmt: skip
+    """The steady chunk (or the stream's first, `first=True`) of `chunk` on `device`, with its VAE decode.
 
-    fused=False prices every aten op of the PyTorch reference path as traced; fused=True prices each
-    `helios_rt.ops` call as one kernel moving its external bytes (the Triton kernels).
+    efficiency: default: `Efficiency()` with attention at the rate of the backend the plan resolved.
     """
-    if isinstance(cost, Trace):
-        return project_trace(cost.fused() if fused else cost, device, efficiency)
-    acc: dict[tuple[str, str], list[float]] = {}
-    for group, trace_, n in cost.pieces(steps, fused):
-        for kind, p in project_trace(trace_, device, efficiency).items():
-            a = acc.setdefault((group, kind), [0.0, 0.0, 0.0])
-            a[0] += n * p.flops
-            a[1] += n * p.bytes
-            a[2] += n * p.seconds
-    rows = tuple(ProjectionRow(g, k, *v) for (g, k), v in acc.items())
-    vae_rows: tuple[ProjectionRow, ...] = ()
-    if cost.vae is not None:
-        vt = cost.vae.fused() if fused else cost.vae
-        vae_rows = tuple(ProjectionRow("VAE decode", k, p.flops, p.bytes, p.seconds)
-                         for k, p in project_trace(vt, device, efficiency).items())  # fmt: skip
-    return ChunkProjection(cost.label, device, efficiency, tuple(steps), fused, cost.shape.pixel_frames, rows, vae_rows)
+    from .attention_rates import efficiency_for
+
+    efficiency = efficiency or efficiency_for(chunk.attention, device)
+    trace = chunk.first if first else chunk.steady
+    vae = _rows(chunk.vae, device, efficiency) if chunk.vae is not None else ()
+    vae = tuple(ProjectionRow("VAE decode", r.kind, r.flops, r.bytes, r.seconds) for r in vae)
+    return ChunkProjection(chunk.label, device, efficiency, chunk.steps, chunk.frames,
+                           _rows(trace, device, efficiency), vae)  # fmt: skip
+
+
+def bytes_outside_gemm_and_attention(trace: Trace) -> int:
+    """Bytes of the memory-bound ops (norms, elementwise, copies and casts, other) of one run of `trace`."""
+    return sum(trace.bytes(k) for k in MEMORY_BOUND)
 
 
 PAPER_FPS = 19.5  # Helios paper, distilled, one H100, 384x640, end to end
 PAPER_STEPS = (1, 1, 1)  # the paper's real-time setting: one step per pyramid stage
-
-
-def format_projection(cost: ChunkCost, steps: Sequence[int] = (1, 1, 1), device: DeviceSpec = H100_SXM,
-                      efficiency: Efficiency = Efficiency()) -> str:  # fmt: skip
-    """The projection table: per stage and op class TFLOP, GB and ms, for the reference and fused paths."""
-    ref = project(cost, device, efficiency, steps, fused=False)
-    fus = project(cost, device, efficiency, steps, fused=True)
-    s = cost.shape
-    lines = [
-        f"{cost.label or 'Helios'} at {s.height}x{s.width}, {_dtype_name(cost.dtype)}, batch {s.batch}, "
-        f"steps per stage {tuple(steps)}, one chunk = {s.pixel_frames} frames, on {device.name} "
-        f"({device.bf16_tflops:.0f} TFLOP/s dense bf16, {device.fp8_tflops:.0f} fp8, {device.hbm_tbps} TB/s)",
-        f"assumptions: {efficiency.describe(device)}",
-        "reference = every aten op of the PyTorch reference path; fused = each helios_rt op one kernel (Triton)",
-        "",
-        f"{'group':11} {'tokens':>12} {'steps':>5} {'class':17} {'TFLOP':>8} {'GB ref':>8} {'ms ref':>8} "
-        f"{'GB fused':>8} {'ms fused':>8}",
-    ]  # fmt: skip
-    groups = [f"stage {st.index}" for st in cost.stages] + ["per chunk"]
-    tokens = {f"stage {st.index}": f"{st.layout.n_noisy}+{st.layout.n_hist}" for st in cost.stages}
-    nsteps = {f"stage {st.index}": str(n) for st, n in zip(cost.stages, steps, strict=True)}
-
-    def line(group: str, tok: str, n: str, kind: str, r: list[ProjectionRow], f: list[ProjectionRow]) -> str:
-        fl = sum(x.flops for x in r) / 1e12
-        return (f"{group:11} {tok:>12} {n:>5} {kind:17} {fl:8.2f} {sum(x.bytes for x in r) / 1e9:8.1f} "
-                f"{sum(x.seconds for x in r) * 1e3:8.1f} {sum(x.bytes for x in f) / 1e9:8.1f} "
-                f"{sum(x.seconds for x in f) * 1e3:8.1f}")  # fmt: skip
-
-    for g in groups:
-        for kind in (GEMM, ATTENTION, ELEMENTWISE):
-            r = [x for x in ref.rows if x.group == g and x.kind == kind]
-            f = [x for x in fus.rows if x.group == g and x.kind == kind]
-            lines.append(line(g, tokens.get(g, ""), nsteps.get(g, ""), kind, r, f))
-        lines.append(line(g, "", "", "= total", [x for x in ref.rows if x.group == g],
-                          [x for x in fus.rows if x.group == g]))  # fmt: skip
-    lines.append(line("chunk", "", "", "= total", list(ref.rows), list(fus.rows)))
-    if ref.vae_rows:
-        lines.append(line("VAE decode", "(estimate)", "", "= total", list(ref.vae_rows), list(fus.vae_rows)))
-    paper = (f"paper: {PAPER_FPS} FPS end to end at steps {'+'.join(map(str, PAPER_STEPS))} "
-             f"(= {s.pixel_frames / PAPER_FPS * 1e3:.0f} ms per chunk)")  # fmt: skip
-    lines.append("")
-    if ref.vae_rows:
-        lines.append(
-            f"END TO END (VAE decode included, both lanes on one GPU), steps {'+'.join(map(str, steps))}: "
-            f"{fus.fps_end_to_end:.1f} FPS fused, {ref.fps_end_to_end:.1f} FPS reference ops; {paper}"
-        )
-    lines.append(
-        f"per chunk: {ref.total(attr='flops') / 1e15:.3f} PFLOP; projected {ref.seconds * 1e3:.0f} ms reference, "
-        f"{fus.seconds * 1e3:.0f} ms fused -> {ref.fps:.1f} / {fus.fps:.1f} FPS (transformer + sampler only, no VAE"
-        + ("" if ref.vae_rows else f"; {paper}")
-        + ")"
-    )
-    lines.append(f"per prompt (not per chunk): text K/V {cost.per_prompt.flops() / 1e12:.2f} TFLOP")
-    last = cost.stages[-1]
-    lines += ["", f"memory-bound bytes of one stage {last.index} forward by helios_rt op (GB):",
-              f"{'op':24} {'calls':>5} {'reference':>10} {'fused':>8}"]  # fmt: skip
-    for name, calls, ref_b, fused_b in last.forward.by_scope():
-        n = f"{calls:5d}" if calls else f"{'-':>5}"
-        lines.append(f"{name:24} {n} {ref_b / 1e9:10.2f} {fused_b / 1e9:8.2f}")
-    return "\n".join(lines)
-
-
-def helios_14b_chunk(dtype: torch.dtype = torch.bfloat16, vae: bool = True) -> ChunkCost:
-    """The 14B model at 384x640, batch 1: the issue's projection target."""
-    from ...config import HELIOS_14B
-
-    return trace_chunk(HELIOS_14B, ChunkShape(), dtype, label="Helios 14B", vae=vae)
