@@ -116,19 +116,21 @@ def test_the_tuner_leaves_explicit_choices_non_cuda_tables_and_timed_selections_
 
 
 def test_the_tuner_times_the_shapes_the_engines_planned_chunk_makes():
-    """The planner's trace of the demo chunk (graphs="chunk" on a CPU) counts every attention call by shape:
-    the self-attention of each pyramid stage and the cross-attention to the 512-token prompt."""
+    """The demo chunk's plans (graphs="chunk" on a CPU) hold every attention call with its shapes: the
+    self-attention of each pyramid stage and the cross-attention to the 512-token prompt."""
     cfg = EngineConfig(device="cpu", height=64, width=64, attention="sdpa", graphs="chunk")
     engine = Engine.from_pretrained("demo", cfg)
     engine.warmup()
     dispatch = engine.transformer.ops.attention
     heads, dim = engine.transformer.config.num_attention_heads, engine.transformer.config.attention_head_dim
     stages = engine.spec.schedule.stages
-    shapes = dict(dispatch.shapes)
+    shapes = AT.plan_shapes(engine.chunk_program.plans.values())
+    steps = [s for p in engine.chunk_program.plans.values() for s in p.steps if "attention_sdpa" in s.op]
     engine.close()
     assert len(shapes) == 2 * stages and {s[2] for s in shapes} == {torch.float32}
     assert all(q[0] == 1 and q[2:] == (heads, dim) and k[2:] == (heads, dim) for q, k, _ in shapes)
     assert sum(1 for _, k, _ in shapes if k[1] == 512) == stages  # one cross-attention shape per stage
+    assert sum(shapes.values()) == len(steps) > 0  # every planned call, counted
     dispatch.choice, dispatch.env = "auto", H100
     seen = []
 
@@ -136,6 +138,6 @@ def test_the_tuner_times_the_shapes_the_engines_planned_chunk_makes():
         seen.append((name, tuple(call.args[0].shape), tuple(call.args[1].shape)))
         return 1.0
 
-    sel = AT.tune_attention(dispatch, None, trial, lambda name: _writes_reference).selections[(torch.float32, dim)]
+    sel = AT.tune_attention(dispatch, shapes, trial, lambda name: _writes_reference).selections[(torch.float32, dim)]
     assert sel.backend == "sdpa" and sel.timings == (("sdpa", float(sum(shapes.values()))),)  # 1 ms x each call
     assert sorted(s[1:] for s in seen) == sorted((q, k) for q, k, _ in shapes)  # float32: only SDPA runs

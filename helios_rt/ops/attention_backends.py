@@ -24,7 +24,6 @@ import importlib
 import inspect
 import logging
 import re
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -120,7 +119,9 @@ def _flash_reason(env: AttentionEnv, dtype: torch.dtype, head_dim: int, module: 
         return f"needs a head dim that is a multiple of 8 and <= 256, got {head_dim}"
     if module not in env.installed:
         why = _IMPORT_ERRORS.get(module)
-        return f"{module} is not importable ({why!r})" if why else f"{module} is not installed"
+        if why is None or (isinstance(why, ModuleNotFoundError) and why.name == module):
+            return f"{module} is not installed"
+        return f"{module} is not importable ({why!r})"  # installed, but its extension fails to load
     return None
 
 
@@ -396,21 +397,16 @@ def device_probe(device: torch.device, lookup: Callable[[str], Callable] | None 
     return probe
 
 
-AttentionShape = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]  # q shape, k shape, dtype
-
-
 @dataclass
 class AttentionDispatch:
     """The op table's `attention`: one backend per (dtype, head dim), chosen on first use or by `select`,
-    and replaced by the warm-up's timing (`adopt`). Calls on meta tensors (the planner tracing a chunk) are
-    counted by shape in `shapes`: the engine's own attention shapes, which the warm-up times."""
+    and replaced by the warm-up's timing (`adopt`, `ops/attention_tuning.py`)."""
 
     choice: str
     env: AttentionEnv
     device: torch.device
     probe: Probe | None = None
     selections: dict[tuple[torch.dtype, int], AttentionSelection] = field(default_factory=dict)
-    shapes: Counter[AttentionShape] = field(default_factory=Counter)
     _impls: dict[str, Callable] = field(default_factory=dict)
 
     def adopt(self, sel: AttentionSelection) -> None:
@@ -434,8 +430,6 @@ class AttentionDispatch:
         return next(reversed(self.selections.values())).backend if self.selections else self.choice
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
-        if q.device.type == "meta":
-            self.shapes[(tuple(q.shape), tuple(k.shape), q.dtype)] += 1
         return _on(self.device, self._impls[self.select(q.dtype, q.shape[-1]).backend], q, k, v, out)
 
 

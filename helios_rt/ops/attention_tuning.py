@@ -1,9 +1,10 @@
 """Warm-up tuning of `attention="auto"` on CUDA: time every backend that runs at the engine's own shapes and
 keep the fastest.
 
-The shapes are the ones the chunk compiler traced: `AttentionDispatch.shapes` counts every attention call
-of a planned chunk (on meta tensors), so the trial covers each pyramid stage's self-attention and the
-cross-attention to the prompt at the engine's batch, lengths, heads, head dim and dtype, each weighted by
+The shapes are read from the chunk's plans (`plan_shapes`: every attention op of every planned kind, with
+its q and k shapes, counted), the op sequence the engine runs, whether planned now or loaded from the plan
+cache; so the trial covers each pyramid stage's self-attention and the cross-attention to the prompt at the
+engine's batch, lengths, heads, head dim and dtype (per rank under sequence parallelism), each weighted by
 how often a chunk makes it. A backend's score is the sum of (median ms x calls) over those shapes.
 
 Tuning allocates, synchronises and lets the Triton kernel autotune at each shape, so it belongs to warm-up,
@@ -16,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import time
-from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -28,13 +30,25 @@ from .attention_backends import (
     BACKENDS,
     AttentionDispatch,
     AttentionSelection,
-    AttentionShape,
     implementation,
 )
 
 Tensor = torch.Tensor
 Timer = Callable[[str, Callable[[], object]], float]  # (backend, one call) -> ms per call
 Key = tuple[torch.dtype, int]
+AttentionShape = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]  # q shape, k shape, dtype
+ATTENTION_OP = re.compile(r"helios_rt\.attention(_\w+)?\.default")  # the Triton op and the library ops
+
+
+def plan_shapes(plans: Iterable) -> Counter[AttentionShape]:
+    """The attention calls of `plans` (`compile.workspace.ProgramPlan`s) by (q shape, k shape, dtype)."""
+    shapes: Counter[AttentionShape] = Counter()
+    for plan in plans:
+        for step in plan.steps:
+            if ATTENTION_OP.fullmatch(step.op):
+                (q, dtype), (k, _) = step.inputs[:2]
+                shapes[(q, k, dtype)] += 1
+    return shapes
 
 
 @dataclass(frozen=True)
@@ -48,20 +62,21 @@ class Tuning:
 
 def tune_attention(
     attention: object,
-    shapes: Mapping[AttentionShape, int] | None = None,
+    shapes: Mapping[AttentionShape, int],
     timer: Timer | None = None,
     lookup: Callable[[str], Callable] | None = None,
 ) -> Tuning:
-    """Time the backends of `attention` (an op table's `attention`) at `shapes` (default: the shapes its
-    planned chunks traced) and adopt the fastest per (dtype, head dim). Does nothing unless `attention` is
-    the backend table's dispatch for `attention="auto"` on CUDA; a (dtype, head dim) already timed is kept."""
+    """Time the backends of `attention` (an op table's `attention`) at `shapes` (calls per chunk, e.g.
+    `plan_shapes(program.plans.values())`) and adopt the fastest per (dtype, head dim). Does nothing unless
+    `attention` is the backend table's dispatch for `attention="auto"` on CUDA; a (dtype, head dim) already
+    timed is kept (its graphs may be captured)."""
     if not isinstance(attention, AttentionDispatch) or attention.choice != "auto" or not attention.env.cuda:
         return Tuning()
     if _capturing(attention.device):
         raise RuntimeError("attention tuning cannot run while a CUDA graph is being captured; "
                            "tune in warm-up, before ChunkProgram.capture()")  # fmt: skip
     groups: dict[Key, dict[AttentionShape, int]] = defaultdict(dict)
-    for shape, calls in (attention.shapes if shapes is None else shapes).items():
+    for shape, calls in shapes.items():
         groups[(shape[2], shape[0][-1])][shape] = calls
     tuned: dict[Key, AttentionSelection] = {}
     changed = False
