@@ -3,12 +3,12 @@ with CUDA events (the projection's rates in `compile.cost.attention_rates` are w
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from ..ops import attention_backends as AB
+from ..ops.attention_tuning import median_ms
 from ..ops.reference import attention_flops
 from .table import Row
 
@@ -23,29 +23,14 @@ class AttentionTiming:
 
 
 def time_backend(name: str, q: torch.Tensor, iters: int = 10) -> AttentionTiming:
-    """Median time of `iters` calls of backend `name` on q = k = v (a warm-up call first: Triton autotunes)."""
+    """Median time of `iters` calls of backend `name` on q = k = v (a warm-up call first: Triton autotunes),
+    timed like the engine's warm-up times them (`ops.attention_tuning.median_ms`)."""
     fn = AB.implementation(name)
     out = torch.empty_like(q)
     fn(q, q, q, out=out)
-    times = []
-    for _ in range(iters):
-        times.append(_timed(lambda: fn(q, q, q, out=out), q.device))
-    ms = sorted(times)[len(times) // 2]
+    ms = median_ms(lambda: fn(q, q, q, out=out), q.device, iters)
     b, n, h, d = q.shape
     return AttentionTiming(name, ms, attention_flops(b, n, n, h, d) / (ms * 1e-3) / 1e12)
-
-
-def _timed(call, device: torch.device) -> float:
-    if device.type != "cuda":
-        start = time.perf_counter()
-        call()
-        return (time.perf_counter() - start) * 1e3
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    call()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end)
 
 
 def measure_backends(
