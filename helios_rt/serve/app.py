@@ -22,7 +22,18 @@ from .protocol import max_message_chars
 from .session import Session
 
 HUB_KEY: web.AppKey[Hub] = web.AppKey("helios_hub", Hub)
-_PAGES = {"/": ("index.html", "text/html"), "/player.js": ("player.js", "text/javascript")}
+_PAGES = {
+    "/": ("index.html", "text/html"),
+    "/player.js": ("player.js", "text/javascript"),
+    "/player.css": ("player.css", "text/css"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+# The page has no third-party content and no inline script or style: everything from this server, the
+# WebSocket to it, frames decoded from blob: URLs, the I2V preview a data: URL. No site may frame it
+# (clickjacking the Start button of a token-protected server): frame-ancestors, and X-Frame-Options for
+# browsers without CSP 2.
+_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self' {ws}; "
+        "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
 
 
 def create_app(
@@ -31,8 +42,9 @@ def create_app(
     """An application serving `engine`: `web.run_app(create_app(engine))`, or mount it in your own
     application with `app.add_subapp("/video/", create_app(engine))` (the page uses relative URLs).
 
-    Routes: `GET /` the page, `GET /player.js`, `GET /ws` the stream WebSocket, `GET /stats` the
-    hub's counters (JSON). The engine is used from one worker thread only; close it after the app.
+    Routes: `GET /` the page, `GET /player.js`, `/player.css`, `/favicon.svg`, `GET /ws` the stream
+    WebSocket, `GET /stats` the hub's counters (JSON).
+    The engine is used from one worker thread only; close it after the app.
     With a token, keep access logs off (`run_app(..., access_log=None)`): the page sends it as ?token=.
     `encoder` turns each chunk's frames into JPEGs (default: a `JpegEncoder` at the config's quantiser);
     the tests pass one that records the frames it is given, to compare them with the engine's own.
@@ -99,9 +111,16 @@ def _static_page(name: str, content_type: str, config: ServeConfig):
     async def page(request: web.Request) -> web.Response:
         _check_host(request, config)
         body = resources.files(__package__).joinpath("static", name).read_bytes()
-        return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-store"})
+        return web.Response(body=body, content_type=content_type, headers=security_headers(request))
 
     return page
+
+
+def security_headers(request: web.Request) -> dict[str, str]:
+    """What every file of the page is served with: no caching, no framing, nothing from elsewhere."""
+    ws = f"ws://{request.host} wss://{request.host}"  # CSP 2 browsers do not let 'self' cover ws: URLs
+    return {"Cache-Control": "no-store", "Content-Security-Policy": _CSP.format(ws=ws), "X-Frame-Options": "DENY",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}  # fmt: skip
 
 
 def _check_token(request: web.Request, config: ServeConfig) -> None:

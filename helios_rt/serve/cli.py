@@ -1,32 +1,49 @@
-"""The `serve` subcommand: load a model and serve the page and the stream WebSocket."""
+"""The `serve` subcommand: bind the port, load a model, serve the page and the stream WebSocket."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 
 from .config import ServeConfig
 
 _TOKEN_ENV = "HELIOS_RT_TOKEN"
+_EXAMPLE = """example:
+  helios-rt serve --model demo                    # then open http://127.0.0.1:8765/
+  HELIOS_RT_TOKEN=$(openssl rand -hex 16) helios-rt serve --model demo --host 0.0.0.0
+                                                  # then open http://HOST:8765/#token=<that token>
+"""
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add `serve` to the CLI's subparsers; `run_serve(args)` runs it."""
     from ..cli import add_engine_arguments
 
-    p = subparsers.add_parser("serve", help="serve a page that plays the video live and switches prompts")
-    p.add_argument("--model", required=True, help="'demo' (built-in, untrained) or a Helios checkpoint folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--max-sessions", type=int, default=1, help="streams generating at once (they take turns)")
-    p.add_argument("--max-queue", type=int, default=8, help="sessions that may wait for a turn")
-    p.add_argument("--chunks-ahead", type=int, default=2, help="chunks generated ahead of what a client received")
-    p.add_argument("--jpeg-qscale", type=int, default=3, help="JPEG quantiser, 2 (best) .. 31 (smallest)")
-    p.add_argument("--jpeg-chroma", default="444", choices=["444", "420"],
+    defaults = ServeConfig()
+    p = subparsers.add_parser("serve", help="serve a page that plays the video live and switches prompts",
+                              description="Serve a page that plays the video as it is generated and switches "
+                              "prompts live.", epilog=_EXAMPLE,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--model", required=True, default=argparse.SUPPRESS,
+                   help="'demo' (built-in, untrained) or a Helios checkpoint folder")  # fmt: skip
+    s = p.add_argument_group("serving options")
+    s.add_argument("--host", default=defaults.host,
+                   help="address to bind; another than this machine's needs a token in --token-env")  # fmt: skip
+    s.add_argument("--port", type=int, default=defaults.port, help="TCP port, bound before the model loads")
+    s.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
+                   help="streams generating at once (they take turns)")  # fmt: skip
+    s.add_argument("--max-queue", type=int, default=defaults.max_queue, help="sessions that may wait for a turn")
+    s.add_argument("--chunks-ahead", type=int, default=defaults.chunks_ahead,
+                   help="chunks generated ahead of what a client received")  # fmt: skip
+    s.add_argument("--jpeg-qscale", type=int, default=defaults.jpeg_qscale,
+                   help="JPEG quantiser, 2 (best) .. 31 (smallest)")  # fmt: skip
+    s.add_argument("--jpeg-chroma", default=defaults.jpeg_chroma, choices=["444", "420"],
                    help="420: about half the bytes, colour edges as each browser upsamples them")  # fmt: skip
-    p.add_argument("--token-env", default=_TOKEN_ENV,
-                   help=f"variable holding a bearer token to require (default {_TOKEN_ENV}; unset: none)")  # fmt: skip
-    add_engine_arguments(p)
+    s.add_argument("--token-env", default=_TOKEN_ENV, metavar="VAR",
+                   help="environment variable holding a bearer token to require (unset or empty: none)")  # fmt: skip
+    add_engine_arguments(p.add_argument_group("engine options"))
     p.set_defaults(func=run_serve)
     return p
 
@@ -37,6 +54,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError("serve does not run under torchrun (every rank would start a server); "
                          "run `helios-rt serve` as one process")  # fmt: skip
     token = os.environ.get(args.token_env) or None
+    if token is not None and len(token) < 8:
+        raise ValueError(f"{args.token_env} holds a token of {len(token)} characters; use at least 8 "
+                         "(e.g. `openssl rand -hex 16`)")  # fmt: skip
     config = ServeConfig(host=args.host, port=args.port, token=token, max_sessions=args.max_sessions,
                          max_queue=args.max_queue, chunks_ahead=args.chunks_ahead, jpeg_qscale=args.jpeg_qscale,
                          jpeg_chroma=args.jpeg_chroma)  # fmt: skip
@@ -46,8 +66,29 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return config
 
 
+def bind(config: ServeConfig) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use fails in a second, not after a load."""
+    try:
+        infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ValueError(f"--host {config.host} is not an address of this machine ({err.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart does not wait for TIME_WAIT
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {config.port} on {config.host} is in use (another helios-rt serve?); stop it "
+                             "or pick another port with --port") from None  # fmt: skip
+        raise ValueError(f"cannot listen on {config.host}:{config.port}: {err.strerror}") from None
+    return sock
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """Load the model, warm it up, serve until Ctrl-C."""
+    """Bind the port, load the model, warm it up, serve until Ctrl-C."""
     from ..cli import _engine_config
     from ..engine import Engine
     from ._require import require_aiohttp
@@ -58,10 +99,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
 
-    with Engine.from_pretrained(args.model, _engine_config(args)) as engine:
-        engine.warmup()
-        url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}/"
-        print(f"helios-rt serve: open {url}{'#token=...' if config.token else ''}", flush=True)
-        # no access log: the page's WebSocket URL carries the token (?token=) and would be written there
-        web.run_app(create_app(engine, config), host=config.host, port=config.port, print=None, access_log=None)
+    sock = bind(config)
+    try:
+        with Engine.from_pretrained(args.model, _engine_config(args)) as engine:
+            engine.warmup()
+            url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}/"
+            print(f"helios-rt serve: open {url}{'#token=...' if config.token else ''}", flush=True)
+            # no access log: the page's WebSocket URL carries the token (?token=) and would be written there
+            web.run_app(create_app(engine, config), sock=sock, print=None, access_log=None)
+    finally:
+        sock.close()
     return 0

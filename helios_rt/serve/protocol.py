@@ -5,7 +5,9 @@ Client -> server, JSON text only:
   {"type": "prompt", "prompt": str}        switch the prompt of the playing stream
   {"type": "ack", "chunk": int}            every frame of that chunk arrived (opens room for one more)
   {"type": "stop"}
-Server -> client: JSON text (hello, busy, started, chunk, prompt, end, stopped, error) and one binary
+  {"type": "pause"}                        generate nothing more (no acknowledgement deadline) until resume
+  {"type": "resume"}
+Server -> client: JSON text (hello, busy, started, chunk, prompt, paused, resumed, end, stopped, error) and one binary
 message per frame: `FRAME_HEADER` (magic, chunk index, frame index in the video) then the JPEG bytes.
 
 A refused message raises `ProtocolError` whose text names the field, what was wrong and what to
@@ -54,13 +56,25 @@ class Stop:
     pass
 
 
-Message = Start | SetPrompt | Ack | Stop
+@dataclass(frozen=True)
+class Pause:
+    """The page was hidden: keep the stream, generate nothing more and wait for `Resume` (no ack deadline)."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    pass
+
+
+Message = Start | SetPrompt | Ack | Stop | Pause | Resume
 
 _FIELDS = {
     "start": {"type", "prompt", "seed", "num_frames", "image"},
     "prompt": {"type", "prompt"},
     "ack": {"type", "chunk"},
     "stop": {"type"},
+    "pause": {"type"},
+    "resume": {"type"},
 }
 
 
@@ -89,7 +103,7 @@ def parse_message(text: str, config: ServeConfig) -> Message:
         return SetPrompt(_prompt(data, config))
     if kind == "ack":
         return Ack(_integer(data, "chunk", 0, 2**31 - 1))
-    return Stop()
+    return {"stop": Stop, "pause": Pause, "resume": Resume}[kind]()
 
 
 def _start(data: dict, config: ServeConfig) -> Start:

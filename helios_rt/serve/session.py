@@ -5,6 +5,11 @@ are generated but not acknowledged by the client (`{"type": "ack"}` once every f
 arrived). A slow client therefore pauses its own stream and the server holds at most
 `chunks_ahead` encoded chunks per session; a client that disconnects ends its stream, whose
 buffers are freed on the engine thread as soon as the chunk in progress (if any) is done.
+
+Pause: a page that is hidden sends `pause` rather than acknowledging frames nobody sees (or going
+silent until `ack_timeout_s` ends its stream). The stream is kept whole: the chunks already made are
+still sent, nothing more is generated and no acknowledgement deadline runs until `resume`. The
+paused stream keeps its turn, so with `max_sessions` 1 other clients queue meanwhile.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -20,13 +26,22 @@ from aiohttp import WSMsgType, web
 from ..errors import InputError
 from .frames import JpegEncoder, decode_image
 from .hub import Hub, QueueFull
-from .protocol import Ack, ProtocolError, SetPrompt, Start, Stop, pack_frame, parse_message
+from .protocol import Ack, Pause, ProtocolError, Resume, SetPrompt, Start, Stop, pack_frame, parse_message
 
 log = logging.getLogger("helios_rt.serve")
 
 
 class AckTimeout(Exception):
     """The client acknowledged nothing for `ack_timeout_s` while its stream waited for room."""
+
+
+class _PastTheEnd(Exception):
+    """A prompt switch that would take effect at or after a chunk the stream will never make."""
+
+    def __init__(self, total: int, chunk: int) -> None:
+        last = f"its last chunk is {total - 1}" if total > 1 else "it has one chunk, chunk 0"
+        super().__init__(f"the switch would take effect at chunk {chunk}, past the end of this stream ({last}); "
+                         "start a new stream with this prompt")  # fmt: skip
 
 
 class Session:
@@ -43,6 +58,7 @@ class Session:
         self._acked = -1  # the last chunk the client acknowledged
         self._unacked: dict[int, int] = {}  # chunk -> encoded bytes, generated and not yet acknowledged
         self._room = asyncio.Event()
+        self._paused = False  # the client asked for nothing more until it resumes (a hidden tab)
 
     # ---- the receive loop ------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -88,6 +104,8 @@ class Session:
             playing = self._play is not None and not self._play.done()
             await self._stop()
             await self.send({"type": "stopped", "reason": "stop" if playing else "nothing was playing"})
+        elif isinstance(message, (Pause, Resume)):
+            await self._pause(isinstance(message, Pause))
 
     # ---- messages --------------------------------------------------------------------------------
     async def _start(self, message: Start) -> None:
@@ -109,17 +127,32 @@ class Session:
         if stream is None:
             await self.error("no stream is playing; send start first")
             return
+        total = stream.chunks_total
         try:
+            if total is not None and self._generated >= total:  # every chunk is made: nothing left to switch
+                raise _PastTheEnd(total, total)
             chunk = await self.hub.on_engine(stream.set_prompt, prompt)
+            if total is not None and chunk >= total:  # the switch would land on a chunk that never comes
+                raise _PastTheEnd(total, chunk)
+        except _PastTheEnd as past:
+            reply = {"type": "error", "message": str(past), "fatal": False, "about": "prompt"}
         except (InputError, TypeError) as err:
-            reply = {"type": "error", "message": str(err), "fatal": False}
+            reply = {"type": "error", "message": str(err), "fatal": False, "about": "prompt"}
         except RuntimeError:  # the stream ended or failed while the switch waited for the engine
-            reply = {"type": "error", "fatal": False,
+            reply = {"type": "error", "fatal": False, "about": "prompt",
                      "message": "the stream ended before the prompt could switch; start a new one"}  # fmt: skip
         else:
             reply = {"type": "prompt", "prompt": prompt, "chunk": chunk}
         self._tasks.discard(asyncio.current_task())  # no longer pending: the client may send the next one
         await self.send(reply)
+
+    async def _pause(self, pause: bool) -> None:
+        if self._stream is None:
+            await self.error(f"no stream is playing to {'pause' if pause else 'resume'}; send start first")
+            return
+        self._paused = pause
+        self._room.set()  # a wait for room re-reads the pause (and, on resume, restarts its deadline)
+        await self.send({"type": "paused" if pause else "resumed", "generated": self._generated})
 
     async def _ack(self, chunk: int) -> None:
         if chunk > self._sent:
@@ -168,12 +201,14 @@ class Session:
                              "chunks_total": stream.chunks_total, "image": image is not None})  # fmt: skip
             while True:
                 await self._wait_for_room()
+                began = time.perf_counter()
                 chunk = await self.hub.on_engine(next, stream, None)
                 if chunk is None:
                     break
+                generate_s = time.perf_counter() - began  # the engine thread's wall time for this chunk
                 jpegs = await self.hub.on_codec(self.encoder.encode, chunk.video_frames)
                 self._count(chunk.index, sum(map(len, jpegs)))
-                await queue.put((chunk, jpegs))
+                await queue.put((chunk, jpegs, generate_s))
             await queue.put(None)
             await sender
             await self.send({"type": "end", "chunks": self._generated, "ttff_s": stream.time_to_first_frame_s,
@@ -199,6 +234,7 @@ class Session:
 
     def _reset(self, stream: Any) -> None:
         self._stream, self._generated, self._sent, self._acked = stream, 0, -1, -1
+        self._paused = False
         self._unacked.clear()
 
     def _release(self, stream: Any) -> None:
@@ -210,11 +246,16 @@ class Session:
         self.hub.stats.streams_ended += 1
 
     async def _wait_for_room(self) -> None:
-        """Wait until the client acknowledged enough; `AckTimeout` after `ack_timeout_s` without room."""
+        """Wait until the client acknowledged enough and is not paused; `AckTimeout` after `ack_timeout_s`
+        without room (a paused client has no deadline: it asked for the wait)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.ack_timeout_s
-        while self._generated - (self._acked + 1) >= self.config.chunks_ahead:
+        while self._paused or self._generated - (self._acked + 1) >= self.config.chunks_ahead:
             self._room.clear()
+            if self._paused:
+                await self._room.wait()
+                deadline = loop.time() + self.config.ack_timeout_s
+                continue
             try:
                 await asyncio.wait_for(self._room.wait(), max(0.0, deadline - loop.time()))
             except TimeoutError:
@@ -229,9 +270,10 @@ class Session:
 
     async def _send_chunks(self, queue: asyncio.Queue) -> None:
         while (item := await queue.get()) is not None:
-            chunk, jpegs = item
+            chunk, jpegs, generate_s = item
             await self.send({"type": "chunk", "index": chunk.index, "first_frame": chunk.first_frame,
-                             "frames": len(jpegs), "bytes": sum(map(len, jpegs)), **chunk.timings})  # fmt: skip
+                             "frames": len(jpegs), "bytes": sum(map(len, jpegs)), "generate_s": generate_s,
+                             **chunk.timings})  # fmt: skip
             for i, jpeg in enumerate(jpegs):
                 if i == len(jpegs) - 1:  # before the write: the client may acknowledge as soon as it arrives
                     self._sent = chunk.index
