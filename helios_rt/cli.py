@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .config import ATTENTION_CHOICES
+
 EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_CHECKPOINT, EXIT_RUNTIME = 1, 2, 3, 4, 5
 
 
@@ -62,8 +64,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
-    parser.add_argument("--attention", default="auto", choices=["auto", "fa3", "fa2", "triton", "sdpa", "reference"],
-                        help="attention backend; auto: FA3 on sm_90, FA2 on sm_80+, else Triton or SDPA")  # fmt: skip
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                        help="attention backend; auto: on a GPU the fastest that runs, timed at warm-up")  # fmt: skip
     parser.add_argument("--graphs", default="auto", choices=["auto", "chunk", "off"],
                         help="chunk: each chunk one planned program (one CUDA graph replay on a GPU); "
                         "off: the ops run eagerly (debugging, per-op profiles)")  # fmt: skip

@@ -204,6 +204,9 @@ def preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or pass a path") from None
 
 
+# the attention backends a user may name (helios_rt.ops.attention_backends defines what each is)
+ATTENTION_CHOICES: tuple[str, ...] = ("auto", "fa3", "fa2", "triton", "cudnn", "sdpa", "reference")
+
 _DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -229,8 +232,8 @@ class EngineConfig:
     vae_dtype: str = "auto"  # "auto" follows dtype
     kernels: str = "auto"  # "auto", "reference", "triton"
     # the attention backend (helios_rt.ops.attention_backends): "auto" follows `kernels` ("auto" on CUDA takes
-    # FlashAttention-3 on sm_90, else FlashAttention-2 on sm_80+, else Triton, else SDPA), or "fa3", "fa2",
-    # "triton", "sdpa", "reference"; an explicit choice that cannot run is refused at load with the fix
+    # the fastest backend that runs, timed at the engine's shapes during warm-up; untimed, the first of AUTO_ORDER),
+    # or one of ATTENTION_CHOICES; an explicit choice that cannot run is refused at load with the fix
     attention: str = "auto"
     # the compiled chunk: "chunk" runs each chunk as one planned program on one arena, captured as one
     # CUDA graph per chunk kind on CUDA (on a CPU the same program runs from its arena, uncaptured);
@@ -292,10 +295,8 @@ class EngineConfig:
                 f"EngineConfig.text_encoder_precision={self.text_encoder_precision!r}: use 'native' (the dtype) "
                 "or 'fp8' (umT5's linears in e4m3, weight-only)"
             )
-        if self.attention not in ("auto", "fa3", "fa2", "triton", "sdpa", "reference"):
-            raise ValueError(
-                f"EngineConfig.attention={self.attention!r}: use 'auto', 'fa3', 'fa2', 'triton', 'sdpa' or 'reference'"
-            )
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"EngineConfig.attention={self.attention!r}: use one of {', '.join(ATTENTION_CHOICES)}")
         if self.graphs not in ("auto", "chunk", "off"):
             raise ValueError(f"EngineConfig.graphs={self.graphs!r}: use 'auto', 'chunk' or 'off'")
         if self.overlap_decode not in (None, True, False):

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..config import ModelConfig, preset
+from ..config import ATTENTION_CHOICES, ModelConfig, preset
 from ..fp8 import quantize_blocks_
 from ..model.transformer import HeliosTransformer, keeps_fp32
 from ..ops import OpSet
@@ -490,7 +490,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"],
                    help="the op table to plan with, as a CUDA engine resolves it (auto: Triton)")  # fmt: skip
-    p.add_argument("--attention", default="auto", choices=["auto", "fa3", "fa2", "triton", "sdpa", "reference"],
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                    help="the attention backend to plan with (auto: Triton, as without flash-attn)")  # fmt: skip
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
                    help="also answer whether it fits a budget of this many GB (decoding in exact time "

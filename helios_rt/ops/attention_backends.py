@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..config import ATTENTION_CHOICES
 from .registry import entry
 
 Tensor = torch.Tensor
 log = logging.getLogger("helios_rt")
 
-ATTENTION_CHOICES: tuple[str, ...] = ("auto", "fa3", "fa2", "triton", "cudnn", "sdpa", "reference")
 # The untimed ranking (a CPU, graphs="off", the load-time pick before warm-up times them), by the cost model's
 # H100 rates (`compile/cost/attention_rates.py`): FA3 640 TFLOP/s (measured) > our Triton kernel 400
 # (estimate, FA2-class tiles on wgmma) > FA2 335 (measured) = SDPA's flash kernel. cuDNN has no rate there
