@@ -29,6 +29,7 @@ import torch
 
 from .checkpoint import CheckpointError, find_component, read_json
 from .compile.chunk_program import ChunkKind, ChunkProgram, TextShape
+from .compile.plan_cache import PlanCache
 from .config import EngineConfig
 from .errors import InputError, NonFiniteError, StreamFailedError
 from .guards import check_device, check_finite_input
@@ -107,7 +108,10 @@ class Engine:
         self.overlap_decode = config.resolved_overlap()
         if config.resolved_graphs() == "chunk":
             # the compiled chunk: planned on first use of a kind, captured per kind at warm-up on CUDA
-            self.chunk_program = ChunkProgram(self.sampler, batch=1, text=TextShape(MAX_TEXT_TOKENS))
+            self.chunk_program = ChunkProgram(
+                self.sampler, batch=1, text=TextShape(MAX_TEXT_TOKENS), plan_cache=PlanCache.for_device(self.device)
+            )
+        self.load_timings: dict[str, float] = {}  # set by from_pretrained: load_s, weights_gb, load_gb_s
         self._history_mod = transformer.history_modulation()
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()  # closed with the engine
         self._closed = False
@@ -117,6 +121,13 @@ class Engine:
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> Engine:
         """Load a diffusers-layout Helios checkpoint folder, or `"demo"` for the built-in untrained model."""
         config = config or EngineConfig()
+        start = time.perf_counter()
+        engine = cls._load(path, config)
+        engine.load_timings = _load_timings(engine, time.perf_counter() - start)
+        return engine
+
+    @classmethod
+    def _load(cls, path: str | Path, config: EngineConfig) -> Engine:
         check_device(config.resolved_device())  # before any weight is read, for Python callers too
         if config.precision == "fp8":
             from .fp8.linear import require_fp8_support
@@ -254,11 +265,13 @@ class Engine:
         self._check_open()
         generator = noise_generator(seed)
         with self.scope:
+            start = time.perf_counter()
             cond = self._embed(prompt, prompt_embeds, "prompt")
             uncond = None
             if self.spec.uses_cfg:
                 uncond = self._embed(negative_prompt or "", negative_prompt_embeds, "negative_prompt", allow_empty=True)
-            stream = Stream(self, cond, uncond, image, video, num_frames, generator)
+            text_s = _synced(self.device, start)
+            stream = Stream(self, cond, uncond, image, video, num_frames, generator, text_encoder_s=text_s)
         self._streams.add(stream)
         return stream
 
@@ -358,6 +371,7 @@ class Stream:
         video,
         num_frames: int | None,
         generator: torch.Generator,
+        text_encoder_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.num_frames = num_frames
@@ -387,7 +401,11 @@ class Stream:
         self._slot_free: list[Any] = [None, None]  # the decode-end mark of the chunk that last used the slot
         self._started = time.perf_counter()
         self.handover_times: list[float] = []  # perf_counter() when each chunk was handed to the caller
+        program = engine.chunk_program
+        self._cold_at_start = program.cold.snapshot() if program is not None else None
+        self._cold: dict[str, float] = {"text_encoder_s": text_encoder_s}
         self._condition_on(image, video)
+        self._cold["condition_s"] = _synced(engine.device, self._started)
         self._iterator = self._chunks()
 
     def _condition_on(self, image, video) -> None:
@@ -503,6 +521,28 @@ class Stream:
         return self.handover_times[0] - self._started if self.handover_times else None
 
     @property
+    def timings(self) -> dict[str, float]:
+        """The cold start by phase, in seconds (after the first chunk; before it, what is known).
+
+        load_s, load_gb_s: the engine's load (`Engine.from_pretrained`); text_encoder_s: the prompt
+        encoding before the stream starts; condition_s: the image or video encode (I2V/V2V); plan_s
+        (plans_loaded from the cache, plans_made here), warmup_s (eager runs thrown away: on CUDA the
+        Triton compiles and autotuning), capture_s: the chunk program's work for this stream;
+        first_chunk_s: the rest of the time to first frame (the first chunk's compute, its decode,
+        the hand-over); ttff_s as `time_to_first_frame_s`.
+        """
+        out = dict(self.engine.load_timings) if self.engine is not None else {}
+        out.update(self._cold)
+        if self._cold_at_start is not None and self.engine.chunk_program is not None:
+            now = self.engine.chunk_program.cold.snapshot()
+            out.update({k: now[k] - self._cold_at_start[k] for k in now})
+        ttff = self.time_to_first_frame_s
+        if ttff is not None:
+            before = sum(out.get(k, 0.0) for k in ("condition_s", "plan_s", "warmup_s", "capture_s"))
+            out.update(ttff_s=ttff, first_chunk_s=max(ttff - before, 0.0))
+        return out
+
+    @property
     def steady_fps(self) -> float | None:
         """Frames per second handed over after the first chunk (None before the second chunk)."""
         t = self.handover_times
@@ -556,9 +596,9 @@ class Stream:
             program.replan(text)  # explicit, outside any capture
         program.set_text(text)
         if program.cuda_graph and (fresh or self._launched == 0):
-            kinds = [program.kind(first_chunk=self._launched == 0), ChunkKind(False, False)]
-            with nvtx_range("warmup"):
-                program.capture(list(dict.fromkeys(kinds)))
+            now = program.kind(first_chunk=self._launched == 0)
+            with nvtx_range("warmup"):  # this chunk's own run is its kind's warm-up: nothing thrown away
+                program.capture(list(dict.fromkeys([now, ChunkKind(False, False)])), first=now)
             program.attach(self._history)
 
     def _decode(self, launched: _Launched) -> _Decoded:
@@ -697,6 +737,23 @@ class _PromptBlend:
             if self.step == self.chunks:
                 self.current = self.target
         return value
+
+
+def _synced(device: torch.device, start: float) -> float:
+    """Seconds since `start`, once `device`'s queued work is done (a phase's wall time, cold path only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _load_timings(engine: Engine, seconds: float) -> dict[str, float]:
+    """Seconds to load, the bytes of the networks' parameters and buffers, and their rate."""
+    modules = [engine.transformer, engine.vae]
+    encoder = getattr(engine._prompts.encoder, "encoder", None) if engine._prompts is not None else None
+    if isinstance(encoder, torch.nn.Module):  # umT5 (the demo's hash encoder has no weights)
+        modules.append(encoder)
+    nbytes = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+    return {"load_s": seconds, "weights_gb": nbytes / 1e9, "load_gb_s": nbytes / 1e9 / seconds if seconds else 0.0}
 
 
 def noise_generator(seed: int | torch.Generator) -> torch.Generator:

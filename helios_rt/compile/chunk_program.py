@@ -48,8 +48,9 @@ call, and it refuses to run while a graph is being captured.
 
 from __future__ import annotations
 
+import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,6 +60,7 @@ from ..profiling import nvtx_range
 from ..sampling.chunk import ChunkSampler, Conditioning
 from ..sampling.history import HistoryMemory
 from ..sampling.noise import StaticNoise
+from .plan_cache import PlanCache, key_fields, plan_key
 from .workspace import Executor, ProgramPlan, allocate_arena, plan_program
 
 Tensor = torch.Tensor
@@ -87,6 +89,29 @@ class TextShape:
     @classmethod
     def of(cls, text: TextContext) -> TextShape:
         return cls(text.keys[0].shape[1], text.lengths)
+
+
+@dataclass
+class ColdStart:
+    """Seconds the program spent before steady state, by phase (cumulative; a stream diffs them).
+
+    plan: planning or loading plans; warmup: eager runs whose result is thrown away (on CUDA the
+    Triton compiles and autotuning happen in a kind's first run); capture: recording graphs.
+    sources: per kind, "planned" or "cache".
+    """
+
+    plan_s: float = 0.0
+    warmup_s: float = 0.0
+    capture_s: float = 0.0
+    warmup_runs: int = 0
+    plans_loaded: int = 0
+    plans_made: int = 0
+    sources: dict[ChunkKind, str] = field(default_factory=dict)
+
+    def snapshot(self) -> dict[str, float]:
+        """The counters as a dict (a stream subtracts the one taken at its start)."""
+        return {"plan_s": self.plan_s, "plans_loaded": self.plans_loaded, "plans_made": self.plans_made,
+                "warmup_s": self.warmup_s, "warmup_runs": self.warmup_runs, "capture_s": self.capture_s}  # fmt: skip
 
 
 @dataclass
@@ -133,7 +158,8 @@ class ChunkProgram:
     """One chunk of `sampler`, planned into one arena and (on CUDA, at warm-up) captured per kind.
 
     batch: the sampler's batch; text: the shape of the prompt K/V to plan for (default: 512 tokens,
-    every row its own); cuda_graph: capture graphs at `capture()` (default: on CUDA).
+    every row its own); cuda_graph: capture graphs at `capture()` (default: on CUDA); plan_cache: where
+    plans are kept across processes (`plan_cache.PlanCache`; None plans every kind in this process).
     """
 
     def __init__(
@@ -142,6 +168,7 @@ class ChunkProgram:
         batch: int = 1,
         text: TextShape = TextShape(512),
         cuda_graph: bool | None = None,
+        plan_cache: PlanCache | None = None,
     ) -> None:
         self.sampler, self.batch, self.device = sampler, batch, torch.device(sampler.device)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -157,6 +184,10 @@ class ChunkProgram:
         self._capture_stream: torch.cuda.Stream | None = None  # made on this device at the first capture
         self._source: TextContext | None = None  # the caller's context last copied into the state
         self._owner: weakref.ref[HistoryMemory] | None = None
+        self.plan_cache = plan_cache
+        self._unverified: dict[ChunkKind, str] = {}  # kinds whose plan came from the cache: kind -> key
+        self._deferred: set[ChunkKind] = set()  # kinds captured after their first real run (`capture(first=)`)
+        self.cold = ColdStart()
 
     # ---- construction ----------------------------------------------------------------------------
     def _state(self, sampler: ChunkSampler, text: TextShape) -> ChunkState:
@@ -201,14 +232,38 @@ class ChunkProgram:
         if kind not in self.plans:
             if _capturing(self.device):
                 raise RuntimeError(f"ChunkProgram: {kind} has no plan; plan every kind before capturing (capture())")
-            sampler, state = self._meta_copy()
+            start = time.perf_counter()
             with nvtx_range(f"plan {kind}"):
-                self.plans[kind] = plan_program(chunk_body, sampler, state, kind, self.batch)
-            needed = max(p.arena_bytes for p in self.plans.values())
-            if self.arena is None or self.arena.numel() < needed:
-                self.arena = allocate_arena(max(self.plans.values(), key=lambda p: p.arena_bytes), self.device)
-                self._forget_graphs()
+                self.plans[kind] = self._cached_plan(kind) or self._new_plan(kind)
+            self.cold.plan_s += time.perf_counter() - start
+            self._grow_arena()
         return self.plans[kind]
+
+    def _key(self, kind: ChunkKind) -> str:
+        return plan_key(key_fields(self.sampler, self.batch, self.text_shape, kind))
+
+    def _cached_plan(self, kind: ChunkKind) -> ProgramPlan | None:
+        """The cache's plan of `kind` (to be verified by its first run), or None. Not on several ranks:
+        a rank's plan also depends on its mesh, which the key does not describe."""
+        if self.plan_cache is None or self.sampler.model.parallel is not None:
+            return None
+        key = self._key(kind)
+        plan = self.plan_cache.load(key)
+        if plan is not None:
+            self._unverified[kind] = key
+            self.cold.sources[kind] = "cache"
+            self.cold.plans_loaded += 1
+        return plan
+
+    def _new_plan(self, kind: ChunkKind) -> ProgramPlan:
+        """Plan `kind` on the meta copy, and store the plan when there is a cache."""
+        sampler, state = self._meta_copy()
+        plan = plan_program(chunk_body, sampler, state, kind, self.batch)
+        self.cold.sources[kind] = "planned"
+        self.cold.plans_made += 1
+        if self.plan_cache is not None and self.sampler.model.parallel is None:
+            self.plan_cache.store(self._key(kind), plan)
+        return plan
 
     def replan(self, text: TextContext) -> None:
         """Make the program take prompts shaped like `text`: new static text buffers, plans and graphs.
@@ -225,6 +280,8 @@ class ChunkProgram:
         self.state.history = history  # the stream state lives on; only the text buffers change
         self._meta = None
         self.plans.clear()
+        self._unverified.clear()
+        self._deferred.clear()
         self.arena = None
         self._forget_graphs()
         self._source = None
@@ -298,40 +355,104 @@ class ChunkProgram:
                 self._graphs[kind].replay()
             else:
                 self._execute(kind)
+                if kind in self._deferred:  # that run was the warm-up; capturing records and runs nothing
+                    self._deferred.discard(kind)
+                    self._graphs[kind] = self._timed_capture(kind)
         self.history.prefix_set = self.history.prefix_set or kind.set_prefix
         return self.output
 
     def _execute(self, kind: ChunkKind) -> None:
         plan = self.plan(kind)
-        with Executor(plan, self.arena):
-            chunk_body(self.sampler, self.state, kind, self.batch)
+        key = self._unverified.pop(kind, None)
+        if key is None:
+            with Executor(plan, self.arena):
+                chunk_body(self.sampler, self.state, kind, self.batch)
+            return
+        saved = self._save_state()
+        try:
+            with Executor(plan, self.arena):
+                chunk_body(self.sampler, self.state, kind, self.batch)
+        except RuntimeError as err:  # PlanMismatch above all: the cached plan is not this program's
+            self._restore_state(saved)
+            self.plan_cache.discard(key, f"{type(err).__name__}: {err}")
+            del self.plans[kind]
+            start = time.perf_counter()
+            self.plans[kind] = self._new_plan(kind)
+            self.cold.plan_s += time.perf_counter() - start
+            self._grow_arena()
+            with Executor(self.plans[kind], self.arena):
+                chunk_body(self.sampler, self.state, kind, self.batch)
+
+    def _save_state(self) -> tuple[Tensor, bool, list[Tensor]]:
+        """What a chunk writes outside the arena (the history and its prefix flag; the noise, which
+        it only reads, to be safe), kept while a cached plan runs for the first time."""
+        return self.history.buffer.clone(), self.history.prefix_set, [b.clone() for b in self.noise.buffers]
+
+    def _restore_state(self, saved: tuple[Tensor, bool, list[Tensor]]) -> None:
+        history, prefix_set, noise = saved
+        self.history.buffer.copy_(history)
+        self.history.prefix_set = prefix_set
+        for dst, src in zip(self.noise.buffers, noise, strict=True):
+            dst.copy_(src)
+
+    def _grow_arena(self) -> None:
+        """An arena for the largest plan (graphs on a smaller one are dropped)."""
+        largest = max(self.plans.values(), key=lambda p: p.arena_bytes)
+        if self.arena is None or self.arena.numel() < largest.arena_bytes:
+            self.arena = allocate_arena(largest, self.device)
+            self._forget_graphs()
 
     @torch.no_grad()
-    def capture(self, kinds: list[ChunkKind]) -> None:
+    def capture(self, kinds: list[ChunkKind], first: ChunkKind | None = None) -> None:
         """Plan, warm up and capture `kinds` (the one place graphs are made), on scratch state.
 
         Runs before a stream's first chunk (`Engine.warmup`): every plan is made first, so the arena
         has its final size; each kind then runs once eagerly (cuBLAS handles, Triton compiles) and is
         captured. The owner's history is kept (detached first); the noise and the program's own
         history are zeroed afterwards and refilled by the next `run()`.
+
+        first: the kind the caller runs next on its own state; it is not warmed up on scratch, its
+        next `run()` is the warm-up (a result that is used, not thrown away) and is captured after it.
         """
         if self._source is None:
             raise RuntimeError("ChunkProgram.capture: no prompt bound; call set_text() first")
         for kind in kinds:
             self.plan(kind)
-        if self.cuda_graph and all(kind in self._graphs for kind in kinds):
+        if self.cuda_graph and all(kind in self._graphs or kind in self._deferred for kind in kinds):
             return  # captured already (every stream start asks): the owner's state stays attached
-        self.detach()
-        for buf in self.noise.buffers:
-            buf.zero_()
-        with device_scope(self.device):
-            for kind in kinds:
-                if kind not in self._graphs:
-                    self._execute(kind)  # warm-up (and, on several ranks, the communicators' creation)
+        scratch = [k for k in kinds if k not in self._graphs and k != first]
+        if scratch:
+            self.detach()
+            for buf in self.noise.buffers:
+                buf.zero_()
+            with device_scope(self.device):
+                for kind in scratch:
+                    self._warm_up(kind)
                     if self.cuda_graph:
-                        self._graphs[kind] = self._capture(kind)
-        self.history.buffer.zero_()
-        self.history.prefix_set = False
+                        self._graphs[kind] = self._timed_capture(kind)
+            self.history.buffer.zero_()
+            self.history.prefix_set = False
+        if self.cuda_graph and first is not None and first not in self._graphs:
+            self._deferred.add(first)
+
+    def _warm_up(self, kind: ChunkKind) -> None:
+        """One eager run on scratch state whose result is thrown away (and, on several ranks, the
+        communicators' creation); timed to the end of its device work."""
+        start = time.perf_counter()
+        self._execute(kind)
+        self._sync()
+        self.cold.warmup_s += time.perf_counter() - start
+        self.cold.warmup_runs += 1
+
+    def _timed_capture(self, kind: ChunkKind) -> torch.cuda.CUDAGraph:
+        start = time.perf_counter()
+        graph = self._capture(kind)
+        self.cold.capture_s += time.perf_counter() - start
+        return graph
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _capture(self, kind: ChunkKind) -> torch.cuda.CUDAGraph:
         """One kind's graph, on this device's capture stream, in the thread-local error mode (see the
@@ -349,6 +470,7 @@ class ChunkProgram:
 
     def _forget_graphs(self) -> None:
         self._graphs.clear()
+        self._deferred.clear()
 
     @property
     def captured(self) -> tuple[ChunkKind, ...]:
@@ -359,4 +481,4 @@ class ChunkProgram:
         return 0 if self.arena is None else self.arena.numel()
 
 
-__all__ = ["ChunkKind", "ChunkProgram", "ChunkState", "TextShape", "chunk_body", "meta_model"]
+__all__ = ["ChunkKind", "ChunkProgram", "ColdStart", "ChunkState", "TextShape", "chunk_body", "meta_model"]
