@@ -27,6 +27,8 @@ a call), and residual adds run in place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,16 +121,53 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(x)
 
 
+NormSilu = Callable[..., Tensor]  # (x, gamma, scale, out=None) -> out
+
+
+def rms_norm_silu(x: Tensor, gamma: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """`out = silu(x / max(|x|_C, eps) * scale * gamma)`: the residual blocks' norm + SiLU, and the spec of
+    the fused kernel (`helios_rt.kernels.vae_norm`).
+
+    Three passes and no full-size temporary: `x * (scale / max(|x|, eps)) * gamma` is the reference's
+    `x / max(|x|, eps) * scale * gamma` reassociated (last-bit differences). The norm is taken in float32
+    for low-precision inputs; the scaled value is rounded to x.dtype before the gain and the SiLU.
+    """
+    if out is None:
+        out = torch.empty_like(x)
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+    factor = norm.clamp_min_(1e-12).reciprocal_().mul_(scale)
+    torch.mul(x, factor, out=out)
+    out.mul_(gamma)
+    return F.silu(out, inplace=True)
+
+
+NORM_SILU_BACKENDS = ("reference", "triton")
+
+
+def norm_silu_backend(name: str) -> NormSilu:
+    """The norm + SiLU a decoder runs: "reference" (the PyTorch spec above) or "triton" (one fused pass;
+    on a CPU only under TRITON_INTERPRET=1, for tests)."""
+    if name == "reference":
+        return rms_norm_silu
+    if name == "triton":
+        from ..kernels.vae_norm import rms_norm_silu as fused
+
+        return fused
+    raise ValueError(f"norm_silu={name!r}: use one of {NORM_SILU_BACKENDS}")
+
+
 class RMSNorm(nn.Module):
     """L2-normalise over channels, times sqrt(C) and a per-channel gain (diffusers `WanRMS_norm`).
 
-    Low-precision inputs are normalised in float32, as the reference does.
+    Low-precision inputs are normalised in float32, as the reference does. `norm_silu` is the function
+    `silu_into` runs (resolved once, by `WanVAE.use_norm_silu`, not per call).
     """
 
     def __init__(self, dim: int, images: bool = True) -> None:
         super().__init__()
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+        self.norm_silu: NormSilu = rms_norm_silu
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):
@@ -136,16 +175,8 @@ class RMSNorm(nn.Module):
         return F.normalize(x, dim=1) * self.scale * self.gamma
 
     def silu_into(self, x: Tensor, out: Tensor) -> Tensor:
-        """`out = silu(self(x))` in three passes and no full-size temporary.
-
-        `x * (scale / max(|x|, eps)) * gamma`: the reference's `x / max(|x|, eps) * scale * gamma`
-        reassociated (last-bit differences). The norm is taken in float32 for low-precision inputs.
-        """
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
-        factor = norm.clamp_min_(1e-12).reciprocal_().mul_(self.scale)
-        torch.mul(x, factor, out=out)
-        out.mul_(self.gamma)
-        return F.silu(out, inplace=True)
+        """`out = silu(self(x))`, written straight into `out` (a causal conv's time-padded input)."""
+        return self.norm_silu(x, self.gamma, self.scale, out=out)
 
 
 def _spatial_conv(conv: nn.Conv2d, x: Tensor, stride: int = 1) -> Tensor:
