@@ -125,7 +125,8 @@ class Session:
     async def _set_prompt(self, prompt: str) -> None:
         stream = self._stream
         if stream is None:
-            await self.error("no stream is playing; send start first")
+            await self.send({"type": "error", "message": "no stream is playing; send start first", "fatal": False,
+                             "about": "prompt"})  # fmt: skip
             return
         total = stream.chunks_total
         try:
@@ -177,9 +178,10 @@ class Session:
         except QueueFull as busy:
             await self.send({"type": "busy", "position": None, "queue_full": True, "message": str(busy)})
         except AckTimeout:
-            await self.error(f"no acknowledgement for {self.config.ack_timeout_s:g} s; the stream was stopped")
+            seconds = self.config.ack_timeout_s
+            await self.error(f"no acknowledgement for {seconds:g} s; the stream was stopped", fatal=True)
         except (InputError, ValueError, TypeError) as err:  # the engine refused the prompt or the image
-            await self.error(str(err))
+            await self.error(str(err), fatal=True)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # a chunk failed (e.g. non-finite latents): say so, keep the server up
