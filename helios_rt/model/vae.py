@@ -18,6 +18,10 @@ Shapes: pixels `[B, C, T, H, W]` in [-1, 1]; latents `[B, z_dim, T', H / 8, W / 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import find_component, load_state_dict, read_json
-from .vae_blocks import CausalConv3d, Decoder, Encoder, TimeCarry
+from .vae_blocks import CausalConv3d, Decoder, Encoder, RMSNorm, TimeCarry, norm_silu_backend
 
 Tensor = torch.Tensor
 # The reference encodes the first frame, then groups of 4 frames (whatever the temporal ratio).
@@ -149,6 +153,50 @@ class VAEConfig:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
+@contextmanager
+def cudnn_autotuned() -> Iterator[None]:
+    """cuDNN on, with its autotuner (`benchmark`), for the decode only; every flag is the host's again on exit.
+
+    The decode's 3-D convolutions run one fixed shape per engine, so autotuning once pays for every chunk;
+    setting `torch.backends.cudnn.benchmark` globally would change the host application's other convs too.
+    The flags the decode does not ask for (deterministic, TF32, fp32 precision, ...) keep the host's values.
+    The flags are process-wide, so another host thread's convs see them while a decode runs.
+    """
+    c = torch.backends.cudnn
+    with c.flags(
+        enabled=True,
+        benchmark=True,
+        benchmark_limit=c.benchmark_limit or 10,  # None without cuDNN: then not set at all
+        deterministic=c.deterministic,
+        allow_tf32=c.allow_tf32,
+        fp32_precision=c.fp32_precision,
+        depthwise_kernel=c.depthwise_kernel,
+    ):
+        yield
+
+
+def _autotuned(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with cudnn_autotuned():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def resolve_norm_silu(device: torch.device | str, kernels: str = "auto") -> str:
+    """The norm + SiLU backend of a decode on `device`: the fused Triton kernel on CUDA ("auto") or when asked
+    for ("triton", on a CPU only under TRITON_INTERPRET=1), the PyTorch spec otherwise."""
+    device = torch.device(device)
+    if kernels not in ("auto", "reference", "triton"):
+        raise ValueError(f"kernels must be 'auto', 'reference' or 'triton', got {kernels!r}")
+    if kernels == "reference" or (kernels == "auto" and device.type != "cuda"):
+        return "reference"
+    if device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"kernels='triton' needs a CUDA device or TRITON_INTERPRET=1; the VAE is on {device}")
+    return "triton"
+
+
 @dataclass(frozen=True)
 class LatentPosterior:
     """The encoder's diagonal Gaussian (diffusers `DiagonalGaussianDistribution`), raw latent space."""
@@ -188,6 +236,7 @@ class WanVAE(nn.Module):
             c.out_channels,
         )
         self._init_latent_stats()
+        self.norm_silu = "reference"  # which norm + SiLU the blocks run (`use_norm_silu`)
 
     def _init_latent_stats(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         # Non-persistent: computed from the config, never read from the weights. As in the pipelines,
@@ -201,9 +250,14 @@ class WanVAE(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, root: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        cls,
+        root: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        kernels: str = "auto",
     ) -> WanVAE:
-        """Build on the meta device, validate the folder's tensors against it, then assign them."""
+        """Build on the meta device, validate the folder's tensors against it, then assign them; then
+        `prepare_decode(device, kernels)`."""
         folder = find_component(root, "vae")
         config = VAEConfig.from_dict(read_json(folder / "config.json"))
         with torch.device("meta"):
@@ -212,7 +266,31 @@ class WanVAE(nn.Module):
         state = load_state_dict(folder, expected, lambda _name: dtype, device)
         module.load_state_dict(state, strict=True, assign=True)
         module._init_latent_stats(device, dtype)
-        return module.eval()
+        return module.eval().prepare_decode(device, kernels)
+
+    def prepare_decode(self, device: torch.device | str, kernels: str = "auto") -> WanVAE:
+        """Lay the conv weights out channels-last and pick the norm + SiLU backend (`resolve_norm_silu`).
+
+        The activations are channels-last already (`vae_blocks.MEMORY_FORMAT`); with weights in the same
+        layout cuDNN runs its NHWC kernels with no per-call weight transpose (and oneDNN on a CPU gives the
+        same float32 bits either way). Returns self.
+        """
+        self.use_norm_silu(resolve_norm_silu(device, kernels))
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        return self
+
+    def use_norm_silu(self, backend: str) -> WanVAE:
+        """Run every norm + SiLU of the encoder and decoder on `backend` ("reference" or "triton")."""
+        fn = norm_silu_backend(backend)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.norm_silu = fn
+        self.norm_silu = backend
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -229,18 +307,21 @@ class WanVAE(nn.Module):
 
     # -- decode ----------------------------------------------------------------------------------
     @torch.no_grad()
+    @_autotuned
     def decode(self, latents: Tensor, *, normalized: bool = False, slice_frames: int | None = None) -> Tensor:
         """`[B, z_dim, T, h, w]` latents -> `[B, out_channels, 1 + 4 (T - 1), 8h, 8w]` in [-1, 1].
 
         `normalized=True` takes the transformer's latents (denormalised here first). The output is in
         the VAE's dtype and clamped to [-1, 1], like the reference's `decode`. `slice_frames`: decode
-        that many latent frames at a time (bounded memory, the same result; None: all at once).
+        that many latent frames at a time (bounded memory, the same result; None: all at once). cuDNN
+        autotunes inside the call only (`cudnn_autotuned`).
         """
         self._check_latents(latents)
         slices = [self._decode_slice(z, normalized, carry) for z, carry in self._slices(latents, slice_frames)]
         return slices[0].contiguous() if len(slices) == 1 else torch.cat(slices, dim=2)
 
     @torch.no_grad()
+    @_autotuned
     def decode_frames(
         self,
         latents: Tensor,
