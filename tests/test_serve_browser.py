@@ -29,6 +29,7 @@ import av
 import numpy as np
 import pytest
 from support.serve_checks import FAST_DEMO, assert_served_from, by_chunk, engine_frames, recording_server
+from support.serve_harness import ChunkGate
 
 from helios_rt import Engine
 from helios_rt.serve import ServeConfig
@@ -206,6 +207,7 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
             await page.call("Performance.enable")
             await page.call("Page.navigate", url=f"{url}/?zoom=1")
             await page.wait_for("document.getElementById('status').textContent.startsWith('ready')", 30)
+            await page.wait_for("document.getElementById('start').disabled === false")
             # image-to-video through the page's upload: a 96x80 PNG the page crops and scales to 64x64
             document = await page.call("DOM.getDocument")
             node = await page.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#image")
@@ -274,3 +276,156 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
         assert not np.array_equal(got, plain[switch][: len(got)]), "the switched chunk is the unswitched stream's"
     print(f"\nbrowser: canvas vs sent frame {diffs}, switch at chunk {switch}, decode {stats['decode']} ms/frame "
           f"(latency), page main thread {cpu_per_frame * 1000:.2f} ms per frame shown")  # fmt: skip
+
+
+TOKEN = "s3cret-token"
+SHOTS = os.environ.get("HELIOS_RT_SCREENSHOTS")  # a folder: save the page at each state (docs/serve_screenshots.sh)
+
+
+async def state(page: DevTools) -> dict:
+    """The words on the page: the status (and its state), the error, the switch label, the buttons."""
+    return await page.evaluate(
+        "(() => { const t = (id) => document.getElementById(id).textContent;"
+        " const off = (id) => document.getElementById(id).disabled;"
+        " return {state: document.getElementById('status').dataset.state, status: t('status'), error: t('error'),"
+        " switch: t('switch'), prompt: t('current-prompt'), fps: t('fps'), rtf: t('rtf'), gen: t('gen'),"
+        " start: !off('start'), stop: !off('stop'), switchable: !off('switch-button'),"
+        " reconnect: !document.getElementById('reconnect').hidden,"
+        " preview: !document.getElementById('preview').hidden}; })()"
+    )
+
+
+async def reach(page: DevTools, name: str, timeout: float = 60.0) -> dict:
+    await page.wait_for(f"document.getElementById('status').dataset.state === {json.dumps(name)}", timeout)
+    return await state(page)
+
+
+async def shoot(page: DevTools, name: str) -> None:
+    if SHOTS:
+        shot = await page.call("Page.captureScreenshot", format="png")
+        Path(SHOTS, f"serve_{name}.png").write_bytes(base64.b64decode(shot["data"]))
+
+
+async def set_files(page: DevTools, files: list[str]) -> None:
+    document = await page.call("DOM.getDocument")
+    node = await page.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#image")
+    await page.call("DOM.setFileInputFiles", files=files, nodeId=node["nodeId"])
+
+
+async def press_enter(page: DevTools, element: str) -> None:
+    await page.evaluate(f"document.getElementById('{element}').dispatchEvent("
+                        "new KeyboardEvent('keydown', {key: 'Enter', bubbles: true}))")  # fmt: skip
+
+
+def sent_types(events: list[dict]) -> list[str]:
+    sent = [e["params"]["response"]["payloadData"] for e in events if e["method"] == "Network.webSocketFrameSent"]
+    return [json.loads(m)["type"] for m in sent]
+
+
+def test_the_page_says_what_happens(chromium: str, tmp_path: Path) -> None:
+    """One browser session walks the page's states and reads its words (issue 26): a missing and a wrong
+    token, then the right one through the address's hash; a file that is not an image, then a good one
+    (previewed); Start by Enter; a stall (the server's generation held) and its recovery; a hidden tab
+    (a second tab in front) that pauses the stream on the server past its acknowledgement deadline and
+    resumes; a switch past the end of a one-chunk stream, refused; finished; the server shutting down
+    mid-stream, then Reconnect offered.
+    """
+    engine = Engine.from_pretrained("demo", FAST_DEMO)
+    # a short acknowledgement deadline: a hidden tab that merely stopped acknowledging would lose its stream
+    config = ServeConfig(token=TOKEN, ack_timeout_s=1.0)
+    (tmp_path / "notes.txt").write_text("not an image")
+    profile = tmp_path / "profile"
+    profile.mkdir()
+
+    async def run() -> dict:
+        seen = {}
+        server = recording_server(engine, config)
+        url, hub, _ = await server.__aenter__()
+        gate = ChunkGate(hub)
+        try:
+            async with page_in_chromium(chromium, profile) as page:
+                await page.call("Network.enable")
+                await page.call("Page.navigate", url=f"{url}/")
+                await page.wait_for("document.getElementById('error').textContent")
+                seen["no token"] = await reach(page, "disconnected")
+                await page.evaluate("location.hash = 'token=wrong-token'")
+                await page.wait_for("document.getElementById('error').textContent.includes('wrong')")
+                seen["wrong token"] = await reach(page, "disconnected")
+                await page.evaluate(f"location.hash = 'token={TOKEN}'")
+                seen["token"] = await reach(page, "ready")
+                await set_files(page, [str(tmp_path / "notes.txt")])
+                await page.wait_for("document.getElementById('error').textContent.includes('not an image')")
+                seen["bad image"] = await state(page)
+                await set_files(page, [str(write_png(tmp_path / "first.png"))])
+                await page.wait_for("!document.getElementById('preview').hidden")
+                seen["good image"] = await state(page)
+                await page.evaluate("document.getElementById('prompt').value = 'a fish in a reef'")
+                await press_enter(page, "prompt")  # endless
+                seen["playing"] = await reach(page, "playing")
+                await page.wait_for("document.getElementById('rtf').textContent !== '-'")
+                await shoot(page, "playing")
+                gate.allow(0)  # generation stops: the page plays out its buffer, then stalls
+                seen["stalled"] = await reach(page, "stalled")
+                await page.wait_for("document.getElementById('fps').textContent === '0'")
+                seen["stalled fps"] = await state(page)
+                await shoot(page, "stalled")
+                gate.allow(None)
+                seen["recovered"] = await reach(page, "playing")
+                other = await page.call("Target.createTarget", url="about:blank")  # this tab is hidden now
+                seen["paused"] = await reach(page, "paused")
+                await shoot(page, "paused")
+                await asyncio.sleep(2 * config.ack_timeout_s)  # past the deadline of a silent client
+                await page.call("Target.closeTarget", targetId=other["targetId"])
+                await page.call("Page.bringToFront")
+                await page.wait_for("helios.player.shown.frame > 0 && document.visibilityState === 'visible'")
+                seen["resumed"] = await reach(page, "playing")
+                count = await page.evaluate("helios.player.shown.frame")
+                await page.wait_for(f"helios.player.shown.frame > {count} + 9")  # frames made after the pause
+                await page.evaluate("document.getElementById('stop').click()")
+                seen["stopped"] = await reach(page, "stopped")
+                # a one-chunk stream whose end is held back: a switch now lands past its end
+                gate.allow(1)
+                await page.evaluate(f"document.getElementById('frames').value = '{FRAMES_PER_CHUNK}';"
+                                    "document.getElementById('start').click()")  # fmt: skip
+                await page.wait_for("helios.player.chunksGenerated === 1 && helios.player.shown.frame >= 0")
+                await page.evaluate("document.getElementById('next-prompt').value = 'a red bird'")
+                await press_enter(page, "next-prompt")
+                await page.wait_for("document.getElementById('switch').textContent.startsWith('switch refused')")
+                seen["past the end"] = await state(page)
+                gate.allow(None)
+                seen["finished"] = await reach(page, "finished")
+                await shoot(page, "finished")
+                await page.evaluate("document.getElementById('frames').value = ''")
+                await page.evaluate("document.getElementById('start').click()")
+                await reach(page, "playing")
+                await server.__aexit__(None, None, None)  # the server shuts down mid-stream
+                server = None
+                seen["shut down"] = await reach(page, "disconnected")
+                seen["sent"] = sent_types(page.events)
+        finally:
+            if server is not None:
+                await server.__aexit__(None, None, None)
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(run(), 150))
+    assert "needs a token" in seen["no token"]["error"] and "#token=" in seen["no token"]["error"], seen["no token"]
+    assert seen["no token"]["reconnect"] and not seen["no token"]["start"], seen["no token"]
+    assert "HELIOS_RT_TOKEN" in seen["wrong token"]["error"], seen["wrong token"]
+    assert seen["token"]["start"] and seen["token"]["error"] == "", seen["token"]
+    assert "notes.txt is not an image" in seen["bad image"]["error"] and not seen["bad image"]["preview"]
+    assert seen["good image"]["preview"] and seen["good image"]["error"] == "", seen["good image"]
+    playing = seen["playing"]
+    assert playing["status"].startswith("playing") and playing["stop"] and playing["switchable"], playing
+    assert not playing["start"] and playing["prompt"] == "prompt: a fish in a reef", playing
+    assert seen["stalled"]["status"].startswith("stalled") and seen["stalled fps"]["fps"] == "0", seen["stalled"]
+    assert seen["recovered"]["status"].startswith("playing"), seen["recovered"]
+    assert seen["paused"]["status"].startswith("paused") and not seen["paused"]["switchable"], seen["paused"]
+    assert seen["resumed"]["error"] == "", seen["resumed"]  # not "no acknowledgement for 1 s"
+    assert seen["stopped"]["start"] and not seen["stopped"]["stop"], seen["stopped"]
+    past = seen["past the end"]
+    assert "past the end of this stream (it has one chunk, chunk 0)" in past["switch"], past
+    assert past["status"].startswith("playing") and past["error"] == "", past  # the stream plays on
+    assert seen["finished"]["status"] == "finished: 1 chunk played" and seen["finished"]["start"], seen["finished"]
+    gone = seen["shut down"]
+    assert "1001" in gone["status"] and gone["reconnect"] and not gone["start"] and not gone["stop"], gone
+    assert seen["sent"].count("pause") == 1 and seen["sent"].count("resume") == 1, seen["sent"]

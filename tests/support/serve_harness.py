@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,3 +70,33 @@ class Client:
             assert message is not None, f"the socket closed while waiting for {types}; got {self.messages}"
             if message["type"] in types:
                 return message
+
+
+class ChunkGate:
+    """Lets a test decide when the server may generate: every `next(stream)` on the hub's engine thread
+    waits until the gate is open and has chunks left to allow (`allow(n)`; None: any number).
+
+    The stall, pause and end-of-stream states of the page are then reached by the test's choice, not by
+    the machine's speed: a closed gate is a server whose generation is slower than playback.
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self.left: int | None = None
+        self._changed = asyncio.Event()
+        original = hub.on_engine
+
+        async def on_engine(fn, *args, **kwargs):
+            if fn is next:
+                while self.left is not None and self.left <= 0:
+                    self._changed.clear()
+                    await self._changed.wait()
+                if self.left is not None:
+                    self.left -= 1
+            return await original(fn, *args, **kwargs)
+
+        hub.on_engine = on_engine  # the sessions call hub.on_engine(next, stream, None) for each chunk
+
+    def allow(self, chunks: int | None) -> None:
+        """Let `chunks` more chunks be generated (0: none, a stall; None: all)."""
+        self.left = chunks
+        self._changed.set()
