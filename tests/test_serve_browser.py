@@ -302,7 +302,9 @@ async def reach(page: DevTools, name: str, timeout: float = 60.0) -> dict:
 
 async def shoot(page: DevTools, name: str) -> None:
     if SHOTS:
-        shot = await page.call("Page.captureScreenshot", format="png")
+        size = (await page.call("Page.getLayoutMetrics"))["cssContentSize"]
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+        shot = await page.call("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)
         Path(SHOTS, f"serve_{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
 

@@ -35,6 +35,16 @@ class AckTimeout(Exception):
     """The client acknowledged nothing for `ack_timeout_s` while its stream waited for room."""
 
 
+def timed_next(stream: Any) -> tuple[Any, float]:
+    """The stream's next chunk (None at its end) and the wall seconds the engine thread spent on it.
+
+    Timed on the engine thread: a wait in its queue (another session's chunk) is not generation time.
+    """
+    began = time.perf_counter()
+    chunk = next(stream, None)
+    return chunk, time.perf_counter() - began
+
+
 class _PastTheEnd(Exception):
     """A prompt switch that would take effect at or after a chunk the stream will never make."""
 
@@ -203,11 +213,9 @@ class Session:
                              "chunks_total": stream.chunks_total, "image": image is not None})  # fmt: skip
             while True:
                 await self._wait_for_room()
-                began = time.perf_counter()
-                chunk = await self.hub.on_engine(next, stream, None)
+                chunk, generate_s = await self.hub.on_engine(timed_next, stream)
                 if chunk is None:
                     break
-                generate_s = time.perf_counter() - began  # the engine thread's wall time for this chunk
                 jpegs = await self.hub.on_codec(self.encoder.encode, chunk.video_frames)
                 self._count(chunk.index, sum(map(len, jpegs)))
                 await queue.put((chunk, jpegs, generate_s))

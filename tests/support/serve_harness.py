@@ -15,6 +15,7 @@ from helios_rt.serve import ServeConfig, create_app
 from helios_rt.serve.app import HUB_KEY
 from helios_rt.serve.hub import Hub
 from helios_rt.serve.protocol import unpack_frame
+from helios_rt.serve.session import timed_next
 
 # The demo model at its smallest legal size, first chunk not amplified: about a second per chunk here.
 SMALL_DEMO = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference",
@@ -73,7 +74,7 @@ class Client:
 
 
 class ChunkGate:
-    """Lets a test decide when the server may generate: every `next(stream)` on the hub's engine thread
+    """Lets a test decide when the server may generate: every `timed_next(stream)` on the hub's engine thread
     waits until the gate is open and has chunks left to allow (`allow(n)`; None: any number).
 
     The stall, pause and end-of-stream states of the page are then reached by the test's choice, not by
@@ -86,7 +87,7 @@ class ChunkGate:
         original = hub.on_engine
 
         async def on_engine(fn, *args, **kwargs):
-            if fn is next:
+            if fn is timed_next:
                 while self.left is not None and self.left <= 0:
                     self._changed.clear()
                     await self._changed.wait()
@@ -94,7 +95,7 @@ class ChunkGate:
                     self.left -= 1
             return await original(fn, *args, **kwargs)
 
-        hub.on_engine = on_engine  # the sessions call hub.on_engine(next, stream, None) for each chunk
+        hub.on_engine = on_engine  # the sessions call hub.on_engine(timed_next, stream) for each chunk
 
     def allow(self, chunks: int | None) -> None:
         """Let `chunks` more chunks be generated (0: none, a stall; None: all)."""

@@ -47,6 +47,7 @@ function setState(name, detail) {
   $("status").textContent = detail ? `${words.replace(/\.\.\.$/, "")}: ${detail}` : words;
   $("status").dataset.state = name;
   updateButtons();
+  renderStats(); // the stats at a change of state are the stats of that moment, not of the last second's tick
 }
 
 function updateButtons() {
