@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import struct
 import threading
 import zlib
@@ -473,3 +474,113 @@ def test_a_stream_created_after_a_stop_is_closed() -> None:
             assert not any(m["type"] == "started" for m in client.messages), client.messages
 
     asyncio.run(asyncio.wait_for(run(), 120))
+
+
+def test_a_switch_past_the_end_is_refused() -> None:
+    """A one-chunk stream whose chunk has been made: a switch would land on a chunk that never comes (issue 26).
+
+    One chunk ahead and no acknowledgement: the stream waits for room after its only chunk, so it is
+    still playing when the switch arrives.
+    """
+
+    async def run() -> None:
+        engine = Engine.from_pretrained("demo", FAST_DEMO)
+        frames_per_chunk = engine.vae.config.num_frames(FAST_DEMO.latent_frames_per_chunk)
+        async with running_server(engine, ServeConfig(chunks_ahead=1)) as (url, _), aiohttp.ClientSession() as http:
+            client = Client(await http.ws_connect(f"{url}/ws"))
+            await client.until("hello")
+            await client.send({"type": "start", "prompt": "a fish", "num_frames": frames_per_chunk})
+            assert (await client.until("started"))["chunks_total"] == 1
+            while len(client.frames) < frames_per_chunk:
+                await client.until("frame")
+            await client.send({"type": "prompt", "prompt": "a bird"})
+            answer = await client.until("prompt", "error")
+            assert answer["type"] == "error" and answer["about"] == "prompt" and not answer["fatal"], answer
+            assert "past the end of this stream (it has one chunk, chunk 0)" in answer["message"], answer
+            await client.send({"type": "ack", "chunk": 0})
+            assert (await client.until("end", "error"))["chunks"] == 1
+
+    asyncio.run(asyncio.wait_for(run(), 120))
+
+
+def test_a_paused_stream_waits_past_the_ack_deadline_and_resumes() -> None:
+    """A hidden page pauses: nothing more is generated, the acknowledgement deadline does not run, and
+    after resume the stream goes on from the next chunk, nothing lost (issue 26)."""
+
+    async def run() -> None:
+        engine = Engine.from_pretrained("demo", FAST_DEMO)
+        config = ServeConfig(chunks_ahead=1, ack_timeout_s=0.3)
+        async with running_server(engine, config) as (url, hub), aiohttp.ClientSession() as http:
+            client = Client(await http.ws_connect(f"{url}/ws"))
+            await client.until("hello")
+            await client.send({"type": "pause"})
+            assert "no stream is playing to pause" in (await client.until("error"))["message"]
+            await client.send({"type": "start", "prompt": "a fish", "num_frames": 27})
+            await client.until("chunk")
+            await client.send({"type": "pause"})
+            assert (await client.until("paused"))["type"] == "paused"
+            await client.send({"type": "ack", "chunk": 0})  # room for one more, but paused: nothing is made
+            await asyncio.sleep(3 * config.ack_timeout_s)  # past the deadline of a client that went silent
+            assert [m["index"] for m in client.messages if m["type"] == "chunk"] == [0]
+            assert not [m for m in client.messages if m["type"] == "error" and "acknowledgement" in m["message"]]
+            await client.send({"type": "resume"})
+            await client.until("resumed")
+            for index in (1, 2):
+                assert (await client.until("chunk", "error"))["index"] == index
+                while sum(c == index for c, _, _ in client.frames) < 9:
+                    await client.until("frame")
+                await client.send({"type": "ack", "chunk": index})
+            assert (await client.until("end", "error"))["chunks"] == 3
+            assert [f for _, f, _ in client.frames] == list(range(27))
+            assert hub.stats.streams_ended == 1
+
+    asyncio.run(asyncio.wait_for(run(), 120))
+
+
+def test_the_page_is_served_with_a_csp_that_forbids_framing_and_a_favicon() -> None:
+    async def run() -> None:
+        async with running_server(small_demo_engine()) as (url, _), aiohttp.ClientSession() as http:
+            page = await http.get(f"{url}/")
+            csp = page.headers["Content-Security-Policy"]
+            for rule in ("frame-ancestors 'none'", "default-src 'self'", "script-src 'self'",
+                         "img-src 'self' blob: data:", f"connect-src 'self' ws://{url[7:]}"):  # fmt: skip
+                assert rule in csp, (rule, csp)
+            assert "unsafe-inline" not in csp and page.headers["X-Frame-Options"] == "DENY"
+            html = await page.text()
+            assert '<link rel="icon" href="favicon.svg"' in html and "<style" not in html and "style=" not in html
+            assert "<script>" not in html  # the only script is player.js, allowed by script-src 'self'
+            icon = await http.get(f"{url}/favicon.svg")
+            assert icon.status == 200 and icon.content_type == "image/svg+xml"
+            assert (await icon.text()).startswith("<svg")
+            assert (await http.get(f"{url}/player.css")).headers["X-Frame-Options"] == "DENY"
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_serve_fails_in_one_line_on_a_port_in_use_before_the_model_loads(capsys, monkeypatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "HELIOS_RT_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # a checkpoint that does not exist: the port is what fails, before any load is tried
+        assert main(["serve", "--model", "/nonexistent/checkpoint", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is in use" in err and "--port" in err, err
+    assert len(err.strip().splitlines()) == 1 and "checkpoint" not in err, err
+
+
+def test_serve_names_the_token_variable_and_documents_itself(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("HELIOS_RT_TOKEN", "short")
+    assert main(["serve", "--model", "/nonexistent/checkpoint"]) == 2
+    err = capsys.readouterr().err
+    assert "HELIOS_RT_TOKEN holds a token of 5 characters; use at least 8" in err and "ServeConfig" not in err, err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    serving, engine = text.index("serving options:"), text.index("engine options:")
+    assert serving < text.index("\n  --port") < engine < text.index("\n  --kernels"), text
+    assert "(default: 8765)" in text and "example:" in text and "\n  helios-rt serve --model demo " in text, text

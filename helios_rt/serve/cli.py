@@ -17,6 +17,10 @@ _EXAMPLE = """example:
 """
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option's help, and the example kept as written."""
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add `serve` to the CLI's subparsers; `run_serve(args)` runs it."""
     from ..cli import add_engine_arguments
@@ -25,7 +29,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="serve a page that plays the video live and switches prompts",
                               description="Serve a page that plays the video as it is generated and switches "
                               "prompts live.", epilog=_EXAMPLE,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                              formatter_class=_Help)  # fmt: skip
     p.add_argument("--model", required=True, default=argparse.SUPPRESS,
                    help="'demo' (built-in, untrained) or a Helios checkpoint folder")  # fmt: skip
     s = p.add_argument_group("serving options")
