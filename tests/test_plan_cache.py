@@ -160,7 +160,8 @@ CORRUPTIONS = {
     "empty": lambda raw: b"",
     "not a plan": lambda raw: b"\x80\x04\x95 a pickle, say",
     "bad json header": lambda raw: raw.replace(b'"format"', b"'format'", 1),
-    "payload bit flip": lambda raw: raw[:-10] + bytes([raw[-10] ^ 1]) + raw[-9:],
+    # a digit of persistent_bytes (the payload's end): still valid JSON and a consistent plan, only the sha256 sees it
+    "payload bit flip": lambda raw: raw[:-3] + bytes([raw[-3] ^ 1]) + raw[-2:],
     "other format": lambda raw: raw.replace(b'"format": "', b'"format": "0', 1),
 }
 
