@@ -85,7 +85,7 @@ def _empty(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
 def launches() -> list[Launch]:
     """The launches the runtime makes at the 14B shapes (bf16 activations, fp32 latents), attention at
     every config its autotuner may pick."""
-    from . import attention, norm, quantize, residual, sampler
+    from . import attention, norm, quantize, residual, sampler, vae_norm
 
     f32 = torch.float32
     out = []
@@ -97,6 +97,13 @@ def launches() -> list[Launch]:
         noisy, w32, w16 = x[:, 2400:], _empty(D, dtype=f32), _empty(D)  # the cross-attention norms: noisy rows
         out.append(Launch("layernorm", lambda x=noisy, w=w32: norm.layernorm(x, w, w, 1e-6)))
         out.append(Launch("rmsnorm", lambda x=noisy, w=w16: norm.rmsnorm(x, w, 1e-6)))
+    for act in (torch.bfloat16, f32):  # the VAE decoder's levels at 384x640; out: the next causal conv's padded input
+        for c, t, h, w in ((96, 33, 384, 640), (192, 33, 192, 320), (384, 17, 96, 160)):
+            vx = torch.empty(1, c, t, h, w, dtype=act, memory_format=torch.channels_last_3d)
+            body = torch.empty(1, c, t + 2, h, w, dtype=act, memory_format=torch.channels_last_3d)
+            gamma = torch.empty(c, 1, 1, 1, dtype=act)
+            call = lambda x=vx, g=gamma, b=body[:, :, 2:], c=c: vae_norm.rms_norm_silu(x, g, c**0.5, out=b)  # noqa: E731
+            out.append(Launch("vae_rms_norm_silu", call))
     lat = _empty(1, C, T_LAT, H_LAT, W_LAT, dtype=f32)
     v, sig = _empty(1, T_LAT * H_LAT * W_LAT // 4, 4 * C), _empty(1, dtype=f32)
     out.append(Launch("flow_step", lambda: sampler.flow_step(v, lat, lat, sig, sig, (1, 2, 2))))

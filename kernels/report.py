@@ -46,6 +46,8 @@ _PER_ELEM = {
     "layernorm": (BF + BF, _ops((BF, F32), (F32, F32), (F32, BF))),
     # the cross-attention Q RMSNorm: x.float(); pow; mean; *rsqrt; *w; .to(bf16)
     "rmsnorm": (BF + BF, _ops((BF, F32), (F32, F32), (F32, 0), (F32, F32), (F32, F32), (F32, BF))),
+    # the VAE's norm + SiLU: vector_norm (fp32 out, tiny); x*factor -> out; out*=gamma; silu_(out)
+    "vae_rms_norm_silu": (BF + BF, _ops((BF, 0), (BF, BF), (BF, BF), (BF, BF))),
     # unpatchify copy; v.double(); x.double(); st*v; x-(.); (1-sn)*x0; start.double(); sn*start; add;
     # where; .to(fp32)
     "flow_step": (
@@ -93,6 +95,7 @@ _ELEMS = {
     "qk_norm_rope": B * L * D,
     "layernorm": B * L_NOISY * D,
     "rmsnorm": B * L_NOISY * D,
+    "vae_rms_norm_silu": 96 * 33 * 384 * 640,  # one full-resolution call of the decoder
     "flow_step": LATENT,
     "stage_transition": LATENT,
     "cfg_combine (zero*)": LATENT,
