@@ -287,7 +287,7 @@ def _check_plan(plan: ProgramPlan) -> None:
             r = requests.get(buffer)
             if r is None or r.first != step.index or r.nbytes != spec.nbytes:
                 raise CacheEntryRejected(f"step {step.index}: buffer {buffer} disagrees with the memory plan")
-            item = torch.empty((), dtype=spec.dtype).element_size()
+            item = spec.dtype.itemsize
             extent = spec.offset + sum((n - 1) * s for n, s in zip(spec.shape, spec.stride, strict=True)) + 1
             if min(spec.shape, default=1) > 0 and (spec.offset < 0 or extent * item > spec.nbytes):
                 raise CacheEntryRejected(f"step {step.index}: buffer {buffer}'s tensor runs past its bytes")

@@ -1,0 +1,87 @@
+"""The cold start by phase (issue 27): the demo's first stream, and the 14B plan with and without the cache.
+
+    python -m pytest bench/bench_cold_start.py --benchmark-only -s
+
+Each test prints its breakdown (`Stream.timings`: load with GB/s, text encoder, plan and whether it
+came from the cache, warm-up runs, capture, first chunk) and files it in `extra_info`. The plan cache
+lives in a tmp folder here, never the user's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from helios_rt import Engine, EngineConfig
+from helios_rt.compile.chunk_program import ChunkProgram
+from helios_rt.compile.cost import ChunkShape
+from helios_rt.compile.plan_cache import PlanCache
+from helios_rt.compile.report import distilled_spec, plan_chunk
+from helios_rt.config import HELIOS_14B
+from helios_rt.ops import OpSet
+
+DEMO = EngineConfig(device="cpu", dtype="float32", kernels="reference", graphs="chunk")
+
+
+def _cold_stream(cache_dir: str, monkeypatch) -> dict[str, float]:
+    monkeypatch.setenv("HELIOS_RT_CACHE_DIR", cache_dir)
+    monkeypatch.setenv("HELIOS_RT_PLAN_CACHE", "1")
+    engine = Engine.from_pretrained("demo", DEMO)
+    with engine.generate_stream("a coral reef", num_frames=66, seed=0) as stream:
+        list(stream)
+    return stream.timings
+
+
+@pytest.mark.parametrize("cache", ["cold cache", "warm cache"])
+def test_demo_cold_start(benchmark, tmp_path_factory, monkeypatch, cache) -> None:
+    folder = str(tmp_path_factory.getbasetemp() / "plans")
+    if cache == "warm cache":
+        _cold_stream(folder, monkeypatch)  # fills it
+    else:
+        monkeypatch.setenv("HELIOS_RT_CACHE_DIR", str(tmp_path_factory.mktemp("empty")))
+        folder = str(tmp_path_factory.mktemp("cold"))
+    timings = benchmark.pedantic(lambda: _cold_stream(folder, monkeypatch), rounds=1, iterations=1)
+    benchmark.extra_info.update(timings)
+    print(f"\ndemo {DEMO.height}x{DEMO.width}, {cache}: " + ", ".join(f"{k} {v:.3g}" for k, v in timings.items()))
+
+
+def _plan_14b(cache: PlanCache | None) -> ChunkProgram:
+    """The 14B chunk at 384x640 bf16 on meta tensors (the CUDA op table), its three kinds planned."""
+    shape = ChunkShape(height=384, width=640, batch=1, text_len=512)
+    program = plan_chunk(HELIOS_14B, shape, torch.bfloat16, OpSet.for_planning("auto"), distilled_spec(shape.stages))
+    if cache is None:
+        return program
+    fresh = ChunkProgram(program.sampler, shape.batch, program.text_shape, cuda_graph=False, plan_cache=cache)
+    for kind in program.plans:
+        fresh.plan(kind)
+    return fresh
+
+
+def test_plan_14b_with_and_without_the_cache(benchmark, tmp_path) -> None:
+    """Planning the three 14B kinds, then loading them from a cache filled by a first planning."""
+    start = time.perf_counter()
+    program = _plan_14b(None)
+    planned_s = time.perf_counter() - start
+    cache = PlanCache(tmp_path)
+    fresh = ChunkProgram(program.sampler, program.batch, program.text_shape, cuda_graph=False, plan_cache=cache)
+    for kind in program.plans:
+        fresh.plan(kind)  # planned again, and stored
+    stored = ChunkProgram(program.sampler, program.batch, program.text_shape, cuda_graph=False, plan_cache=cache)
+
+    def load() -> float:
+        stored.plans.clear()
+        for kind in program.plans:
+            stored.plan(kind)
+        return stored.cold.plan_s
+
+    benchmark.pedantic(load, rounds=1, iterations=1)
+    loaded_s = benchmark.stats.stats.mean
+    assert stored.cold.plans_loaded == len(program.plans) and all(
+        stored.plans[k].steps == program.plans[k].steps for k in program.plans
+    )
+    size = sum(cache.path(p.stem).stat().st_size for p in cache.folder.glob("*.json"))
+    benchmark.extra_info.update(planned_s=planned_s, loaded_s=loaded_s, cache_mb=size / 1e6)
+    print(f"\n14B 384x640 bf16, {len(program.plans)} kinds: planned {planned_s:.1f} s (meta model and state included), "
+          f"loaded from the cache {loaded_s:.2f} s ({size / 1e6:.1f} MB of JSON)")
