@@ -36,7 +36,9 @@ from .guards import check_device, check_finite_input
 from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
 from .model.transformer import HeliosTransformer, TextContext, load_transformer
 from .model.vae import LatentPosterior, WanVAE
+from .model.vae_graph import GraphedDecode
 from .ops import OpSet
+from .ops.attention_tuning import plan_shapes, tune_attention
 from .overlap import device_scope, lanes_for
 from .parallel import attach as attach_parallel
 from .parallel.group import wait_within
@@ -91,6 +93,9 @@ class Engine:
         self.spec = spec
         self.config = config
         self.device = transformer.proj_out.weight.device
+        # channels-last conv weights; the fused norm + SiLU on CUDA (CPU decodes stay bit-identical)
+        vae.prepare_decode(self.device, config.kernels if self.device.type == "cuda" else "reference")
+        self._graphed_decode: GraphedDecode | None = None
         self.parallel = attach_parallel(config.parallel, transformer, spec.uses_cfg)  # None: one process
         self._prompts = PromptCache(prompts) if prompts is not None else None
         self._check_resolution()
@@ -193,7 +198,30 @@ class Engine:
             program.set_text(text)
             keep = self.history_layout.keep_first_frame
             first = ChunkKind(self.spec.amplify_first_chunk, keep and not image_or_video)
-            program.capture(list(dict.fromkeys([first, ChunkKind(False, False)])))
+            kinds = list(dict.fromkeys([first, ChunkKind(False, False)]))
+            self._tune_attention(program, kinds)
+            program.capture(kinds)
+
+    def _tune_attention(self, program: ChunkProgram, kinds: list[ChunkKind]) -> None:
+        """attention="auto" on CUDA: time every backend that runs at the planned chunk's attention shapes and
+        keep the fastest, before any capture; plans made with the load-time pick name its op and are remade."""
+        tuning = tune_attention(self.transformer.ops.attention, plan_shapes(program.plan(k) for k in kinds))
+        if tuning.changed:
+            program.plans.clear()
+        self.attention = tuning.selections.get((self.attention.dtype, self.attention.head_dim), self.attention)
+
+    def decode_frames(self, latents: Tensor) -> Tensor:
+        """uint8 frames of one chunk's latents; with CUDA graphs, the decode's own graph (captured on first
+        use, outside the chunk's capture). The result may be a static buffer: copy it before the next decode."""
+        program = self.chunk_program
+        slices = self.config.decode_slice_frames
+        if program is None or not program.cuda_graph or self.device.type != "cuda":
+            return self.vae.decode_frames(latents, normalized=True, slice_frames=slices)
+        if self._graphed_decode is None:
+            self._graphed_decode = GraphedDecode(
+                self.vae, tuple(latents.shape), dtype=latents.dtype, device=self.device, slice_frames=slices
+            )
+        return self._graphed_decode(latents)
 
     def _check_resolution(self) -> None:
         """Height and width must survive the VAE (x8), the patch (x2) and the pyramid's halvings."""
@@ -219,7 +247,7 @@ class Engine:
         """
         for stream in list(self._streams):
             stream.close()
-        self.transformer = self.vae = self.sampler = self.chunk_program = None
+        self.transformer = self.vae = self.sampler = self.chunk_program = self._graphed_decode = None
         self._prompts = self._history_mod = None
         self._closed = True
         with self.scope:
@@ -398,7 +426,7 @@ class Stream:
         self._slots = [torch.zeros(shape, device=engine.device) for _ in range(2)]
         self._finite = _FiniteFlags(self._slots)
         self._compute_end: Any = None  # the last launched chunk's compute-end mark
-        self._slot_free: list[Any] = [None, None]  # the decode-end mark of the chunk that last used the slot
+        self._slot_free: list[Any] = [None, None]  # the decode lane's mark after it copied the slot out
         self._started = time.perf_counter()
         self.handover_times: list[float] = []  # perf_counter() when each chunk was handed to the caller
         program = engine.chunk_program
@@ -568,8 +596,6 @@ class Stream:
         slot = self._slots[k % 2]
         with nvtx_range(f"chunk {k}"), lanes.on("compute"):
             begin = lanes.mark("compute")
-            if self._slot_free[k % 2] is not None:
-                lanes.wait("compute", self._slot_free[k % 2])  # chunk k-2's decode still reads the slot
             text = self._text_context()
             program = engine.chunk_program
             if program is not None:
@@ -581,8 +607,10 @@ class Stream:
                 cond = Conditioning(text, engine.sampler.embed_history(short, mid, long), engine._history_mod)
                 latents = engine.sampler.sample(cond, 1, self._generator, first_chunk=k == 0)
                 self._history.push(latents)
+            if self._slot_free[k % 2] is not None:  # chunk k-2's decode lane copies the slot out: wait only now
+                lanes.wait("compute", self._slot_free[k % 2])
             slot.copy_(latents)
-            finite = self._finite.check(k % 2)  # on the device; read at the hand-over, which syncs anyway
+            finite = self._finite.check(k % 2)  # on the device; copied to the host on the decode lane
             end = lanes.mark("compute")
         self._launched += 1
         self._compute_end = end
@@ -597,8 +625,10 @@ class Stream:
         program.set_text(text)
         if program.cuda_graph and (fresh or self._launched == 0):
             now = program.kind(first_chunk=self._launched == 0)
+            kinds = list(dict.fromkeys([now, ChunkKind(False, False)]))
+            self.engine._tune_attention(program, kinds)
             with nvtx_range("warmup"):  # this chunk's own run is its kind's warm-up: nothing thrown away
-                program.capture(list(dict.fromkeys([now, ChunkKind(False, False)])), first=now)
+                program.capture(kinds, first=now)
             program.attach(self._history)
 
     def _decode(self, launched: _Launched) -> _Decoded:
@@ -610,29 +640,29 @@ class Stream:
             lanes.used_on("decode", launched.finite)
             begin = lanes.mark("decode")
             latents = launched.latents.clone()
+            finite = _to_host(launched.finite)
+            slot_read = self._slot_free[launched.index % 2] = lanes.mark("decode")  # the slot and its flag
             with self.engine.sampler.section("decode"):
                 mesh = self.engine.parallel
                 if mesh is None or mesh.is_output_rank:
-                    frames = self.engine.vae.decode_frames(
-                        latents, normalized=True, slice_frames=self.engine.config.decode_slice_frames
-                    )
+                    frames = _to_host(self.engine.decode_frames(latents))
                 else:  # rank 0 decodes and writes; the other ranks go on to the next chunk
-                    frames = no_frames(self.engine.config.height, self.engine.config.width, self.engine.device)
+                    config = self.engine.config
+                    frames = _to_host(no_frames(config.height, config.width, self.engine.device))
+            latents = _to_host(latents)
             end = lanes.mark("decode")
-        self._slot_free[launched.index % 2] = end
-        return _Decoded(launched, latents, frames, begin, end)
+        return _Decoded(launched, latents, frames, finite, begin, end, slot_read)
 
     def _hand_over(self, decoded: _Decoded) -> Chunk:
         """Wait for one chunk's decode (only that) and bring its frames to the host."""
         lanes, k = self._lanes, decoded.launched.index
-        self._host_wait(decoded.end, f"chunk {k}")
-        with lanes.on("decode"):  # the copies queue behind the decode, not behind chunk k+1's compute
-            if not decoded.launched.finite.item():  # done long ago: the decode waited for it
-                raise NonFiniteError(
-                    f"chunk {k}'s latents hold NaN or Inf, so its frames would be black; generation stops "
-                    "here. Check the prompt embeddings, the guidance scale and the dtype (float16 overflows)"
-                )
-            frames, latents = decoded.frames.cpu().numpy(), decoded.latents.cpu()
+        self._host_wait(decoded.end, f"chunk {k}")  # the decode and its copies to the host: no other sync
+        if not bool(decoded.finite):
+            raise NonFiniteError(
+                f"chunk {k}'s latents hold NaN or Inf, so its frames would be black; generation stops "
+                "here. Check the prompt embeddings, the guidance scale and the dtype (float16 overflows)"
+            )
+        frames, latents = decoded.frames.cpu().numpy(), decoded.latents.cpu()
         self.handover_times.append(time.perf_counter())
         timings = {
             "transformer_s": lanes.seconds(decoded.launched.begin, decoded.launched.end),
@@ -705,10 +735,20 @@ class _Launched:
 @dataclass
 class _Decoded:
     launched: _Launched
-    latents: Tensor
-    frames: Tensor
+    latents: Tensor  # on the host (pinned on CUDA) once `end` is reached
+    frames: Tensor  # likewise
+    finite: Tensor  # the slot's finite flag, likewise
     begin: Any
     end: Any
+    slot_read: Any  # a mark on the decode lane after the slot and its flag were copied out
+
+
+def _to_host(t: Tensor) -> Tensor:
+    """A CUDA tensor copied to pinned host memory without a sync (valid once the lane's next mark is reached);
+    a CPU tensor as it is. The engine's hand-over then waits on one event and never synchronises."""
+    if t.device.type != "cuda":
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 class _PromptBlend:

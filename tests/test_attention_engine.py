@@ -141,3 +141,29 @@ def test_the_tuner_times_the_shapes_the_engines_planned_chunk_makes():
     sel = AT.tune_attention(dispatch, shapes, trial, lambda name: _writes_reference).selections[(torch.float32, dim)]
     assert sel.backend == "sdpa" and sel.timings == (("sdpa", float(sum(shapes.values()))),)  # 1 ms x each call
     assert sorted(s[1:] for s in seen) == sorted((q, k) for q, k, _ in shapes)  # float32: only SDPA runs
+
+
+def test_the_engine_tunes_attention_at_warmup_before_capturing_and_adopts_the_result(monkeypatch):
+    """`Engine.warmup()` hands the tuner the planned kinds' attention shapes before `capture`, and when the
+    tuner changes the backend the plans (which name the old op) are dropped and the engine reports the new pick."""
+    import helios_rt.engine as engine_module
+
+    cfg = EngineConfig(device="cpu", height=64, width=64, graphs="chunk", attention="sdpa")  # one op per call
+    engine = Engine.from_pretrained("demo", cfg)
+    program, calls = engine.chunk_program, []
+    picked = AB.AttentionSelection("sdpa", "auto", engine.attention.dtype, engine.attention.head_dim)
+
+    def tune(attention, shapes):
+        calls.append(("tune", dict(shapes), len(program.plans)))
+        return AT.Tuning({(picked.dtype, picked.head_dim): picked}, changed=True)
+
+    capture = program.capture
+    monkeypatch.setattr(engine_module, "tune_attention", tune)
+    monkeypatch.setattr(program, "capture", lambda kinds, **kw: (calls.append(("capture", len(program.plans))),
+                                                                 capture(kinds, **kw))[1])  # fmt: skip
+    engine.warmup()
+    assert [c[0] for c in calls] == ["tune", "capture"]
+    assert calls[0][1] and calls[0][2] > 0  # the shapes came from plans made before the tuning
+    assert calls[1][1] == 0  # a changed backend drops the plans: capture re-plans with the new op
+    assert engine.attention is picked
+    engine.close()

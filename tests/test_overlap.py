@@ -95,17 +95,29 @@ def test_next_chunk_is_launched_before_the_host_waits_for_this_one(engine, monke
 
 
 def test_host_waits_only_for_decode_marks_and_slots_wait_for_their_decode(engine, monkeypatch) -> None:
+    """...and a chunk's compute waits for the slot only right before writing it: after its own sampling,
+    for the mark after chunk k-2's decode lane copied the slot out (not for that whole decode)."""
     stream, lanes, _ = recorded_stream(engine, monkeypatch, overlapped=True, chunks=4)
+    sample = engine.sampler.sample
+
+    def logged_sample(*args, **kwargs):
+        lanes.log.append(("sample",))
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(engine.sampler, "sample", logged_sample)
     list(stream)
     decoded = {e[1]: e[2] for e in lanes.log if e[0] == "decode"}
     launched = {e[1]: e[2] for e in lanes.log if e[0] == "launch"}
     host_waits = [e[1] for e in lanes.log if e[0] == "host_wait"]
     assert host_waits == [decoded[k].end for k in range(4)]  # never a compute mark: no wait on chunk k+1
     waits = [e[1:] for e in lanes.log if e[0] == "wait"]
+    samples = [i for i, e in enumerate(lanes.log) if e[0] == "sample"]
     for k in range(4):
         assert ("decode", launched[k].end) in waits  # decode k after compute k
-        reuse = ("compute", decoded[k - 2].end) if k >= 2 else None
-        assert reuse is None or reuse in waits, f"chunk {k} rewrote slot {k % 2} before chunk {k - 2}'s decode"
+        if k >= 2:
+            reuse = ("wait", "compute", decoded[k - 2].slot_read)
+            assert reuse in lanes.log, f"chunk {k} rewrote slot {k % 2} before chunk {k - 2}'s decode read it"
+            assert lanes.log.index(reuse) > samples[k], f"chunk {k} waited for its slot before sampling"
     assert launched[2].latents is launched[0].latents and launched[1].latents is not launched[0].latents
     used = [(e[1], e[2]) for e in lanes.log if e[0] == "used_on"]
     assert all(lane == "decode" for lane, _ in used)  # what the decode lane reads outlives that read
