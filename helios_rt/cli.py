@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_seed, default=0)
     add_engine_arguments(gen)
     gen.add_argument("--out", type=Path, default=Path("out.mp4"))
+    gen.add_argument("--verbose", action="store_true",  # fmt: skip
+                     help="print the cold start by phase: load, text encoder, plan, warm-up, capture, first chunk")
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks on errors")
     from .benchmarking import add_bench_parser, add_profile_parser
     from .compile.report import add_plan_parser
@@ -189,8 +191,6 @@ def generate(args: argparse.Namespace) -> int:
             from .engine import Engine
 
             engine = Engine.from_pretrained(args.model, config)
-        if writes_output():  # once per launch, not once per rank
-            print(f"helios-rt: {engine.attention.describe()}", file=sys.stderr)
         with failing_as(EXIT_INPUT):
             stream = engine.generate_stream(num_frames=args.num_frames, seed=args.seed, **inputs)
         if not writes_output():  # ranks 1..N-1 of a torchrun launch: compute their share, write nothing
@@ -265,6 +265,8 @@ def _write(args: argparse.Namespace, stream, stop, started: float) -> int:
             for chunk in stream:
                 with stop.deferred():  # a signal waits until the chunk is whole on disk
                     writer.write(chunk.video_frames)
+                if chunk.index == 0:  # after the warm-up, which may have timed the attention backends
+                    _announce_first_chunk(args, stream)
                 progress.update(writer.frames_written)
         except Exception as err:
             if isinstance(err, OutputError):  # its message says what was kept
@@ -282,6 +284,31 @@ def _write(args: argparse.Namespace, stream, stop, started: float) -> int:
         f"({_stream_rates(stream)})"
     )
     return 0
+
+
+def _announce_first_chunk(args: argparse.Namespace, stream) -> None:
+    """The attention backend that runs (chosen, or timed at warm-up) and, with --verbose, the cold start."""
+    print(f"\rhelios-rt: {stream.engine.attention.describe()}", file=sys.stderr)
+    if getattr(args, "verbose", False):
+        print(f"helios-rt: cold start: {_cold_start_line(stream.timings)}", file=sys.stderr)
+
+
+def _cold_start_line(t: dict[str, float]) -> str:
+    """`Stream.timings` as one line: each phase in seconds, the load's rate, where the plans came from."""
+    parts = []
+    if "load_s" in t:
+        rate = f" ({t['load_gb_s']:.2f} GB/s)" if t.get("load_gb_s") else ""
+        parts.append(f"load {t['load_s']:.2f} s{rate}")
+    names = {"text_encoder_s": "text encoder", "condition_s": "image/video encode", "plan_s": "plan",
+             "warmup_s": "warm-up runs", "capture_s": "capture", "first_chunk_s": "first chunk",
+             "ttff_s": "first frame at"}  # fmt: skip
+    for key, name in names.items():
+        if key in t:
+            extra = ""
+            if key == "plan_s" and ("plans_loaded" in t or "plans_made" in t):
+                extra = f" ({int(t.get('plans_loaded', 0))} loaded, {int(t.get('plans_made', 0))} made)"
+            parts.append(f"{name} {t[key]:.2f} s{extra}")
+    return ", ".join(parts)
 
 
 def _stream_rates(stream) -> str:

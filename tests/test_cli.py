@@ -95,3 +95,17 @@ def test_mp4_writer_rejects_bad_frames(tmp_path, frames, message) -> None:
 def test_mp4_writer_needs_an_mp4_path(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"must end in \.mp4"):
         Mp4Writer(tmp_path / "x.avi")
+
+
+def test_generate_verbose_prints_the_cold_start_by_phase(tmp_path, capsys) -> None:
+    """--verbose: one line of the cold start (load with its rate, plan with where the plans came from, the
+    first chunk, the first frame), after the attention line that follows the warm-up."""
+    args = ["generate", "--model", "demo", "--prompt", "x", "--num-frames", "33", "--height", "64", "--width", "64",
+            "--device", "cpu", "--graphs", "chunk", "--out", str(tmp_path / "v.mp4")]  # fmt: skip
+    assert main([*args, "--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert "helios-rt: attention:" in err
+    (line,) = [x for x in err.splitlines() if "cold start:" in x]
+    for phase in ("load ", "GB/s", "plan ", "loaded,", "made)", "first chunk ", "first frame at "):
+        assert phase in line, f"{phase!r} missing from {line!r}"
+    assert main(args) == 0 and "cold start:" not in capsys.readouterr().err
