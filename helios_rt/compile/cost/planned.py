@@ -178,6 +178,7 @@ def vae_trace(shape: ChunkShape, dtype: torch.dtype = torch.bfloat16, slice_fram
     for p in vae.parameters():
         p.data = p.data.to(dtype)
     vae._init_latent_stats(META, dtype)
+    vae.use_norm_silu("triton")  # what a CUDA engine decodes with (`WanVAE.prepare_decode`): the fused norm + SiLU
     z = torch.empty(shape.batch, cfg.z_dim, shape.latent_frames, *shape.latent_hw, device=META)
     tracer = CostTracer()
     with tracer:
