@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SAFETENSORS_DTYPES = {
@@ -43,9 +42,17 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """Where one tensor lives: its file, stored dtype and shape, and its bytes' absolute offsets in the file."""
+
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    begin: int = 0
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
 
 
 def find_component(root: str | Path, component: str) -> Path:
@@ -141,7 +148,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path} is corrupt: tensor {name!r} has {end - begin} bytes for shape {meta['shape']}; re-download it"
             )
         data_end = max(data_end, end)
-        infos[name] = TensorInfo(path, dtype, tuple(shape))
+        infos[name] = TensorInfo(path, dtype, tuple(shape), 8 + header_len + begin, 8 + header_len + end)
     if 8 + header_len + data_end != size:
         raise CheckpointError(
             f"{path} is truncated or corrupt: its header describes "
@@ -196,36 +203,60 @@ def load_state_dict(
     dtype_of: Callable[[str], torch.dtype],
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Validate a component folder against `expected` shapes, then read its tensors.
+    """Validate a component folder against `expected` shapes, then read its tensors one at a time.
 
-    Tensors come from memory-mapped files and are cast to `dtype_of(name)` (a model keeps a few
-    parameters in float32 whatever its dtype). Validation runs before the first read.
+    Each tensor reaches `device` on its own, cast to `dtype_of(name)` (a model keeps a few parameters
+    in float32 whatever its dtype), through a staging buffer (`iter_tensors_to`): host memory holds the
+    weights only when `device` is the CPU, plus two buffers of the largest tensor, never a shard.
+    Validation runs before the first read.
     """
     tensors = index_tensors(weight_files(folder))
     check_keys(expected, tensors, str(folder))
     state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name, info in tensors.items():
-        by_file.setdefault(info.file, []).append(name)
-    for path, names in by_file.items():
-        for name, tensor in _read_tensors(path, names):
-            # outside the read: a device error (out of memory) must not be reported as a corrupt file
-            state[name] = tensor.to(device=device, dtype=dtype_of(name))
-    check_finite_weights(state, folder)
+    flags: list[torch.Tensor | bool] = []
+    for name, tensor in iter_tensors_to(tensors, device, dtype_of):
+        state[name] = tensor
+        flags.append(finite_flag(tensor))
+    check_finite_weights(state, folder, flags)
     return state
 
 
-def check_finite_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
+def iter_tensors_to(
+    tensors: dict[str, TensorInfo],
+    device: torch.device | str,
+    dtype_of: Callable[[str], torch.dtype | None] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor on `device`, in `dtype_of(name)` (None: as stored), one at a time, in file order.
+
+    CUDA: pinned double-buffered staging with non_blocking copies, cast on the device. CPU: the same
+    loop, unpinned, the cast done by the copy out of the buffer (see `helios_rt.staging`).
+    """
+    from .staging import stage_tensors
+
+    return stage_tensors(tensors, device, dtype_of)
+
+
+def iter_host_tensors(tensors: dict[str, TensorInfo]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors one at a time in host memory, as stored, in file order; never a whole shard."""
+    return iter_tensors_to(tensors, "cpu")
+
+
+def check_finite_weights(
+    state: dict[str, torch.Tensor], folder: Path, flags: list[torch.Tensor | bool] | None = None
+) -> None:
     """Refuse weights holding NaN or Inf, naming them: they would only show as black videos.
 
     Checked after the cast, so a value that overflows the model's dtype (1e5 in float16) is caught too.
-    One flag per tensor is computed where the tensor lives and all are read in one host sync.
+    `flags` (one `finite_flag` per tensor, in `state`'s order) may have been taken while loading.
     """
     if not state:
         return
     names = list(state)
-    flags = torch.stack([torch.isfinite(t).all() for t in state.values()]).cpu()
-    bad = [name for name, ok in zip(names, flags.tolist(), strict=True) if not ok]
+    flags = flags if flags is not None else [finite_flag(t) for t in state.values()]
+    on_device = [f for f in flags if isinstance(f, torch.Tensor)]
+    read = iter(torch.stack(on_device).cpu().tolist()) if on_device else iter(())  # one host sync for all
+    oks = [next(read) if isinstance(f, torch.Tensor) else f for f in flags]
+    bad = [name for name, ok in zip(names, oks, strict=True) if not ok]
     if bad:
         shown = ", ".join(f"{n} ({state[n].dtype})" for n in bad[:3]) + (
             f" and {len(bad) - 3} more" if len(bad) > 3 else ""
@@ -236,15 +267,20 @@ def check_finite_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
         )
 
 
-def _read_tensors(path: Path, names: list[str]) -> list[tuple[str, torch.Tensor]]:
-    """Memory-mapped tensors of one file; safetensors' own errors become a CheckpointError naming it."""
-    from safetensors import SafetensorError
+def finite_flag(t: torch.Tensor) -> torch.Tensor | bool:
+    """Whether `t` is all finite: a bool at once on CPU, a flag left on the device elsewhere.
 
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return [(name, fh.get_tensor(name)) for name in names]
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"reading {path} failed ({err}); the file is corrupt, re-download it") from err
+    On CPU it is read from `aminmax` (NaN propagates to both, an infinity shows as one of them), which
+    makes no tensor-sized temporary: a freed temporary between the loaded tensors leaves the allocator
+    holes that it keeps (up to the checkpoint's element count in bytes of peak host memory, run to
+    run). On a device the flags are read together, in one sync.
+    """
+    if t.device.type != "cpu":
+        return torch.isfinite(t).all()
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def load_module(

@@ -6,8 +6,8 @@ stores `weight` as F8_E4M3 and `weight_scale` as F32 `[out]` beside its `bias`. 
 strictly as any checkpoint: keys, shapes, and the dtype of every quantised tensor.
 
 A float checkpoint loaded with precision="fp8" is quantised on the fly, one tensor at a time, as it
-is read from the memory-mapped file: the float copy of a weight lives only until its e4m3 copy
-exists, so the process never holds two copies of the model.
+reaches the device (through the pinned staging of `helios_rt.staging` on CUDA): the float copy of a
+weight lives only until its e4m3 copy exists, so the process never holds two copies of the model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..checkpoint import (
     CheckpointError,
@@ -24,6 +23,8 @@ from ..checkpoint import (
     check_finite_weights,
     check_keys,
     index_tensors,
+    iter_host_tensors,
+    iter_tensors_to,
     read_json,
     weight_files,
 )
@@ -109,19 +110,17 @@ def _read_quantized(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each tensor on `device`: stored e4m3 weights and scales as they are, float block-linear weights
     quantised (checked finite first), everything else cast to `dtype_of(name)` and checked finite."""
-    for name, tensor in iter_tensors(tensors):
+    kept = weights | {n for n in tensors if n.endswith(".weight_scale")}
+    for name, t in iter_tensors_to(tensors, device, lambda n: None if n in kept else dtype_of(n)):
         if stored and (name in weights or name.endswith(".weight_scale")):
-            t = tensor.to(device)
             _check_fp8_finite(name, t, folder)
             yield name, t
         elif name in weights:
-            t = tensor.to(device)
             check_finite_weights({name: t}, folder)
             q, scale = quantize_weight(t)
             yield name, q
             yield name + "_scale", scale
         else:
-            t = tensor.to(device=device, dtype=dtype_of(name))
             check_finite_weights({name: t}, folder)
             yield name, t
 
@@ -138,16 +137,5 @@ def _check_fp8_finite(name: str, t: torch.Tensor, folder: Path) -> None:
 
 
 def iter_tensors(tensors: dict[str, TensorInfo]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors one at a time from their memory-mapped files (a file is opened once)."""
-    from safetensors import SafetensorError
-
-    by_file: dict[Path, list[str]] = {}
-    for name, info in tensors.items():
-        by_file.setdefault(info.file, []).append(name)
-    for path, names in by_file.items():
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                for name in names:
-                    yield name, fh.get_tensor(name)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"reading {path} failed ({err}); the file is corrupt, re-download it") from err
+    """Tensors one at a time on the host, from their memory-mapped files (see `checkpoint.iter_host_tensors`)."""
+    return iter_host_tensors(tensors)
