@@ -29,7 +29,7 @@ Tensor = torch.Tensor
 def engine_config(profile: Profile) -> EngineConfig:
     dtype = str(profile.dtype).removeprefix("torch.")
     return EngineConfig(height=profile.height, width=profile.width, device=profile.device, dtype=dtype,
-                        pyramid_steps=profile.steps)  # fmt: skip
+                        pyramid_steps=profile.steps, attention=profile.attention)  # fmt: skip
 
 
 def prompt_embeds(profile: Profile) -> Tensor:

@@ -40,6 +40,10 @@ class Profile:
     skips_fail: bool
     timing_iters: int
     fp8_chunks: int = 3  # chunks per FP8 stream (the gate's latent drift is defined after 3)
+    # the engine's EngineConfig.attention: "auto" on a GPU (what a user gets); the dry run names SDPA, a backend
+    # that runs on a CPU as one op per call, so its plan has an attention op to time and price as on a GPU
+    # (the CPU's default, the reference table, computes attention as bmm/softmax pieces)
+    attention: str = "auto"
 
     @property
     def dry_run(self) -> bool:
@@ -59,7 +63,7 @@ def dry_run_profile() -> Profile:
     return Profile("dry-run", "cpu", torch.float32, DEMO_TRANSFORMER, DEMO_VAE, 64, 64, 512, chunks=2,
                    stage_chunks=1, eager_warmup=False, steps=(1, 1, 1), kernel_check=(1, 19, 1),
                    kernel_dtypes=(torch.bfloat16,), kernel_tests=False, skips_fail=False,
-                   timing_iters=1, fp8_chunks=2)  # fmt: skip
+                   timing_iters=1, fp8_chunks=2, attention="sdpa")  # fmt: skip
 
 
 def device_spec(device: str) -> tuple[cost.DeviceSpec, str]:

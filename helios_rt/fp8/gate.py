@@ -62,10 +62,17 @@ class GateResult:
         return bool(ok)
 
 
+FFN_UP = ".net.0.proj"  # the FFN up-projection, inside `linear_gelu_tanh` in the reference model
+
+
 def layer_errors(reference: nn.Module, fp8: nn.Module, run: Callable[[], object]) -> dict[str, float]:
     """Per block linear: the relative error of the FP8 layer against the reference layer, both fed the
     reference model's own input to it while `run()` drives the reference model (so the errors do not
-    compound: each layer is measured in isolation, on realistic activations)."""
+    compound: each layer is measured in isolation, on realistic activations).
+
+    The reference FFN's up-projection runs inside the fused `linear_gelu_tanh` op (its GELU in the GEMM's
+    epilogue), not as a module call: its input is the FFN's input, taken by a pre-hook on the FFN, and its
+    reference output is the layer called on it."""
     names = block_linear_names(reference)
     errors: dict[str, list[float]] = {n: [] for n in names}
     handles = []
@@ -73,11 +80,19 @@ def layer_errors(reference: nn.Module, fp8: nn.Module, run: Callable[[], object]
         layer = fp8.get_submodule(name)
         if not isinstance(layer, FP8Linear):
             raise ValueError(f"{name} of the FP8 model is a {type(layer).__name__}, not an FP8Linear")
+        ref_layer = reference.get_submodule(name)
+        if name.endswith(FFN_UP):
+
+            def pre_hook(_m, args, name=name, layer=layer, ref_layer=ref_layer):
+                errors[name].append(relative_error(layer(args[0]), ref_layer(args[0])))
+
+            handles.append(reference.get_submodule(name.removesuffix(FFN_UP)).register_forward_pre_hook(pre_hook))
+            continue
 
         def hook(_m, args, out, name=name, layer=layer):
             errors[name].append(relative_error(layer(args[0]), out))
 
-        handles.append(reference.get_submodule(name).register_forward_hook(hook))
+        handles.append(ref_layer.register_forward_hook(hook))
     try:
         with torch.no_grad():
             run()
