@@ -172,6 +172,8 @@ def stage_tensors(
     dtype and nothing is freed between tensors, so the allocator has no holes to leave behind. On CUDA
     the copy moves the stored bytes and the cast runs on the device.
     """
+    for info in tensors.values():
+        torch_dtype(info)  # an unreadable dtype is refused before the first read
     device = torch.device(device)
     cuda = device.type == "cuda"
     largest = max((info.nbytes for info in tensors.values()), default=0)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from support.oracle import build_reference, save_sharded
 
-from helios_rt.checkpoint import CheckpointError
+from helios_rt.checkpoint import CheckpointError, TensorInfo, finite_flag, index_tensors, iter_tensors_to
 from helios_rt.model.transformer import load_transformer
 
 SMALL = dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, rope_dim=(4, 6, 6), is_amplify_history=True)
@@ -128,3 +128,38 @@ def test_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:
         load_transformer(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_transformer(tmp_path / "nope")
+
+
+def test_loaded_tensors_are_the_files_in_their_dtypes(ckpt: Path) -> None:
+    """Every weight read through the staging loop equals the stored tensor cast to the model's dtype."""
+    model = load_transformer(ckpt, dtype=torch.bfloat16)
+    state = model.state_dict()
+    stored = {k: v for path in shards(ckpt) for k, v in load_file(path).items()}
+    assert set(stored) == set(state)
+    for name, tensor in stored.items():
+        assert torch.equal(state[name], tensor.to(state[name].dtype)), name
+
+
+def test_shard_truncated_after_it_was_checked_names_the_file(ckpt: Path) -> None:
+    """A file that shrinks between the header check and the read fails the read by name, not with garbage."""
+    victim = shards(ckpt)[-1]
+    infos = index_tensors([victim])
+    victim.write_bytes(victim.read_bytes()[: min(i.end for i in infos.values()) - 1])
+    with pytest.raises(CheckpointError, match=f"{victim.name} ended inside a tensor"):
+        dict(iter_tensors_to(infos, "cpu"))
+
+
+def test_unknown_stored_dtype_is_named_before_any_read(tmp_path: Path) -> None:
+    """The file is never opened (it does not even exist): the dtype is refused first."""
+    info = TensorInfo(tmp_path / "w.safetensors", "F4", (2,), 8, 9)
+    with pytest.raises(CheckpointError, match="w.safetensors stores a tensor as F4, which helios_rt cannot read"):
+        dict(iter_tensors_to({"w": info}, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_cpu_finite_check_sees_nan_and_each_infinity(dtype: torch.dtype, value: float) -> None:
+    t = torch.ones(1000, dtype=dtype)
+    assert finite_flag(t) is True
+    t[617] = value
+    assert finite_flag(t) is False
