@@ -46,8 +46,7 @@ def torch_dtype(info: TensorInfo) -> torch.dtype:
         return TORCH_DTYPES[info.dtype]
     except KeyError:
         raise CheckpointError(
-            f"{info.file} stores a tensor as {info.dtype}, which helios_rt cannot read; "
-            f"it reads {sorted(TORCH_DTYPES)}"
+            f"{info.file} stores a tensor as {info.dtype}, which helios_rt cannot read; it reads {sorted(TORCH_DTYPES)}"
         ) from None
 
 
