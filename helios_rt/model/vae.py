@@ -163,16 +163,14 @@ def cudnn_autotuned() -> Iterator[None]:
     The flags are process-wide, so another host thread's convs see them while a decode runs.
     """
     c = torch.backends.cudnn
-    with c.flags(
-        enabled=True,
-        benchmark=True,
-        benchmark_limit=c.benchmark_limit or 10,  # None without cuDNN: then not set at all
-        deterministic=c.deterministic,
-        allow_tf32=c.allow_tf32,
-        fp32_precision=c.fp32_precision,
-        depthwise_kernel=c.depthwise_kernel,
-    ):
+    host = {name: getattr(c, name) for name in _CUDNN_HOST_FLAGS if hasattr(c, name)}  # this torch's flags only
+    with c.flags(enabled=True, benchmark=True, benchmark_limit=c.benchmark_limit or 10, **host):
         yield
+
+
+# the flags `cudnn.flags()` would otherwise reset to its defaults, kept at the host's values; depthwise_kernel
+# is newer than torch 2.11 (the floor), so each is passed only where this torch has it
+_CUDNN_HOST_FLAGS = ("deterministic", "allow_tf32", "fp32_precision", "depthwise_kernel")
 
 
 def _autotuned(fn: Callable) -> Callable:
