@@ -64,8 +64,10 @@ class CudaGraphs:
 
     def capture(self, fn) -> Graph:
         graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA calls (NCCL's watchdog with several ranks) cannot break it
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # thread_local: another thread's CUDA calls (NCCL's watchdog with several ranks) cannot break it; a
+        # capture stream made on this device (torch's default one lives on whichever device first captured)
+        stream = torch.cuda.Stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             fn()
         return graph
 
