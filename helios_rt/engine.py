@@ -96,6 +96,7 @@ class Engine:
         # channels-last conv weights; the fused norm + SiLU on CUDA (CPU decodes stay bit-identical)
         vae.prepare_decode(self.device, config.kernels if self.device.type == "cuda" else "reference")
         self._graphed_decode: GraphedDecode | None = None
+        self._decoded: Any = None  # the last decode's end mark: streams taking turns share the decode graph
         self.parallel = attach_parallel(config.parallel, transformer, spec.uses_cfg)  # None: one process
         self._prompts = PromptCache(prompts) if prompts is not None else None
         self._check_resolution()
@@ -642,6 +643,8 @@ class Stream:
             latents = launched.latents.clone()
             finite = _to_host(launched.finite)
             slot_read = self._slot_free[launched.index % 2] = lanes.mark("decode")  # the slot and its flag
+            if self.engine._decoded is not None:  # another stream's decode may still use the graph's buffers
+                lanes.wait("decode", self.engine._decoded)
             with self.engine.sampler.section("decode"):
                 mesh = self.engine.parallel
                 if mesh is None or mesh.is_output_rank:
@@ -650,7 +653,7 @@ class Stream:
                     config = self.engine.config
                     frames = _to_host(no_frames(config.height, config.width, self.engine.device))
             latents = _to_host(latents)
-            end = lanes.mark("decode")
+            end = self.engine._decoded = lanes.mark("decode")
         return _Decoded(launched, latents, frames, finite, begin, end, slot_read)
 
     def _hand_over(self, decoded: _Decoded) -> Chunk:
@@ -663,6 +666,8 @@ class Stream:
                 "here. Check the prompt embeddings, the guidance scale and the dtype (float16 overflows)"
             )
         frames, latents = decoded.frames.cpu().numpy(), decoded.latents.cpu()
+        if self.engine.device.type == "cuda":  # the caller keeps chunks: pageable copies, the pinned ones recycle
+            frames, latents = frames.copy(), latents.clone()
         self.handover_times.append(time.perf_counter())
         timings = {
             "transformer_s": lanes.seconds(decoded.launched.begin, decoded.launched.end),

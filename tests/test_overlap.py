@@ -205,3 +205,15 @@ def test_a_steady_launch_allocates_nothing_its_finite_flag_is_the_slots(monkeypa
         assert made[k] == [], f"chunk {k}'s launch allocated: {made[k]}"
         assert launched[k].finite is launched[k - 2].finite is not launched[k - 1].finite  # the slot's flag
     assert all(bool(launched[k].finite) for k in range(5))
+
+
+def test_streams_taking_turns_order_their_decodes(engine, monkeypatch) -> None:
+    """Streams of one engine share its decode (on CUDA one graph with static buffers): each decode waits for
+    the engine's last decode, whichever stream made it, before it starts."""
+    a, lanes_a, _ = recorded_stream(engine, monkeypatch, overlapped=False, chunks=2)
+    next(a)
+    b, lanes_b, _ = recorded_stream(engine, monkeypatch, overlapped=False, chunks=2)
+    next(b)
+    a_end = [e[2].end for e in lanes_a.log if e[0] == "decode"][-1]
+    assert ("wait", "decode", a_end) in lanes_b.log, "stream b decoded while stream a's decode could still run"
+    a.close(), b.close()

@@ -469,8 +469,11 @@ class ChunkProgram:
         return graph
 
     def _forget_graphs(self) -> None:
+        """Drop the graphs and their memory pool: a pool whose graphs are all gone is released by PyTorch, and
+        capturing into its id again would trip the allocator's internal assert, so new graphs get a new pool."""
         self._graphs.clear()
         self._deferred.clear()
+        self._pool = None
 
     @property
     def captured(self) -> tuple[ChunkKind, ...]:
