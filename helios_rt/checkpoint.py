@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .errors import CheckpointError
+from .staging import TensorInfo, stage_tensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SAFETENSORS_DTYPES = {
@@ -34,25 +36,6 @@ _SAFETENSORS_DTYPES = {
     "U32": 4,
     "U64": 8,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be loaded; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its file, stored dtype and shape, and its bytes' absolute offsets in the file."""
-
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int = 0
-    end: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
 
 
 def find_component(root: str | Path, component: str) -> Path:
@@ -231,8 +214,6 @@ def iter_tensors_to(
     CUDA: pinned double-buffered staging with non_blocking copies, cast on the device. CPU: the same
     loop, unpinned, the cast done by the copy out of the buffer (see `helios_rt.staging`).
     """
-    from .staging import stage_tensors
-
     return stage_tensors(tensors, device, dtype_of)
 
 

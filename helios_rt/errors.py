@@ -11,6 +11,10 @@ always has in this package, so existing `except ValueError` callers keep working
 from __future__ import annotations
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded; the message names the file and the fix."""
+
+
 class UsageError(ValueError):
     """An option or a combination of options that cannot work (device, output path, ...)."""
 

@@ -14,12 +14,29 @@ unpinned buffers and a fake event.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from .checkpoint import CheckpointError, TensorInfo
+from .errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, stored dtype and shape, and its bytes' absolute offsets in the file."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int = 0
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

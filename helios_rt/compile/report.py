@@ -38,14 +38,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import ATTENTION_CHOICES, ModelConfig, preset
-from ..fp8 import quantize_blocks_
-from ..model.transformer import HeliosTransformer, keeps_fp32
+from ..model.transformer import keeps_fp32
 from ..ops import OpSet
-from ..sampling.chunk import ChunkSampler, SamplingSpec
-from ..sampling.history import HistoryLayout
-from ..sampling.schedules import ScheduleConfig
-from .chunk_program import META, ChunkKind, ChunkProgram, TextShape
-from .cost import ChunkShape, meta_transformer
+from ..sampling.chunk import SamplingSpec
+from .chunk_program import META, ChunkKind, ChunkProgram
+from .cost.shape import ChunkShape
+from .meta_program import distilled_spec, meta_chunk_program, meta_model
 from .workspace import plan_program
 
 GIB = 1 << 30
@@ -220,7 +218,7 @@ def format_bytes(n: int) -> str:
 def weights_bytes(config: ModelConfig, dtype: torch.dtype, precision: str = "native") -> int:
     """Bytes of the transformer's parameters as loaded (the float32-kept ones in float32; with
     precision="fp8" the block linears' e4m3 weights and float32 scales)."""
-    model = _meta_model(config, dtype, precision)
+    model = meta_model(config, dtype, precision)
     return sum(p.numel() * (4 if keeps_fp32(n) else p.element_size()) for n, p in model.named_parameters())
 
 
@@ -293,12 +291,6 @@ def _meta_umt5(dtype: torch.dtype, config: tuple, precision: str):
     return quantize_umt5_(model, META) if precision == "fp8" else model
 
 
-def distilled_spec(stages: int = 3, steps: tuple[int, ...] | None = None) -> SamplingSpec:
-    """Helios-Distilled's sampling (one DMD step per pyramid stage, amplified first chunk, no CFG)."""
-    schedule = ScheduleConfig(kind="dmd", stages=stages)
-    return SamplingSpec(schedule, True, True, False, steps or (1,) * stages, 1.0, True)
-
-
 def plan_chunk(
     config: ModelConfig,
     shape: ChunkShape,
@@ -308,14 +300,7 @@ def plan_chunk(
     precision: str = "native",
 ) -> ChunkProgram:
     """The engine's compiled chunk for `config` at `shape`, built and planned on meta tensors."""
-    model = _meta_model(config, dtype, precision)
-    model.ops = ops
-    layout = HistoryLayout(shape.history_sizes, shape.latent_frames, shape.keep_first_frame)
-    sampler = ChunkSampler(model, spec, layout, shape.latent_hw, META, ops)
-    if spec.pyramid:  # the factor's values do not matter to the plan, only its shape
-        n = config.patch_size[1] * config.patch_size[2]
-        sampler.set_block_factor(torch.empty(n, n, device=META))
-    program = ChunkProgram(sampler, shape.batch, TextShape(shape.text_len), cuda_graph=False)
+    program = meta_chunk_program(config, shape, dtype, ops, spec, precision)
     first = ChunkKind(spec.amplify_first_chunk, shape.keep_first_frame)
     for kind in dict.fromkeys([first, ChunkKind(spec.amplify_first_chunk, False), ChunkKind(False, False)]):
         program.plan(kind)
@@ -441,20 +426,6 @@ def _encode_bytes(dtype: torch.dtype, text_encoder: dict | None, precision: str)
 
 
 _FP8_NOTE = {"native": "", "fp8": " (block linears fp8 e4m3)"}
-
-
-def _meta_model(config: ModelConfig, dtype: torch.dtype, precision: str):
-    """The transformer on meta as the engine loads it: FP8 block linears with precision="fp8"."""
-    return _meta_fp8_model(config, dtype) if precision == "fp8" else meta_transformer(config, dtype)
-
-
-@functools.lru_cache(maxsize=2)  # a fresh model: `meta_transformer`'s cached one must stay float
-def _meta_fp8_model(config: ModelConfig, dtype: torch.dtype):
-    with torch.device("meta"):
-        model = HeliosTransformer(config, OpSet("cpu", "reference"))
-    for name, p in model.named_parameters():
-        p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
-    return quantize_blocks_(model).eval()
 
 
 def _kind_name(kind: ChunkKind) -> str:

@@ -16,7 +16,7 @@ from its own plan. Per op:
 
 `project` prices a trace on a `DeviceSpec`: per op max(FLOPs / achieved rate of its class and backend,
 bytes / achieved bandwidth), summed (CUDA graphs: no launch gaps). Each rate names its source
-(`projection.H100_RATES`, `attention_rates.H100_ATTENTION`).
+(`projection.H100_RATES`, `projection.H100_ATTENTION`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Attention rates per backend, the backend a plain install runs, and the calibration row that prices the
+"""The backend a plain install runs, the backend rows, and the calibration row that prices the
 reference pipeline's op sequence against the paper's 19.5 FPS.
 
-Attention rates are H100 SXM, bf16, head dim 128, long non-causal sequences (the 14B stage-2 shape is
-11040 tokens); each says where it comes from. Only FA3's and FA2's are published measurements; ours is an
-estimate until a GPU measures it (`helios-rt bench --suite gpu`).
+The attention rates (`projection.H100_ATTENTION`) are H100 SXM, bf16, head dim 128, long non-causal
+sequences (the 14B stage-2 shape is 11040 tokens); each says where it comes from. Only FA3's and FA2's
+are published measurements; ours is an estimate until a GPU measures it (`helios-rt bench --suite gpu`).
 """
 
 from __future__ import annotations
@@ -15,70 +15,21 @@ import torch
 
 from ...ops.attention_backends import AttentionEnv, AttentionSelection, select_attention
 from .planned import PlannedChunk, vae_trace
-from .projection import (
+from .projection import (  # the attention rates live beside the other rates; named here for the callers
+    H100_ATTENTION,
     H100_SXM,
     H100_TF32_TFLOPS,
     PAPER_FPS,
     PAPER_STEPS,
-    DeviceSpec,
-    Efficiency,
+    efficiency_for,
     project,
     trace_seconds,
 )  # fmt: skip
 from .shape import meta_transformer
 from .tracer import CostTracer, Trace
 
-
-@dataclass(frozen=True)
-class AttentionRate:
-    backend: str
-    tflops: float
-    source: str
-
-
-H100_ATTENTION: dict[str, AttentionRate] = {
-    r.backend: r
-    for r in (
-        AttentionRate(
-            "fa3",
-            640.0,
-            "FlashAttention-3 paper (Shah et al. 2024), H100 SXM5 bf16 forward, head dim "
-            "128, non-causal, 8k-16k tokens: 610-661 TFLOP/s",
-        ),  # fmt: skip
-        AttentionRate(
-            "fa2", 335.0, "FlashAttention-2 measured in the FlashAttention-3 paper, same setting: ~324-338 TFLOP/s"
-        ),  # fmt: skip
-        AttentionRate(
-            "triton",
-            400.0,
-            "estimate, not measured: this kernel is FlashAttention-2 class (wgmma, "
-            "no warp specialisation or ping-pong), 0.55-0.7x FA3 by review",
-        ),  # fmt: skip
-        AttentionRate("sdpa", 335.0, "PyTorch SDPA's default CUDA backend is FlashAttention-2 code: the FA2 rate"),
-        AttentionRate("cudnn", 560.0, "estimate: cuDNN's fused attention (SDPA's cuDNN backend) is FA3 class on "
-                      "H100 (the FA3 paper's comparison puts it below FA3 at head dim 128)"),  # fmt: skip
-        AttentionRate("reference", 200.0, "estimate: bmm + float32 softmax per query chunk, scores through HBM"),
-    )
-}
 H100_INSTALLED = frozenset({"triton"})  # `pip install helios_rt` on an H100: no flash-attn
 H100_WITH_FA3 = frozenset({"flash_attn_interface", "flash_attn", "triton"})  # helios_rt[fa] + FA3's hopper/ build
-
-
-def efficiency_for(backend: str, device: DeviceSpec = H100_SXM, base: Efficiency | None = None) -> Efficiency:
-    """`base` with attention priced at `backend`'s rate, as a fraction of the bf16 peak.
-
-    The rates are H100 SXM measurements; a fraction of the peak carries over to any sm_90 part (the same
-    SM and tensor cores at another SM count and clock: H100 PCIe/NVL, H200), not to another architecture.
-    """
-    if device.sm != H100_SXM.sm:
-        raise ValueError(f"attention rates are stated for sm_90 (H100) only, not {device.name} "
-                         f"(sm_{device.sm[0]}{device.sm[1]}): add that architecture's rates")  # fmt: skip
-    if backend not in H100_ATTENTION:
-        raise ValueError(f"no attention rate for backend {backend!r}; known: {', '.join(H100_ATTENTION)}")
-    rate = H100_ATTENTION[backend]
-    return replace(
-        base or Efficiency(), attention=rate.tflops / H100_SXM.bf16_tflops, attention_label=f"{backend}: {rate.source}"
-    )
 
 
 def h100_selection(installed: frozenset[str] = H100_INSTALLED) -> AttentionSelection:

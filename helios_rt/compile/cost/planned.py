@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ...config import ModelConfig
-from ..chunk_program import META, ChunkKind, ChunkProgram, TextShape
+from ..chunk_program import META, ChunkKind, ChunkProgram
 from ..workspace import ProgramPlan, Step, plan_program
 from .op_cost import OpCost, _dtype_name, generated_out_copy
 from .shape import ChunkShape
@@ -114,19 +114,10 @@ def build_program(config: ModelConfig, shape: ChunkShape, dtype: torch.dtype, ke
                   steps: tuple[int, ...], precision: str) -> ChunkProgram:  # fmt: skip
     """`report.plan_chunk`'s program (the one `helios-rt plan` reports), before any kind is planned."""
     from ...ops import OpSet
-    from ...sampling.chunk import ChunkSampler
-    from ...sampling.history import HistoryLayout
-    from ..report import _meta_model, distilled_spec
+    from ..meta_program import distilled_spec, meta_chunk_program  # here: meta_program imports cost.shape
 
     ops = OpSet.for_planning(kernels, attention=attention)
-    model = _meta_model(config, dtype, precision)
-    model.ops = ops
-    spec = distilled_spec(shape.stages, steps)
-    layout = HistoryLayout(shape.history_sizes, shape.latent_frames, shape.keep_first_frame)
-    sampler = ChunkSampler(model, spec, layout, shape.latent_hw, META, ops)
-    n = config.patch_size[1] * config.patch_size[2]
-    sampler.set_block_factor(torch.empty(n, n, device=META))
-    return ChunkProgram(sampler, shape.batch, TextShape(shape.text_len), cuda_graph=False)
+    return meta_chunk_program(config, shape, dtype, ops, distilled_spec(shape.stages, steps), precision)
 
 
 def trace_kind(program: ChunkProgram, kind: ChunkKind, label: str) -> Trace:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .op_cost import ATTENTION, GEMM, KINDS, MEMORY_BOUND, VIEW, OpCost
 from .planned import PlannedChunk
@@ -41,7 +41,7 @@ class Rate:
     source: str
 
 
-# The H100 SXM rates of everything but attention (those are in `attention_rates.H100_ATTENTION`).
+# The H100 SXM rates of everything but attention (those are in `H100_ATTENTION`, below).
 H100_RATES: dict[str, Rate] = {
     "gemm bf16": Rate(680.0, "estimate: cuBLAS bf16 at the 14B's shapes (M 3.7k-11k, K/N 5120-13824) sustains "
                              "~650-720 TFLOP/s at the 700 W limit (issue 24's review), not the 989 dense peak"),
@@ -207,14 +207,60 @@ class ChunkProjection:
         return self.fps_end_to_end if self.vae_rows else None
 
 
+@dataclass(frozen=True)
+class AttentionRate:
+    backend: str
+    tflops: float
+    source: str
+
+
+H100_ATTENTION: dict[str, AttentionRate] = {
+    r.backend: r
+    for r in (
+        AttentionRate(
+            "fa3",
+            640.0,
+            "FlashAttention-3 paper (Shah et al. 2024), H100 SXM5 bf16 forward, head dim "
+            "128, non-causal, 8k-16k tokens: 610-661 TFLOP/s",
+        ),  # fmt: skip
+        AttentionRate(
+            "fa2", 335.0, "FlashAttention-2 measured in the FlashAttention-3 paper, same setting: ~324-338 TFLOP/s"
+        ),  # fmt: skip
+        AttentionRate(
+            "triton",
+            400.0,
+            "estimate, not measured: this kernel is FlashAttention-2 class (wgmma, "
+            "no warp specialisation or ping-pong), 0.55-0.7x FA3 by review",
+        ),  # fmt: skip
+        AttentionRate("sdpa", 335.0, "PyTorch SDPA's default CUDA backend is FlashAttention-2 code: the FA2 rate"),
+        AttentionRate("cudnn", 560.0, "estimate: cuDNN's fused attention (SDPA's cuDNN backend) is FA3 class on "
+                      "H100 (the FA3 paper's comparison puts it below FA3 at head dim 128)"),  # fmt: skip
+        AttentionRate("reference", 200.0, "estimate: bmm + float32 softmax per query chunk, scores through HBM"),
+    )
+}
+def efficiency_for(backend: str, device: DeviceSpec = H100_SXM, base: Efficiency | None = None) -> Efficiency:
+    """`base` with attention priced at `backend`'s rate, as a fraction of the bf16 peak.
+
+    The rates are H100 SXM measurements; a fraction of the peak carries over to any sm_90 part (the same
+    SM and tensor cores at another SM count and clock: H100 PCIe/NVL, H200), not to another architecture.
+    """
+    if device.sm != H100_SXM.sm:
+        raise ValueError(f"attention rates are stated for sm_90 (H100) only, not {device.name} "
+                         f"(sm_{device.sm[0]}{device.sm[1]}): add that architecture's rates")  # fmt: skip
+    if backend not in H100_ATTENTION:
+        raise ValueError(f"no attention rate for backend {backend!r}; known: {', '.join(H100_ATTENTION)}")
+    rate = H100_ATTENTION[backend]
+    return replace(
+        base or Efficiency(), attention=rate.tflops / H100_SXM.bf16_tflops, attention_label=f"{backend}: {rate.source}"
+    )
+
+
 def project(chunk: PlannedChunk, device: DeviceSpec = H100_SXM, efficiency: Efficiency | None = None,
             first: bool = False) -> ChunkProjection:  # fmt: skip
     """The steady chunk (or the stream's first, `first=True`) of `chunk` on `device`, with its VAE decode.
 
     efficiency: default: `Efficiency()` with attention at the rate of the backend the plan resolved.
     """
-    from .attention_rates import efficiency_for
-
     efficiency = efficiency or efficiency_for(chunk.attention, device)
     trace = chunk.first if first else chunk.steady
     vae = _rows(chunk.vae, device, efficiency) if chunk.vae is not None else ()
