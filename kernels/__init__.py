@@ -4,4 +4,4 @@ Importing this package registers every kernel as the "triton" impl of its op in 
 only defines functions: nothing compiles until a kernel is first launched.
 """
 
-from . import attention, linear, norm, quantize, residual, sampler  # noqa: F401  (register the impls)
+from . import attention, linear, norm, quantize, residual, residual_norm, sampler  # noqa: F401  (register the impls)

@@ -73,7 +73,9 @@ def fused_op(name: str, mutates: tuple[str, ...]) -> Callable[[Callable], Callab
     makes the op a plain, allocation-free dispatcher op: the memory planner's tracing mode records
     it as one step and the executor replays it on arena views; on meta tensors its fake does
     nothing (the outputs already have their shapes), so a whole chunk runs on meta whatever the op
-    table. The schema is inferred from the launch's type hints.
+    table. The schema is inferred from the launch's type hints. A mutated argument whose name ends in
+    `_` (`x_`, as PyTorch names in-place ops) is updated in place, read and then written; the others
+    are write-only outputs (the cost model prices them so: `compile.cost.op_cost`).
     """
 
     def wrap(launch: Callable) -> Callable:

@@ -18,6 +18,18 @@ MAX_D = 8192
 
 
 @triton.jit
+def _normed_row(x, mask, D, eps, RMS: tl.constexpr):
+    """The shared row prologue: `x` (one float32 row, 0 where masked) centred (LayerNorm; RMSNorm keeps it)
+    and scaled by 1/sqrt(mean square + eps). Every row-norm kernel of this package calls it, so the
+    statistics are computed one way."""
+    if RMS:  # noqa: SIM108  (a constexpr branch: the RMS variant never computes the mean)
+        xc = x
+    else:
+        xc = tl.where(mask, x - tl.sum(x, axis=0) / D, 0.0)
+    return xc * (1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps))
+
+
+@triton.jit
 def _modulate_layernorm_kernel(
     x_ptr, shift_ptr, scale_ptr, out_ptr,
     L, D, n_hist, eps,
@@ -30,14 +42,10 @@ def _modulate_layernorm_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(x_ptr + b * sxb + l_idx * sxl + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / D
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
     seg = (l_idx >= n_hist).to(tl.int32)
     sc = tl.load(scale_ptr + b * scb + seg * scs + cols, mask=mask, other=0.0)
     sh = tl.load(shift_ptr + b * shb + seg * shs + cols, mask=mask, other=0.0)
-    y = xc * rstd * (1.0 + sc) + sh
+    y = _normed_row(x, mask, D, eps, False) * (1.0 + sc) + sh
     tl.store(out_ptr + b * sob + l_idx * sol + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -90,11 +98,7 @@ def _row_norm_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(x_ptr + b * sxb + l_idx * sxl + cols, mask=mask, other=0.0).to(tl.float32)
-    if RMS:  # noqa: SIM108  (a constexpr branch: the RMS variant never computes the mean)
-        xc = x
-    else:
-        xc = tl.where(mask, x - tl.sum(x, axis=0) / D, 0.0)
-    y = xc * (1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps))
+    y = _normed_row(x, mask, D, eps, RMS)
     if HAS_W:
         y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_B:

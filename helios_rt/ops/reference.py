@@ -70,6 +70,58 @@ def gate_residual(x: Tensor, y: Tensor, gate: Tensor, n_hist: int, out: Tensor |
     return _write(r.to(x.dtype), out)
 
 
+def _add_residual_(x: Tensor, y: Tensor, gate: Tensor | None, n_hist: int) -> None:
+    """`x[:, L-Ly:] += y * gate` in place (`gate` None: `+= y`, as `Tensor.add_` rounds it)."""
+    start = x.shape[1] - y.shape[1]
+    tail = x[:, start:]
+    if gate is None:
+        tail.add_(y)
+    else:
+        gate_residual(tail, y, gate, max(0, n_hist - start), out=tail)
+
+
+@register_reference("residual_modulate_layernorm")
+def residual_modulate_layernorm(
+    x: Tensor,
+    y: Tensor,
+    gate: Tensor | None,
+    n_hist: int,
+    shift: Tensor,
+    scale: Tensor,
+    eps: float,
+    out: Tensor | None = None,
+) -> Tensor:
+    """A sublayer's residual, then the next sublayer's adaLN input: one pass over the residual stream.
+
+    x: `[B, L, D]`, updated in place on its last `Ly` rows by `y`: `[B, Ly, D]` times the two-segment
+    `gate` (`[B, 2, D]` float32; None: a plain add); returns `modulate_layernorm` of the updated x (`[B, L,
+    D]`, x.dtype). The norm reads x as stored (rounded to x.dtype), so the result equals the two ops apart.
+    """
+    _add_residual_(x, y, gate, n_hist)
+    return modulate_layernorm(x, shift, scale, n_hist, eps, out)
+
+
+@register_reference("residual_layernorm")
+def residual_layernorm(
+    x: Tensor,
+    y: Tensor,
+    gate: Tensor,
+    n_hist: int,
+    start: int,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    out: Tensor | None = None,
+) -> Tensor:
+    """The self-attention's gated residual, then the cross-attention's LayerNorm of rows `start:`.
+
+    x: `[B, L, D]`, updated in place: `x += y * gate` (y `[B, L, D]`, gate `[B, 2, D]` float32); returns
+    `layernorm(x[:, start:], weight, bias)` (`[B, L - start, D]`, x.dtype) of the updated, stored x.
+    """
+    _add_residual_(x, y, gate, n_hist)
+    return layernorm(x[:, start:], weight, bias, eps, out)
+
+
 @register_reference("rmsnorm")
 def rmsnorm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> Tensor:
     """RMSNorm over the last dim (all heads together), float32 statistics, cast back to x.dtype."""
