@@ -26,16 +26,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import ATTENTION_CHOICES
+from .config import DTYPE_CHOICES
+from .options import PLAN_OPTIONS, add_engine_arguments, engine_config, positive_int
 
 EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_CHECKPOINT, EXIT_RUNTIME = 1, 2, 3, 4, 5
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _seed(text: str) -> int:
@@ -46,39 +40,6 @@ def _seed(text: str) -> int:
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
     return value
-
-
-def _steps(text: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"steps per stage look like '1,1,1', got {text!r}") from None
-    return steps
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The EngineConfig options every command that builds an engine takes (read by `_engine_config`)."""
-    parser.add_argument("--height", type=_positive_int, default=None)
-    parser.add_argument("--width", type=_positive_int, default=None)
-    parser.add_argument("--steps", type=_steps, default=None, help="steps per pyramid stage, e.g. 1,1,1")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
-    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                        help="attention backend; auto: on a GPU the fastest that runs, timed at warm-up")  # fmt: skip
-    parser.add_argument("--graphs", default="auto", choices=["auto", "chunk", "off"],
-                        help="chunk: each chunk one planned program (one CUDA graph replay on a GPU); "
-                        "off: the ops run eagerly (debugging, per-op profiles)")  # fmt: skip
-    parser.add_argument("--fps", type=_positive_int, default=24)
-    parser.add_argument("--precision", default="native", choices=["native", "fp8"],
-                        help="fp8: the block linears in e4m3 (an FP8 checkpoint from `helios-rt quantize`, "
-                        "or a float one quantised while loading)")  # fmt: skip
-    parser.add_argument("--text-encoder-precision", default="native", choices=["native", "fp8"],
-                        help="fp8: umT5's linears as e4m3 weights on the GPU (4.3 GiB instead of 10.6), "
-                        "what `helios-rt plan --gpu-memory 24` names for an FP8 engine")  # fmt: skip
-    parser.add_argument("--decode-slice-frames", type=_positive_int, default=None, metavar="N",
-                        help="decode each chunk N latent frames at a time (the same frames, less memory; "
-                        "`helios-rt plan --gpu-memory GB` says when a budget needs it)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,18 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--image", type=Path, default=None, help="image-to-video: the first frame")
     gen.add_argument("--video", type=Path, default=None, help="video-to-video: the video to continue")
-    gen.add_argument("--num-frames", type=_positive_int, default=99)
+    gen.add_argument("--num-frames", type=positive_int, default=99)
     gen.add_argument("--seed", type=_seed, default=0)
     add_engine_arguments(gen)
+    gen.add_argument("--fps", type=positive_int, default=24, help="the frame rate written into the mp4")
     gen.add_argument("--out", type=Path, default=Path("out.mp4"))
     gen.add_argument("--verbose", action="store_true",  # fmt: skip
                      help="print the cold start by phase: load, text encoder, plan, warm-up, capture, first chunk")
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks on errors")
     from .benchmarking import add_bench_parser, add_profile_parser
-    from .compile.report import add_plan_parser
     from .quantize import add_quantize_parser
 
-    add_plan_parser(sub)
+    _add_plan_parser(sub)
     add_quantize_parser(sub)
     add_bench_parser(sub)
     add_profile_parser(sub)
@@ -115,29 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine_config(args: argparse.Namespace):
-    from .config import EngineConfig
-    from .demo import DEMO_HEIGHT, DEMO_WIDTH
-    from .parallel.launch import torchrun_parallel
+# the CLI's EngineConfig (tests and older callers import it from here)
+_engine_config = engine_config
 
-    is_demo = args.model == "demo"
-    height = args.height or (DEMO_HEIGHT if is_demo else 384)
-    width = args.width or (DEMO_WIDTH if is_demo else 640)
-    return EngineConfig(
-        height=height,
-        width=width,
-        device=args.device,
-        dtype=args.dtype,
-        kernels=args.kernels,
-        attention=getattr(args, "attention", "auto"),
-        graphs=args.graphs,
-        pyramid_steps=args.steps,
-        fps=args.fps,
-        parallel=torchrun_parallel(),  # N ranks under torchrun, one process otherwise
-        precision=args.precision,
-        text_encoder_precision=args.text_encoder_precision,
-        decode_slice_frames=args.decode_slice_frames,
+
+def _add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    """`plan`: the engine options that change a chunk's memory, from the same table, and the plan's own."""
+    from .compile.report import __doc__ as plan_doc
+    from .compile.report import run_plan
+
+    p = subparsers.add_parser(
+        "plan",
+        help="plan the memory of every chunk kind at a resolution and say which GPUs it fits (no weights loaded)",
+        description=plan_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--model", default="helios-14b", help="'helios-14b', 'tiny' or a checkpoint folder")
+    add_engine_arguments(p, PLAN_OPTIONS, height={"default": 384}, width={"default": 640},
+                         dtype={"default": "bf16", "choices": DTYPE_CHOICES[1:]},
+                         text_encoder_precision={"default": "native"})  # fmt: skip
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--text-len", type=positive_int, default=512)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run_plan)
+    return p
 
 
 class Failure(Exception):

@@ -1,7 +1,15 @@
-"""Typed, validated configuration: `ModelConfig` mirrors a checkpoint's `transformer/config.json`.
+"""Typed, validated configuration: `ModelConfig` mirrors a checkpoint's `transformer/config.json`;
+`EngineConfig` is what a user sets to run an engine.
 
 Every value of the checkpoint's config is honoured; a key we do not know is rejected rather than
 dropped, because an ignored flag would silently compute a different model.
+
+EngineConfig keeps the user's options (size, device, precision, steps, guidance, one memory budget,
+parallel); the rest sits in one group per concern: `MemorySettings` (what the budget decides, or set
+by hand), `SamplingOverrides` (the checkpoint's training values, for experts; helios_rt.sampling) and
+`DebugSwitches` (what runs underneath the same math). The old flat names (`kernels=`, `pyramid_steps=`,
+...) are accepted for one release with one DeprecationWarning and still read as properties.
+The CLI's options are generated from these fields (helios_rt.options).
 """
 
 from __future__ import annotations
@@ -9,9 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .sampling.overrides import SamplingOverrides
 
 # Keys that diffusers writes for its own bookkeeping; they do not change the math.
 _BOOKKEEPING_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
@@ -204,8 +215,13 @@ def preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or pass a path") from None
 
 
+# ==== EngineConfig ===================================================================================
+# The values each engine option takes, listed once: the checks below and the CLI's choices read these.
 # the attention backends a user may name (helios_rt.ops.attention_backends defines what each is)
 ATTENTION_CHOICES: tuple[str, ...] = ("auto", "fa3", "fa2", "triton", "cudnn", "sdpa", "reference")
+KERNEL_CHOICES: tuple[str, ...] = ("auto", "reference", "triton")
+GRAPH_CHOICES: tuple[str, ...] = ("auto", "chunk", "off")
+PRECISION_CHOICES: tuple[str, ...] = ("native", "fp8")
 
 _DTYPES = {
     "float32": "float32",
@@ -215,110 +231,147 @@ _DTYPES = {
     "float16": "float16",
     "fp16": "float16",
 }
+DTYPE_CHOICES: tuple[str, ...] = ("auto", *sorted(_DTYPES))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...], note: str = "") -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name}={value!r}: use one of {', '.join(map(repr, choices))}{note}")
+
+
+@dataclass(frozen=True)
+class DebugSwitches:
+    """What runs underneath the same math, for debugging, per-op profiles and comparisons.
+
+    The defaults are what a user wants on every machine; each switch changes speed or memory, never
+    the model (the op tables are checked against the PyTorch references by the tests).
+    """
+
+    # the op table: "auto" (the Triton kernels on CUDA, the references on a CPU), "reference", "triton"
+    kernels: str = "auto"
+    # the attention backend (helios_rt.ops.attention_backends): "auto" follows `kernels` ("auto" on CUDA takes
+    # the fastest backend that runs, timed at the engine's shapes during warm-up); an explicit choice that
+    # cannot run is refused at load with the fix
+    attention: str = "auto"
+    # "chunk": each chunk one planned program on one arena, captured as one CUDA graph per chunk kind on
+    # CUDA; "off": the ops run eagerly on the caching allocator; "auto" = "chunk" on CUDA, "off" on a CPU
+    graphs: str = "auto"
+    # decode chunk k on a second CUDA stream while chunk k+1 is computed; None = on for CUDA. With it on,
+    # Stream.set_prompt takes effect one chunk later (chunk k+1 is already running)
+    overlap_decode: bool | None = None
+    # the VAE's dtype; "auto" follows EngineConfig.dtype
+    vae_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("DebugSwitches", "kernels", self.kernels, KERNEL_CHOICES)
+        _check_choice("DebugSwitches", "attention", self.attention, ATTENTION_CHOICES)
+        _check_choice("DebugSwitches", "graphs", self.graphs, GRAPH_CHOICES)
+        _check_choice("DebugSwitches", "vae_dtype", self.vae_dtype, DTYPE_CHOICES, " ('auto' follows the dtype)")
+        if self.overlap_decode not in (None, True, False):
+            raise ValueError(f"DebugSwitches.overlap_decode={self.overlap_decode!r}: use None (auto), True or False")
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """How the engine spends GPU memory: set by hand, or planned from `EngineConfig.gpu_memory`.
+
+    `helios_rt.options.plan_memory(config, model)` fills the values left at None with what
+    `helios-rt plan --gpu-memory GB` chooses for that checkpoint (the same code); the CLI calls it.
+
+    text_encoder_precision: umT5's linears, "native" (the dtype) or "fp8" (e4m3 weight-only, 4.3 GiB on
+      the GPU instead of 10.6; what makes an FP8 engine fit 24 GB while a prompt is encoded).
+      None: native, or what the budget needs.
+    decode_slice_frames: decode each chunk this many latent frames at a time (the same frames, ~2.3x
+      less decode memory at 1). None: the whole chunk at once, or what the budget needs.
+    offload_text_encoder: move umT5 to host memory after each prompt is encoded and back for the next:
+      lowers the memory between prompts (never the encode peak, so a budget never needs it).
+    planned_for_gb: the budget these settings were planned for (None: set by hand).
+    """
+
+    text_encoder_precision: str | None = None
+    decode_slice_frames: int | None = None
+    offload_text_encoder: bool = False
+    planned_for_gb: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.text_encoder_precision is not None:
+            _check_choice("MemorySettings", "text_encoder_precision", self.text_encoder_precision,
+                          PRECISION_CHOICES, " (umT5's linears in e4m3, weight-only)")  # fmt: skip
+        d = self.decode_slice_frames
+        if d is not None and not (_is_int(d) and d >= 1):
+            raise ValueError(f"MemorySettings.decode_slice_frames={d!r}: None (whole chunk) or latent frames >= 1")
+        if self.offload_text_encoder not in (True, False):
+            raise ValueError(f"MemorySettings.offload_text_encoder={self.offload_text_encoder!r}: use True or False")
+
+
+# What a config carries beside its fields: the spelling its steps were given in (the deprecated names keep
+# their old rules) and the two stream values that leave EngineConfig (honoured until the engine takes them).
+_HIDDEN_DEFAULTS: dict[str, Any] = {"steps_option": "steps", "fps": 24, "prompt_blend_chunks": 3}
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How an engine runs: resolution, precision, device, kernels, and sampling overrides.
+    """What a user sets to run an engine; expert and debugging values sit in their own groups.
 
-    Sampling values left as None take the checkpoint's defaults (distilled: one step per pyramid
-    stage, no guidance, doubled steps on the first chunk; base/mid: CFG 5.0).
+    steps: None = the checkpoint's (distilled: 1 per pyramid stage; mid: 20 per stage; base: 50). An int
+      is that many steps per stage on a pyramid checkpoint and the total on a base (HeliosPipeline) one;
+      a tuple gives each pyramid stage its own count (a base checkpoint takes a 1-tuple).
+    guidance_scale: None = the checkpoint's (distilled: 1.0, no CFG; mid and base: 5.0).
+    gpu_memory: a budget in GB; `memory` follows from it (`MemorySettings`).
     """
 
     height: int = 384
     width: int = 640
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"
-    dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16", "float16"
-    vae_dtype: str = "auto"  # "auto" follows dtype
-    kernels: str = "auto"  # "auto", "reference", "triton"
-    # the attention backend (helios_rt.ops.attention_backends): "auto" follows `kernels` ("auto" on CUDA takes
-    # the fastest backend that runs, timed at the engine's shapes during warm-up; untimed, the first of AUTO_ORDER),
-    # or one of ATTENTION_CHOICES; an explicit choice that cannot run is refused at load with the fix
-    attention: str = "auto"
-    # the compiled chunk: "chunk" runs each chunk as one planned program on one arena, captured as one
-    # CUDA graph per chunk kind on CUDA (on a CPU the same program runs from its arena, uncaptured);
-    # "off" runs the op table eagerly through the caching allocator (debugging, per-op profiles);
-    # "auto" = "chunk" on CUDA, "off" on a CPU (where the planner's per-op checks cost more than they save)
-    graphs: str = "auto"
-    # decode chunk k on a second CUDA stream while chunk k+1 is computed; None = on for CUDA. With it
-    # on, Stream.set_prompt takes effect one chunk later (chunk k+1 is already running)
-    overlap_decode: bool | None = None
-    pyramid_steps: tuple[int, ...] | None = None  # steps per stage, e.g. (1, 1, 1) or (2, 2, 2)
-    num_inference_steps: int | None = None  # base (non-pyramid) checkpoints
-    guidance_scale: float | None = None
-    amplify_first_chunk: bool | None = None
-    history_sizes: tuple[int, int, int] = (16, 2, 1)  # long, mid, short latent frames
-    latent_frames_per_chunk: int = 9
-    keep_first_frame: bool = True
-    zero_init_steps: int = 1  # CFG-Zero*: steps at the start of stage 0 whose prediction is zeroed
-    prompt_blend_chunks: int = 3  # chunks over which a new prompt's embedding is interpolated
-    fps: int = 24
-    # move the umT5 encoder (10.6 GiB in bf16) to host memory after each prompt is encoded and back for
-    # the next: `helios-rt plan` shows what that frees; a new prompt then pays the transfer
-    offload_text_encoder: bool = False
-    # decode each chunk this many latent frames at a time, carrying the causal convs' frames between
-    # slices (the same frames; ~2.3x less decode memory at 1 frame): `helios-rt plan --gpu-memory`
-    # says when a budget needs it. None decodes the whole chunk at once
-    decode_slice_frames: int | None = None
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"; a torch.device is welcome
+    dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), or one of DTYPE_CHOICES
     # "fp8": the linears inside the transformer blocks run in e4m3 through torch._scaled_mm (weights per
     # output channel, activations per token; helios_rt.fp8), halving their weight memory; the rest keeps `dtype`
     precision: str = "native"
-    # "fp8": umT5's linears as e4m3 weights with per-channel scales, dequantised per product (4.3 GiB on the
-    # GPU instead of 10.6; the token embedding stays on the host); what makes an FP8 engine fit 24 GB while a
-    # prompt is encoded (`helios-rt plan --precision fp8 --gpu-memory 24` names it). Gate: fp8/weight_only.py
-    text_encoder_precision: str = "native"
-
-    # several processes, one stream: a helios_rt.parallel.ParallelConfig (sequence and CFG parallelism
-    # on torch.distributed, set by `torchrun ... -m helios_rt generate`); None = this process alone
+    steps: int | tuple[int, ...] | None = None
+    guidance_scale: float | None = None
+    gpu_memory: float | None = None
+    # several processes, one stream: a helios_rt.parallel.ParallelConfig (sequence and CFG parallelism on
+    # torch.distributed, set by `torchrun ... -m helios_rt generate`); None = this process alone
     parallel: Any = None
+    memory: MemorySettings = MemorySettings()
+    sampling: SamplingOverrides = SamplingOverrides()
+    debug: DebugSwitches = DebugSwitches()
 
     def __post_init__(self) -> None:
         self._check_parallel()
         for name in ("height", "width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"EngineConfig.{name}={value!r}: must be a positive integer")
         if not isinstance(self.device, str):  # a torch.device is welcome; stored as its name
             object.__setattr__(self, "device", str(self.device))
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"EngineConfig.device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        for name in ("dtype", "vae_dtype"):
-            value = getattr(self, name)
-            if value != "auto" and value not in _DTYPES:
-                raise ValueError(f"EngineConfig.{name}={value!r}: use 'auto' or one of {sorted(set(_DTYPES))}")
-        if self.kernels not in ("auto", "reference", "triton"):
-            raise ValueError(f"EngineConfig.kernels={self.kernels!r}: use 'auto', 'reference' or 'triton'")
-        if self.precision not in ("native", "fp8"):
-            raise ValueError(f"EngineConfig.precision={self.precision!r}: use 'native' (the dtype) or 'fp8'")
-        if self.text_encoder_precision not in ("native", "fp8"):
-            raise ValueError(
-                f"EngineConfig.text_encoder_precision={self.text_encoder_precision!r}: use 'native' (the dtype) "
-                "or 'fp8' (umT5's linears in e4m3, weight-only)"
-            )
-        if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"EngineConfig.attention={self.attention!r}: use one of {', '.join(ATTENTION_CHOICES)}")
-        if self.graphs not in ("auto", "chunk", "off"):
-            raise ValueError(f"EngineConfig.graphs={self.graphs!r}: use 'auto', 'chunk' or 'off'")
-        if self.overlap_decode not in (None, True, False):
-            raise ValueError(f"EngineConfig.overlap_decode={self.overlap_decode!r}: use None (auto), True or False")
-        if self.pyramid_steps is not None:
-            object.__setattr__(self, "pyramid_steps", tuple(self.pyramid_steps))
-            if not self.pyramid_steps or any(not isinstance(s, int) or s < 1 for s in self.pyramid_steps):
-                raise ValueError(f"EngineConfig.pyramid_steps={self.pyramid_steps!r}: one step count >= 1 per stage")
-        if self.num_inference_steps is not None and self.num_inference_steps < 1:
-            raise ValueError(f"EngineConfig.num_inference_steps={self.num_inference_steps}: must be >= 1")
+        _check_choice("EngineConfig", "dtype", self.dtype, DTYPE_CHOICES)
+        _check_choice("EngineConfig", "precision", self.precision, PRECISION_CHOICES, " ('native' is the dtype)")
+        self._check_steps()
         if self.guidance_scale is not None and not self.guidance_scale >= 1.0:
             raise ValueError(f"EngineConfig.guidance_scale={self.guidance_scale}: must be >= 1.0 (1.0 disables CFG)")
-        object.__setattr__(self, "history_sizes", tuple(self.history_sizes))
-        if len(self.history_sizes) != 3 or any(s < 1 for s in self.history_sizes):
-            raise ValueError(f"EngineConfig.history_sizes={self.history_sizes}: three sizes >= 1 (long, mid, short)")
-        if self.latent_frames_per_chunk < 1:
-            raise ValueError(f"EngineConfig.latent_frames_per_chunk={self.latent_frames_per_chunk}: must be >= 1")
-        d = self.decode_slice_frames
-        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
-            raise ValueError(f"EngineConfig.decode_slice_frames={d!r}: None (whole chunk) or latent frames >= 1")
-        if self.prompt_blend_chunks < 1 or self.fps < 1 or self.zero_init_steps < 0:
-            raise ValueError("EngineConfig.prompt_blend_chunks and fps must be >= 1, zero_init_steps >= 0")
+        gb = self.gpu_memory
+        if gb is not None and not (isinstance(gb, (int, float)) and not isinstance(gb, bool) and gb > 0):
+            raise ValueError(f"EngineConfig.gpu_memory={gb!r}: a budget in GB > 0, or None (no budget)")
+        for name, cls in _GROUPS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r}: use {cls.__name__}(...)")
+
+    def _check_steps(self) -> None:
+        steps = self.steps
+        if isinstance(steps, (list, tuple)):
+            steps = tuple(steps)
+            object.__setattr__(self, "steps", steps)
+        per_stage = isinstance(steps, tuple) and steps and all(_is_int(s) and s >= 1 for s in steps)
+        if steps is not None and not (per_stage or (_is_int(steps) and steps >= 1)):
+            raise ValueError(f"EngineConfig.steps={steps!r}: an int >= 1 (per pyramid stage, or a base "
+                             "checkpoint's total) or one count >= 1 per pyramid stage")  # fmt: skip
 
     def _check_parallel(self) -> None:
         from .parallel.config import ParallelConfig
@@ -327,6 +380,25 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.parallel={self.parallel!r}: use None or helios_rt.parallel.ParallelConfig(...)"
             )
+
+    @property
+    def steps_option(self) -> str:
+        """The name `steps` was given under: "steps", or a deprecated "pyramid_steps" / "num_inference_steps"
+        (which keep their old rule: pyramid checkpoints only / base checkpoints only)."""
+        return self._hidden_value("steps_option")
+
+    def _hidden_value(self, key: str) -> Any:
+        return self.__dict__.get("_hidden", _HIDDEN_DEFAULTS)[key]
+
+    def memory_settings(self) -> MemorySettings:
+        """The memory settings the engine runs with; a budget must have been planned for the checkpoint."""
+        if self.gpu_memory is not None and self.memory.planned_for_gb != self.gpu_memory:
+            raise ValueError(
+                f"EngineConfig.gpu_memory={self.gpu_memory:g} is planned against the checkpoint before loading: "
+                "pass helios_rt.options.plan_memory(config, model) to the engine (the CLI does), or set "
+                "memory=MemorySettings(...) by hand"
+            )
+        return self.memory
 
     def resolved_device(self) -> str:
         import torch
@@ -342,24 +414,25 @@ class EngineConfig:
 
     def resolved_graphs(self) -> str:
         """'chunk' (the compiled chunk, captured on CUDA) or 'off' (eager)."""
-        if self.graphs == "auto":
+        if self.debug.graphs == "auto":
             return "chunk" if self.resolved_device().startswith("cuda") else "off"
-        return self.graphs
+        return self.debug.graphs
 
     def resolved_overlap(self) -> bool:
         cuda = self.resolved_device().startswith("cuda")
-        if self.overlap_decode is None:
+        if self.debug.overlap_decode is None:
             return cuda
-        if self.overlap_decode and not cuda:
+        if self.debug.overlap_decode and not cuda:
             raise ValueError(
                 "EngineConfig.overlap_decode=True needs a CUDA device (a second stream); use None or False"
             )
-        return self.overlap_decode
+        return self.debug.overlap_decode
 
     def resolved_dtype(self, which: str = "dtype"):
+        """The torch dtype of the model ("dtype") or of the VAE ("vae_dtype")."""
         import torch
 
-        value = getattr(self, which)
+        value = self.dtype if which == "dtype" else self.debug.vae_dtype
         if value == "auto":
             value = (
                 self.dtype
@@ -369,4 +442,121 @@ class EngineConfig:
         return getattr(torch, _DTYPES[value])
 
     def replace(self, **changes: Any) -> EngineConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes` (new or, for one release, deprecated names)."""
+        old = {k: changes.pop(k) for k in list(changes) if k in DEPRECATED_NAMES}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | changes
+        hidden = dict(self.__dict__.get("_hidden", _HIDDEN_DEFAULTS))
+        if "steps" in changes:
+            hidden["steps_option"] = "steps"
+        if old:
+            _warn_deprecated(old)
+            hidden = _translate(values, old, hidden)
+        config = EngineConfig(**values)
+        object.__setattr__(config, "_hidden", hidden)
+        return config
+
+    # ---- the old names, read-only, for one release (engine.py and compile/ read some of them) -------------
+    kernels = property(lambda self: self.debug.kernels, doc="Deprecated: `debug.kernels`.")
+    attention = property(lambda self: self.debug.attention, doc="Deprecated: `debug.attention`.")
+    graphs = property(lambda self: self.debug.graphs, doc="Deprecated: `debug.graphs`.")
+    overlap_decode = property(lambda self: self.debug.overlap_decode, doc="Deprecated: `debug.overlap_decode`.")
+    vae_dtype = property(lambda self: self.debug.vae_dtype, doc="Deprecated: `debug.vae_dtype`.")
+    history_sizes = property(lambda self: self.sampling.value("history_sizes"), doc="Deprecated: `sampling`.")
+    latent_frames_per_chunk = property(lambda self: self.sampling.value("latent_frames_per_chunk"))
+    keep_first_frame = property(lambda self: self.sampling.value("keep_first_frame"))
+    zero_init_steps = property(lambda self: self.sampling.value("zero_init_steps"))
+    amplify_first_chunk = property(lambda self: self.sampling.amplify_first_chunk)
+    text_encoder_precision = property(lambda self: self.memory_settings().text_encoder_precision or "native")
+    decode_slice_frames = property(lambda self: self.memory_settings().decode_slice_frames)
+    offload_text_encoder = property(lambda self: self.memory_settings().offload_text_encoder)
+    fps = property(lambda self: self._hidden_value("fps"), doc="Deprecated: the video writer's fps.")
+    prompt_blend_chunks = property(lambda self: self._hidden_value("prompt_blend_chunks"))
+
+
+_GROUPS: dict[str, type] = {"memory": MemorySettings, "sampling": SamplingOverrides, "debug": DebugSwitches}
+
+# ---- the old field names, accepted for one release ----------------------------------------------------
+# old name -> the group it moved to (EngineConfig(kernels="triton") is EngineConfig(debug=DebugSwitches(kernels=...)))
+_MOVED: dict[str, str] = {
+    **dict.fromkeys(("kernels", "attention", "graphs", "overlap_decode", "vae_dtype"), "debug"),
+    **dict.fromkeys(("history_sizes", "latent_frames_per_chunk", "keep_first_frame", "zero_init_steps",
+                     "amplify_first_chunk"), "sampling"),  # fmt: skip
+    **dict.fromkeys(("text_encoder_precision", "decode_slice_frames", "offload_text_encoder"), "memory"),
+}
+_STEP_NAMES = ("pyramid_steps", "num_inference_steps")
+# the values that leave EngineConfig for the stream side: honoured until the engine takes them there
+_STREAM_NOTES = {
+    "fps": "the frame rate belongs to the video writer (Mp4Writer(fps=), `helios-rt generate --fps`)",
+    "prompt_blend_chunks": "it belongs to the stream and moves to Engine.generate_stream in the next release",
+}
+DEPRECATED_NAMES: frozenset[str] = frozenset(_MOVED) | frozenset(_STEP_NAMES) | frozenset(_STREAM_NOTES)
+
+
+def _new_spelling(name: str) -> str:
+    if name in _MOVED:
+        return f"{_MOVED[name]}={_GROUPS[_MOVED[name]].__name__}({name}=...)"
+    if name in _STEP_NAMES:
+        return "steps=... (an int per stage, or the total on a base checkpoint)"
+    return f"(none on EngineConfig: {_STREAM_NOTES[name]})"
+
+
+def _warn_deprecated(old: dict[str, Any]) -> None:
+    """One warning per construction, naming each old name's new spelling (stacklevel: the caller's line)."""
+    moves = "; ".join(f"{name} -> {_new_spelling(name)}" for name in old)
+    warnings.warn(f"EngineConfig: deprecated names, accepted for one release: {moves}", DeprecationWarning,
+                  stacklevel=3)  # fmt: skip
+
+
+def _translate(values: dict[str, Any], old: dict[str, Any], hidden: dict[str, Any]) -> dict[str, Any]:
+    """Move deprecated keywords into `values` (in place) at their new place; returns the hidden values.
+
+    An invalid old value is reported under the name the caller wrote (EngineConfig.kernels=...)."""
+    hidden = dict(hidden)
+    for name, value in old.items():
+        if name in _MOVED:
+            group = _GROUPS[_MOVED[name]]
+            try:
+                values[_MOVED[name]] = dataclasses.replace(values.get(_MOVED[name], group()), **{name: value})
+            except ValueError as err:
+                raise ValueError(str(err).replace(f"{group.__name__}.", "EngineConfig.", 1)) from None
+        elif name in _STEP_NAMES:
+            if "steps" in values and values["steps"] is not None and hidden.get("steps_option") != name:
+                raise ValueError(f"EngineConfig: {name} and steps both set; pass steps alone")
+            values["steps"] = _old_steps(name, value)
+            hidden["steps_option"] = name
+        else:
+            if not (_is_int(value) and value >= 1):
+                raise ValueError(f"EngineConfig.{name}={value!r}: must be an integer >= 1")
+            hidden[name] = value
+    return hidden
+
+
+def _old_steps(name: str, value: Any) -> int | tuple[int, ...] | None:
+    """`pyramid_steps` (a count per stage) or `num_inference_steps` (a base checkpoint's total), checked by name."""
+    if value is None:
+        return None
+    if name == "pyramid_steps":
+        steps = tuple(value) if isinstance(value, (list, tuple)) else value
+        if not isinstance(steps, tuple) or not steps or not all(_is_int(s) and s >= 1 for s in steps):
+            raise ValueError(f"EngineConfig.pyramid_steps={steps!r}: one step count >= 1 per stage")
+        return steps
+    if not (_is_int(value) and value >= 1):
+        raise ValueError(f"EngineConfig.num_inference_steps={value!r}: must be >= 1")
+    return value
+
+
+_fields_init = EngineConfig.__init__
+
+
+def _engine_config_init(self: EngineConfig, *args: Any, **kwargs: Any) -> None:
+    """The dataclass's __init__, taking the deprecated names too (moved to their new place, one warning)."""
+    old = {k: kwargs.pop(k) for k in list(kwargs) if k in DEPRECATED_NAMES}
+    hidden = dict(_HIDDEN_DEFAULTS)
+    if old:
+        _warn_deprecated(old)
+        hidden = _translate(kwargs, old, hidden)
+    _fields_init(self, *args, **kwargs)
+    object.__setattr__(self, "_hidden", hidden)
+
+
+EngineConfig.__init__ = _engine_config_init  # type: ignore[method-assign]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from .. import profiling
+from ..options import add_engine_arguments, engine_argv, engine_config, engine_option, positive_int
 from ..profiling import nvtx_range
 from .attention import attention_rows
 from .projection import projection_rows
@@ -33,18 +34,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_at_least(1), default=2, help="CPU suite: best of this many runs")
     p.add_argument("--verbose", action="store_true", help="also print the projection's per-op-class tables")
     p.add_argument("--engine-option", action="append", default=[], type=_engine_option, metavar="KEY=VALUE",
-                   help="CPU suite: an EngineConfig field for helios_rt's side, e.g. graphs=chunk")  # fmt: skip
+                   help="CPU suite: an engine option for helios_rt's side, e.g. graphs=chunk")  # fmt: skip
     return p
 
 
-def _engine_option(text: str) -> tuple[str, str]:
-    from ..config import EngineConfig
-
-    key, sep, value = text.partition("=")
-    if not sep or key not in EngineConfig.__dataclass_fields__:
-        fields = ", ".join(EngineConfig.__dataclass_fields__)
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY an EngineConfig field ({fields}), got {text!r}")
-    return key, value
+def _engine_option(text: str) -> tuple[str, object]:
+    """`--engine-option KEY=VALUE`: an engine option of the CLI's table (helios_rt.options), parsed as the CLI does."""
+    return engine_option(text)
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -110,8 +106,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def add_profile_parser(subparsers) -> argparse.ArgumentParser:
-    from ..cli import _positive_int, add_engine_arguments
-
     p = subparsers.add_parser(
         "profile",
         help="print the Nsight Systems command line and run a short generation with NVTX ranges on",
@@ -123,7 +117,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     add_engine_arguments(p)
     p.add_argument("--warmup-chunks", type=int, default=1, help="chunks before the recorded range")
-    p.add_argument("--chunks", type=_positive_int, default=2, help="chunks inside the recorded range")
+    p.add_argument("--chunks", type=positive_int, default=2, help="chunks inside the recorded range")
     p.add_argument("--output", default="helios_rt_profile", help="the nsys report name")
     p.add_argument("--print-only", action="store_true", help="print the nsys command line and exit")
     return p
@@ -132,20 +126,12 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
 def profile_argv(args: argparse.Namespace) -> list[str]:
     """The `helios-rt profile ...` arguments that reproduce `args` (what nsys is told to run)."""
     argv = ["profile", "--model", str(args.model), "--prompt", args.prompt, "--seed", str(args.seed)]
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None:
-            argv += [flag, str(value)]
-    if args.steps is not None:
-        argv += ["--steps", ",".join(map(str, args.steps))]
-    argv += ["--device", args.device, "--dtype", args.dtype, "--kernels", args.kernels, "--graphs", args.graphs]
-    if args.decode_slice_frames is not None:
-        argv += ["--decode-slice-frames", str(args.decode_slice_frames)]
+    argv += engine_argv(args)
     argv += ["--warmup-chunks", str(args.warmup_chunks), "--chunks", str(args.chunks)]
     return argv
 
 
 def run_profile(args: argparse.Namespace, out=None) -> int:
-    from ..cli import _engine_config
     from ..engine import Engine
 
     out = out or sys.stdout
@@ -162,7 +148,7 @@ def run_profile(args: argparse.Namespace, out=None) -> int:
     previous = profiling._enabled
     profiling.set_enabled(True)
     try:
-        return _profile_run(args, out, Engine, _engine_config(args))
+        return _profile_run(args, out, Engine, engine_config(args))
     finally:
         profiling.set_enabled(previous)
 

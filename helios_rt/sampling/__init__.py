@@ -4,69 +4,62 @@
 - pyramid: chunk noise, stage-0 downsampling, stage transitions with block noise, the chunk plan
 - guidance: CFG and CFG-Zero*
 - history: the fixed-size latent memory and the I2V/V2V conditioning noise
+- overrides: the checkpoint's sampling values (history sizes, chunk length, ...) and expert overrides
+
+Names are imported on first use (PEP 562), so that `helios_rt.config` can hold a `SamplingOverrides`
+without `import helios_rt` importing torch.
 """
 
-from .guidance import cfg_combine, cfg_zero_star, optimized_scale, split_cond_uncond, zero_init_steps
-from .history import HistoryLayout, HistoryMemory, augment_image_latents, augment_video_latents
-from .pyramid import (
-    PyramidPlan,
-    block_noise_factor,
-    chunk_noise,
-    downsample_noise,
-    normal_noise,
-    plan_pyramid,
-    sample_block_noise,
-    stage_hw,
-    stage_mu,
-    stage_transition,
-    transition_coefficients,
-)
-from .schedules import (
-    ScheduleConfig,
-    StagePlan,
-    UniPCState,
-    UniPCStepPlan,
-    base_sigmas,
-    calculate_shift,
-    dmd_stage_plan,
-    dmd_step,
-    euler_step,
-    helios_stage_plan,
-    ori_start_sigma,
-    unipc_step,
-)
+from __future__ import annotations
 
-__all__ = [
-    "HistoryLayout",
-    "HistoryMemory",
-    "PyramidPlan",
-    "ScheduleConfig",
-    "StagePlan",
-    "UniPCState",
-    "UniPCStepPlan",
-    "augment_image_latents",
-    "augment_video_latents",
-    "base_sigmas",
-    "block_noise_factor",
-    "calculate_shift",
-    "cfg_combine",
-    "cfg_zero_star",
-    "chunk_noise",
-    "dmd_stage_plan",
-    "dmd_step",
-    "downsample_noise",
-    "euler_step",
-    "helios_stage_plan",
-    "normal_noise",
-    "optimized_scale",
-    "ori_start_sigma",
-    "plan_pyramid",
-    "sample_block_noise",
-    "split_cond_uncond",
-    "stage_hw",
-    "stage_mu",
-    "stage_transition",
-    "transition_coefficients",
-    "unipc_step",
-    "zero_init_steps",
-]
+import importlib
+from typing import Any
+
+_HOMES: dict[str, str] = {
+    "CHECKPOINT_VALUES": "overrides",
+    "HistoryLayout": "history",
+    "HistoryMemory": "history",
+    "PyramidPlan": "pyramid",
+    "SamplingOverrides": "overrides",
+    "ScheduleConfig": "schedules",
+    "StagePlan": "schedules",
+    "UniPCState": "schedules",
+    "UniPCStepPlan": "schedules",
+    "augment_image_latents": "history",
+    "augment_video_latents": "history",
+    "base_sigmas": "schedules",
+    "block_noise_factor": "pyramid",
+    "calculate_shift": "schedules",
+    "cfg_combine": "guidance",
+    "cfg_zero_star": "guidance",
+    "chunk_noise": "pyramid",
+    "dmd_stage_plan": "schedules",
+    "dmd_step": "schedules",
+    "downsample_noise": "pyramid",
+    "euler_step": "schedules",
+    "helios_stage_plan": "schedules",
+    "normal_noise": "pyramid",
+    "optimized_scale": "guidance",
+    "ori_start_sigma": "schedules",
+    "plan_pyramid": "pyramid",
+    "sample_block_noise": "pyramid",
+    "split_cond_uncond": "guidance",
+    "stage_hw": "pyramid",
+    "stage_mu": "pyramid",
+    "stage_transition": "pyramid",
+    "transition_coefficients": "pyramid",
+    "unipc_step": "schedules",
+    "zero_init_steps": "guidance",
+}
+
+_SUBMODULES = frozenset({"chunk", "guidance", "history", "noise", "overrides", "pyramid", "schedules"})
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # `helios_rt.sampling.schedules` as an attribute, as before
+        return importlib.import_module(f"{__name__}.{name}")
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'helios_rt.sampling' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)

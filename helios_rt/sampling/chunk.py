@@ -87,33 +87,15 @@ class SamplingSpec:
         schedule = ScheduleConfig.from_dict(scheduler)
         pyramid = pipeline == "HeliosPyramidPipeline"
         distilled = bool(model_index.get("is_distilled", False))
-        if pyramid and config.num_inference_steps is not None:
-            raise ValueError(
-                "EngineConfig.num_inference_steps applies to HeliosPipeline (base) checkpoints; this one is a "
-                "pyramid checkpoint: set pyramid_steps (steps per stage) instead"
-            )
-        if config.amplify_first_chunk and not (pyramid and distilled):
+        overrides = config.sampling
+        if overrides.amplify_first_chunk and not (pyramid and distilled):
             raise ValueError(
                 "EngineConfig.amplify_first_chunk=True applies to distilled pyramid checkpoints only "
                 "(model_index.json is_distilled=true)"
             )
-        if pyramid:
-            default_steps = (1,) * schedule.stages if distilled else (20,) * schedule.stages
-            steps = config.pyramid_steps or default_steps
-            if len(steps) != schedule.stages:
-                raise ValueError(
-                    f"EngineConfig.pyramid_steps={steps} has {len(steps)} entries but the checkpoint's "
-                    f"scheduler has {schedule.stages} stages"
-                )
-        else:
-            if config.pyramid_steps is not None:
-                raise ValueError(
-                    "EngineConfig.pyramid_steps applies to pyramid checkpoints; this one is a "
-                    "HeliosPipeline (base): set num_inference_steps instead"
-                )
-            steps = (config.num_inference_steps or 50,)
+        steps = checkpoint_steps(config.steps, config.steps_option, pyramid, distilled, schedule.stages)
         guidance = config.guidance_scale if config.guidance_scale is not None else (1.0 if distilled else 5.0)
-        amplify = config.amplify_first_chunk if config.amplify_first_chunk is not None else distilled
+        amplify = overrides.amplify_first_chunk if overrides.amplify_first_chunk is not None else distilled
         return cls(
             schedule,
             pyramid,
@@ -122,8 +104,44 @@ class SamplingSpec:
             tuple(steps),
             float(guidance),
             bool(amplify and distilled and pyramid),
-            config.zero_init_steps,
+            overrides.value("zero_init_steps"),
         )
+
+
+def checkpoint_steps(
+    steps: int | tuple[int, ...] | None, option: str, pyramid: bool, distilled: bool, stages: int
+) -> tuple[int, ...]:
+    """`EngineConfig.steps` for this checkpoint: one count per pyramid stage, or (total,) for a base one.
+
+    None takes the checkpoint's (distilled: 1 per stage; mid: 20 per stage; base: 50); an int is per
+    stage on a pyramid and the total on a base checkpoint. `option` is the name the steps were given
+    under: the deprecated `pyramid_steps` / `num_inference_steps` keep their rule (one kind of checkpoint).
+    """
+    if option == "num_inference_steps" and pyramid and steps is not None:
+        raise ValueError(
+            "EngineConfig.num_inference_steps applies to HeliosPipeline (base) checkpoints; this one is a "
+            "pyramid checkpoint: set steps (an int per stage, or one count per stage) instead"
+        )
+    if option == "pyramid_steps" and not pyramid and steps is not None:
+        raise ValueError(
+            "EngineConfig.pyramid_steps applies to pyramid checkpoints; this one is a HeliosPipeline (base): "
+            "set steps (its total, an int) instead"
+        )
+    if steps is None:
+        return ((1 if distilled else 20),) * stages if pyramid else (50,)
+    if isinstance(steps, int):
+        return (steps,) * stages if pyramid else (steps,)
+    if pyramid and len(steps) != stages:
+        raise ValueError(
+            f"EngineConfig.{option}={steps} has {len(steps)} entries but the checkpoint's scheduler has {stages} "
+            "stages: give one count per stage, or one int for every stage"
+        )
+    if not pyramid and len(steps) != 1:
+        raise ValueError(
+            f"EngineConfig.{option}={steps}: a HeliosPipeline (base) checkpoint has one stage; pass its total "
+            "number of steps as an int"
+        )
+    return tuple(steps)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 
+from ..options import add_engine_arguments, engine_config
 from .config import ServeConfig
 
 _TOKEN_ENV = "HELIOS_RT_TOKEN"
@@ -23,8 +24,6 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add `serve` to the CLI's subparsers; `run_serve(args)` runs it."""
-    from ..cli import add_engine_arguments
-
     defaults = ServeConfig()
     p = subparsers.add_parser("serve", help="serve a page that plays the video live and switches prompts",
                               description="Serve a page that plays the video as it is generated and switches "
@@ -93,7 +92,6 @@ def bind(config: ServeConfig) -> socket.socket:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Bind the port, load the model, warm it up, serve until Ctrl-C."""
-    from ..cli import _engine_config
     from ..engine import Engine
     from ._require import require_aiohttp
 
@@ -105,7 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     sock = bind(config)
     try:
-        with Engine.from_pretrained(args.model, _engine_config(args)) as engine:
+        with Engine.from_pretrained(args.model, engine_config(args)) as engine:
             engine.warmup()
             url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}/"
             print(f"helios-rt serve: open {url}{'#token=...' if config.token else ''}", flush=True)
