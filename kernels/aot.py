@@ -85,7 +85,7 @@ def _empty(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
 def launches() -> list[Launch]:
     """The launches the runtime makes at the 14B shapes (bf16 activations, fp32 latents), attention at
     every config its autotuner may pick."""
-    from . import attention, norm, quantize, residual, sampler, vae_norm
+    from . import attention, norm, quantize, residual, residual_norm, sampler, vae_norm
 
     f32 = torch.float32
     out = []
@@ -97,6 +97,13 @@ def launches() -> list[Launch]:
         noisy, w32, w16 = x[:, 2400:], _empty(D, dtype=f32), _empty(D)  # the cross-attention norms: noisy rows
         out.append(Launch("layernorm", lambda x=noisy, w=w32: norm.layernorm(x, w, w, 1e-6)))
         out.append(Launch("rmsnorm", lambda x=noisy, w=w16: norm.rmsnorm(x, w, 1e-6)))
+        # the residuals in the norms: the FFN's (gated) into the next block, the cross-attention's (noisy rows)
+        call = lambda x=x, y=y, m=mod: residual_norm.residual_modulate_layernorm(x, y, m, 2400, m, m, 1e-6)  # noqa: E731
+        out.append(Launch("residual_modulate_layernorm", call))
+        call = lambda x=x, y=y[:, 2400:], m=mod: residual_norm.residual_modulate_layernorm(x, y, None, 2400, m, m, 1e-6)  # noqa: E731
+        out.append(Launch("residual_modulate_layernorm", call))
+        call = lambda x=x, y=y, m=mod, w=w32: residual_norm.residual_layernorm(x, y, m, 2400, 2400, w, w, 1e-6)  # noqa: E731
+        out.append(Launch("residual_layernorm", call))
     for act in (torch.bfloat16, f32):  # the VAE decoder's levels at 384x640; out: the next causal conv's padded input
         for c, t, h, w in ((96, 33, 384, 640), (192, 33, 192, 320), (384, 17, 96, 160)):
             vx = torch.empty(1, c, t, h, w, dtype=act, memory_format=torch.channels_last_3d)

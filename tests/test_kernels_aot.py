@@ -19,7 +19,7 @@ def test_every_launch_compiles(rows):
     for op in ("modulate_layernorm", "gate_residual", "flow_step", "stage_transition", "qk_norm_rope",
                "attention", "cfg_combine", "cfg_combine/cfg_partials", "cfg_combine/cfg_apply",
                "fp8_quantize_rows", "gelu_tanh_fp8", "modulate_layernorm_fp8", "layernorm", "rmsnorm",
-               "vae_rms_norm_silu"):  # fmt: skip
+               "vae_rms_norm_silu", "residual_modulate_layernorm", "residual_layernorm"):  # fmt: skip
         assert op in kernels
     tuned = attention.attention_configs(128, torch.bfloat16)
     seen = {r["config"] for r in rows if r["kernel"] == "attention" and r["config"].startswith("bf16 HEAD_DIM=128 ")}
