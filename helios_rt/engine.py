@@ -5,7 +5,8 @@ holds one generation's state (history memory, prompt, generator), so an engine c
 streams one after another and a stream never grows: its history is a fixed-size buffer updated in
 place and every chunk's frames are handed to the caller as soon as they are decoded.
 
-On a GPU a chunk is one replay of the engine's chunk program (`compile.chunk_program`), and the
+A chunk is `compile.chunk_program.chunk_body`, whatever the mode: on a GPU one replay of the engine's
+chunk program (planned, captured), with `graphs="off"` the same body run eagerly (`EagerChunk`). The
 stream runs two lanes (`overlap`): chunk k is decoded on a second CUDA stream while chunk k+1 is
 computed, ordered by events; the host waits only for the decode of the chunk it hands over.
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, find_component, read_json
-from .compile.chunk_program import ChunkKind, ChunkProgram, TextShape
+from .compile.chunk_program import STEADY, ChunkKind, ChunkProgram, EagerChunk, TextShape, stream_kinds
 from .compile.plan_cache import PlanCache
 from .config import EngineConfig
 from .errors import InputError, NonFiniteError, StreamFailedError
@@ -44,7 +45,7 @@ from .parallel import attach as attach_parallel
 from .parallel.group import wait_within
 from .parallel.io import no_frames, prompt_from_rank0
 from .profiling import nvtx_range
-from .sampling.chunk import ChunkSampler, Conditioning, SamplingSpec
+from .sampling.chunk import ChunkSampler, SamplingSpec
 from .sampling.history import HistoryLayout, HistoryMemory, augment_image_latents, augment_video_latents
 from .video import Video, first_and_last_frames
 
@@ -117,8 +118,9 @@ class Engine:
             self.chunk_program = ChunkProgram(
                 self.sampler, batch=1, text=TextShape(MAX_TEXT_TOKENS), plan_cache=PlanCache.for_device(self.device)
             )
+        # what runs a chunk: the program, or the same body eagerly on the caching allocator
+        self.chunks: ChunkProgram | EagerChunk = self.chunk_program or EagerChunk(self.sampler)
         self.load_timings: dict[str, float] = {}  # set by from_pretrained: load_s, weights_gb, load_gb_s
-        self._history_mod = transformer.history_modulation()
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()  # closed with the engine
         self._closed = False
 
@@ -198,8 +200,7 @@ class Engine:
             program.replan(text)
             program.set_text(text)
             keep = self.history_layout.keep_first_frame
-            first = ChunkKind(self.spec.amplify_first_chunk, keep and not image_or_video)
-            kinds = list(dict.fromkeys([first, ChunkKind(False, False)]))
+            kinds = list(stream_kinds(self.spec.amplify_first_chunk, keep, prefix_set=image_or_video))
             self._tune_attention(program, kinds)
             program.capture(kinds)
 
@@ -248,8 +249,8 @@ class Engine:
         """
         for stream in list(self._streams):
             stream.close()
-        self.transformer = self.vae = self.sampler = self.chunk_program = self._graphed_decode = None
-        self._prompts = self._history_mod = None
+        self.transformer = self.vae = self.sampler = self.chunk_program = self.chunks = self._graphed_decode = None
+        self._prompts = None
         self._closed = True
         with self.scope:
             gc.collect()  # modules hold reference cycles; collect them now rather than at some later point
@@ -598,16 +599,10 @@ class Stream:
         with nvtx_range(f"chunk {k}"), lanes.on("compute"):
             begin = lanes.mark("compute")
             text = self._text_context()
-            program = engine.chunk_program
-            if program is not None:
-                program.attach(self._history)
-                self._bind(program, text)
-                latents = program.run(program.kind(first_chunk=k == 0), self._generator)
-            else:
-                short, mid, long = self._history.windows()
-                cond = Conditioning(text, engine.sampler.embed_history(short, mid, long), engine._history_mod)
-                latents = engine.sampler.sample(cond, 1, self._generator, first_chunk=k == 0)
-                self._history.push(latents)
+            chunks = engine.chunks
+            chunks.attach(self._history)
+            self._bind(chunks, text)
+            latents = chunks.run(chunks.kind(first_chunk=k == 0), self._generator)
             if self._slot_free[k % 2] is not None:  # chunk k-2's decode lane copies the slot out: wait only now
                 lanes.wait("compute", self._slot_free[k % 2])
             slot.copy_(latents)
@@ -617,20 +612,20 @@ class Stream:
         self._compute_end = end
         return _Launched(k, slot, begin, end, finite)
 
-    def _bind(self, program: ChunkProgram, text: TextContext) -> None:
-        """Bind the chunk's prompt K/V; before the first chunk (and after a prompt of a new shape)
-        plan and, with CUDA graphs, capture the kinds this stream runs: a warm-up between chunks."""
-        fresh = not program.accepts(text)
+    def _bind(self, chunks: ChunkProgram | EagerChunk, text: TextContext) -> None:
+        """Bind the chunk's prompt K/V; with CUDA graphs, plan and capture the kinds this stream runs
+        before its first chunk, after a prompt of a new shape, and whenever the steady kind has no graph
+        (a larger arena drops the graphs: a stale cached plan re-planned bigger): a warm-up between chunks."""
+        fresh = not chunks.accepts(text)
         if fresh:
-            program.replan(text)  # explicit, outside any capture
-        program.set_text(text)
-        if program.cuda_graph and (fresh or self._launched == 0):
-            now = program.kind(first_chunk=self._launched == 0)
-            kinds = list(dict.fromkeys([now, ChunkKind(False, False)]))
-            self.engine._tune_attention(program, kinds)
+            chunks.replan(text)  # explicit, outside any capture
+        chunks.set_text(text)
+        if chunks.cuda_graph and (fresh or self._launched == 0 or STEADY not in chunks.captured):
+            kinds = list(chunks.kinds(first_chunk=self._launched == 0))
+            self.engine._tune_attention(chunks, kinds)
             with nvtx_range("warmup"):  # this chunk's own run is its kind's warm-up: nothing thrown away
-                program.capture(kinds, first=now)
-            program.attach(self._history)
+                chunks.capture(kinds, first=kinds[0])
+            chunks.attach(self._history)
 
     def _decode(self, launched: _Launched) -> _Decoded:
         """Issue the VAE decode of a launched chunk on the decode lane, after its compute."""

@@ -49,8 +49,8 @@ def engine() -> Engine:
 def test_chunk_plans_on_meta_tensors(engine: Engine, how: str, kernels: str) -> None:
     spec = sampling_specs(engine)[how]
     ops = OpSet.for_planning(kernels)
-    model = meta_model(engine.transformer)
-    model.ops = ops
+    real = engine.transformer
+    model = meta_model(real.config, real.dtype, real.precision, ops, like=real)
     sampler = ChunkSampler(model, spec, engine.history_layout, engine.latent_hw, META, ops)
     if spec.pyramid:  # factored once per engine on the host before any capture (a Cholesky needs values)
         sampler.set_block_factor(block_noise_factor(spec.schedule.gamma, model.config.patch_size[1:]))
@@ -69,7 +69,8 @@ def test_chunk_plans_on_meta_tensors(engine: Engine, how: str, kernels: str) -> 
 
 def test_a_host_read_in_the_body_fails_the_plan(engine: Engine, monkeypatch) -> None:
     """The premise: a value-dependent read in the body fails planning, naming the op."""
-    model = meta_model(engine.transformer)
+    real = engine.transformer
+    model = meta_model(real.config, real.dtype, real.precision, real.ops, like=real)
     sampler = ChunkSampler(model, engine.spec, engine.history_layout, engine.latent_hw, META)
     sampler.set_block_factor(block_noise_factor(0.25, model.config.patch_size[1:]))
     program = ChunkProgram(sampler, text=TextShape(16))

@@ -8,9 +8,10 @@ a CUDA graph captures, on a CPU it runs as it is. These tests pin down what that
 - a steady-state chunk allocates nothing (every intermediate is a view of the arena, counted by a
   dispatch mode and by the profiler's allocation events);
 - kinds: the first chunk of a distilled model is amplified, a chunk writes the prefix only when the
-  history has none yet; the static noise holds the generator's draws in order;
+  history has none yet (one rule, `stream_kinds`); the static noise holds the generator's draws in order;
+- the eager engine runs the same `chunk_body`, not a copy of it;
 - streams take turns on one program, `warmup` keeps the owner's state, a prompt of a new shape is
-  an explicit re-plan (refused under capture).
+  an explicit re-plan (refused under capture), graphs dropped mid-stream are captured again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from support.pipelines import build_pipeline, prompt_embeds, save_pipeline
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helios_rt import Engine, EngineConfig
-from helios_rt.compile.chunk_program import ChunkKind, ChunkProgram, TextShape
+from helios_rt.compile import chunk_program
+from helios_rt.compile.chunk_program import STEADY, ChunkKind, ChunkProgram, TextShape, stream_kinds
 from helios_rt.compile.workspace import PlanMismatch
 from helios_rt.sampling.noise import GeneratorNoise, StaticNoise
 
@@ -280,3 +282,67 @@ def test_bf16_dmd_stages_after_the_first_run_in_the_model_dtype(monkeypatch) -> 
     compiled = stream_chunks(Engine.from_pretrained("demo", config), 2)
     assert all(c.latents.dtype == torch.float32 for c in compiled)
     assert_same(compiled, expected)
+
+
+def test_stream_kinds_is_the_one_rule() -> None:
+    """The next chunk's kind (amplified if it is a distilled model's first; writing the prefix frame if the
+    history has none), then the steady kind, each once."""
+    yes, no = True, False
+    assert stream_kinds(yes, yes, prefix_set=no) == (ChunkKind(True, True), STEADY)  # distilled text-to-video
+    assert stream_kinds(yes, yes, prefix_set=yes) == (ChunkKind(True, False), STEADY)  # image/video-to-video
+    assert stream_kinds(no, yes, prefix_set=no) == (ChunkKind(False, True), STEADY)  # base text-to-video
+    assert stream_kinds(no, yes, prefix_set=yes) == (STEADY,)  # base I2V: every chunk is the steady kind
+    assert stream_kinds(yes, no, prefix_set=no) == (ChunkKind(True, False), STEADY)  # no prefix frame kept
+    assert stream_kinds(yes, yes, prefix_set=yes, first_chunk=no) == (STEADY,)
+
+
+def test_the_eager_engine_runs_the_one_chunk_body(monkeypatch) -> None:
+    """graphs="off" runs `chunk_body` itself, once per chunk, on the stream's own history, with the
+    kinds `stream_kinds` gives (a second, hand-written chunk would not be seen here)."""
+    calls: list[tuple[ChunkKind, object]] = []
+    body = chunk_program.chunk_body
+
+    def recorded(sampler, state, kind, batch) -> None:
+        calls.append((kind, state.history))
+        body(sampler, state, kind, batch)
+
+    monkeypatch.setattr(chunk_program, "chunk_body", recorded)
+    eager = Engine.from_pretrained("demo", SMALL.replace(graphs="off"))
+    with eager.generate_stream(PROMPT, num_frames=99, seed=3) as stream:
+        list(stream)
+        history = stream._history
+    assert [kind for kind, _ in calls] == [ChunkKind(True, True), STEADY, STEADY]
+    assert all(h is history for _, h in calls)
+
+
+class _ReplayByRunning:
+    """A stand-in graph on a CPU: replaying it runs the kind's plan on the arena, as the graph's kernels would."""
+
+    def __init__(self, program: ChunkProgram, kind: ChunkKind) -> None:
+        self.program, self.kind = program, kind
+
+    def replay(self) -> None:
+        self.program._execute(self.kind)
+
+
+def test_graphs_dropped_mid_stream_are_captured_again(monkeypatch) -> None:
+    """A larger arena drops every graph (a stale cached plan re-planned bigger during a stream); the
+    stream's next chunk captures the steady kind again, its own run being the warm-up, instead of
+    running on the arena from then on."""
+    engine = Engine.from_pretrained("demo", SMALL)
+    program, runs = engine.chunk_program, []
+    execute = program._execute
+    monkeypatch.setattr(program, "cuda_graph", True)
+    monkeypatch.setattr(program, "_execute", lambda kind: (runs.append(("run", kind)), execute(kind))[1])
+    monkeypatch.setattr(program, "_capture", lambda kind: (runs.append(("capture", kind)),
+                                                           _ReplayByRunning(program, kind))[1])  # fmt: skip
+    stream = engine.generate_stream(PROMPT, num_frames=None, seed=3)
+    next(stream), next(stream)
+    assert set(program.captured) == {ChunkKind(True, True), STEADY}
+    program.arena = program.arena[:0]  # as if a re-plan needed more: the arena grows, the graphs go
+    program._grow_arena()
+    assert program.captured == ()
+    runs.clear()
+    next(stream), next(stream)
+    stream.close()
+    assert runs == [("run", STEADY), ("capture", STEADY), ("run", STEADY)], runs

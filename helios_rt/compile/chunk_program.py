@@ -1,20 +1,23 @@
-"""The one compiler of a chunk: trace it on meta tensors, plan it into one arena, run it there, capture it.
+"""The one definition of a chunk (`chunk_body`), and its compiler: plan it into one arena, run it there, capture it.
 
 A chunk is `ChunkSampler.sample` plus what surrounds it (the patch embedding of the history windows,
-the copy of the result into a static output, the in-place history update), run with whatever op
-table the engine chose: the PyTorch references, the Triton kernels (registered as `helios_rt::` custom
-ops with fake implementations, so they trace like any aten op), later flash-attn or FP8 GEMMs. The
-same body is used three ways, per `ChunkKind`:
+the copy of the result into the output, the in-place history update), run with whatever op table the
+engine chose: the PyTorch references, the Triton kernels (registered as `helios_rt::` custom ops with
+fake implementations, so they trace like any aten op), the flash-attn backends, the FP8 GEMMs. The
+same body runs four ways, per `ChunkKind` (`stream_kinds` says which kinds a stream runs):
 
-1. **plan** (`_plan`): the body runs once on meta copies of the model, the sampler and the state
-   under the planner's dispatch mode (`workspace.plan_program`); every intermediate becomes a buffer
-   of one arena placed by the C++ planner. A host read of a tensor value, a random draw or an op
-   that cannot write into a given buffer fails here, on any machine, naming the op.
-2. **run** (`_execute`): the body runs on the real state under the `Executor`, which hands each
+1. **eager** (`EagerChunk`, `graphs="off"`): the body on the stream's own history, its noise drawn when
+   the sampler asks, every intermediate from the caching allocator: debugging and per-op profiles.
+2. **plan** (`ChunkProgram.plan`): the body runs once on meta copies of the model (`meta_model`), the
+   sampler and the state under the planner's dispatch mode (`workspace.plan_program`); every
+   intermediate becomes a buffer of one arena placed by the C++ planner. A host read of a tensor
+   value, a random draw or an op that cannot write into a given buffer fails here, on any machine,
+   naming the op.
+3. **run** (`ChunkProgram.run`): the body runs on the real state under the `Executor`, which hands each
    allocating op its view of the arena and checks the op sequence against the plan: a steady-state
    chunk allocates nothing.
-3. **capture** (`capture`, CUDA): the same executed body recorded as one CUDA graph per kind, at
-   warm-up only; a chunk's run replays it and runs no Python.
+4. **capture** (`ChunkProgram.capture`, CUDA): the same executed body recorded as one CUDA graph per
+   kind, at warm-up only; a chunk's run replays it and runs no Python.
 
 All kinds share one arena (they never run at the same time; it is sized for the largest plan) and
 one graph memory pool. The buffers that outlive a chunk are not in the arena (`ChunkState`): the
@@ -54,12 +57,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.transformer import HeliosTransformer, TextContext
+from ..config import ModelConfig
+from ..fp8 import quantize_blocks_
+from ..model.transformer import HeliosTransformer, TextContext, keeps_fp32
+from ..ops import OpSet
 from ..overlap import device_scope
 from ..profiling import nvtx_range
 from ..sampling.chunk import ChunkSampler, Conditioning
 from ..sampling.history import HistoryMemory
-from ..sampling.noise import StaticNoise
+from ..sampling.noise import GeneratorNoise, NoiseSource, StaticNoise
 from .plan_cache import PlanCache, key_fields, plan_key
 from .workspace import Executor, ProgramPlan, allocate_arena, plan_program
 
@@ -77,6 +83,23 @@ class ChunkKind:
 
     amplified: bool
     set_prefix: bool
+
+
+STEADY = ChunkKind(False, False)  # every chunk after the first: a stream's last kind
+
+
+def stream_kinds(
+    amplify_first_chunk: bool, keep_first_frame: bool, prefix_set: bool, first_chunk: bool = True
+) -> tuple[ChunkKind, ...]:
+    """The kinds a stream runs from its next chunk on, in order, each once: the next chunk's, then `STEADY`.
+
+    The first chunk of a distilled model takes the amplified plan (`amplify_first_chunk`); a chunk
+    whose history has no prefix frame yet (text-to-video, `keep_first_frame`) writes one, after which
+    the prefix is set for good. An image or a video sets the prefix before the first chunk
+    (`prefix_set`). The one place these rules live: the engine, the compiler and the plan report ask here.
+    """
+    next_kind = ChunkKind(first_chunk and amplify_first_chunk, keep_first_frame and not prefix_set)
+    return tuple(dict.fromkeys([next_kind, STEADY]))
 
 
 @dataclass(frozen=True)
@@ -119,14 +142,18 @@ class ChunkState:
     """The buffers a chunk reads and writes that outlive it (outside the arena)."""
 
     history: HistoryMemory
-    noise: StaticNoise
+    noise: NoiseSource  # a program's `StaticNoise`; eagerly, the stream's generator (`GeneratorNoise`)
     output: Tensor
     text: TextContext
     history_mod: Tensor
 
 
 def chunk_body(sampler: ChunkSampler, state: ChunkState, kind: ChunkKind, batch: int) -> None:
-    """One chunk on static state: history tokens, every stage and step, the result and the history update."""
+    """One chunk: history tokens, every stage and step, the result into `state.output`, the history update.
+
+    The only definition of a chunk: the program plans, runs and captures it on static state, `EagerChunk`
+    runs it on a stream's own state. It reads `state` only and makes no host decision on a tensor value.
+    """
     tokens = sampler.embed_history(*state.history.windows())
     cond = Conditioning(state.text, tokens, state.history_mod)
     latents = sampler.sample(cond, batch, state.noise, first_chunk=kind.amplified)
@@ -134,16 +161,90 @@ def chunk_body(sampler: ChunkSampler, state: ChunkState, kind: ChunkKind, batch:
     state.history.push(state.output, set_prefix=kind.set_prefix)
 
 
-def meta_model(model: HeliosTransformer) -> HeliosTransformer:
-    """An empty copy of `model` on the meta device with the same parameter dtypes (for planning)."""
+def meta_model(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    precision: str = "native",
+    ops: OpSet | None = None,
+    like: HeliosTransformer | None = None,
+) -> HeliosTransformer:
+    """The transformer on the meta device as the loaders build it: `dtype` except the float32-kept
+    parameters, then with precision="fp8" the block linears made FP8 (`quantize_blocks_`, as loading does).
+
+    The one meta-model builder: the compiler plans on it, and the plan report and the cost model
+    describe it (`meta_program`). like: a loaded model whose parameter dtypes the copy takes, whatever
+    cast its builder made, so that a plan always sees the dtypes the real chunk runs with.
+    """
     with torch.device(META):
-        copy = HeliosTransformer(model.config, model.ops, model.precision)
-    params = dict(model.named_parameters())
-    for name, p in copy.named_parameters():
-        p.data = torch.empty_like(params[name], device=META)
-    if model.parallel is not None:  # one rank of a parallel run: plan its shards and collectives
-        copy.set_parallel(model.parallel)
-    return copy.eval()
+        model = HeliosTransformer(config, ops)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+    if precision == "fp8":
+        quantize_blocks_(model)
+    if like is not None:
+        params = dict(like.named_parameters())
+        for name, p in model.named_parameters():
+            p.data = torch.empty_like(params[name], device=META)
+    return model.eval()
+
+
+def _kinds_of(sampler: ChunkSampler, history: HistoryMemory, first_chunk: bool) -> tuple[ChunkKind, ...]:
+    return stream_kinds(sampler.spec.amplify_first_chunk, history.layout.keep_first_frame, history.prefix_set,
+                        first_chunk)  # fmt: skip
+
+
+class EagerChunk:
+    """`chunk_body` on the caching allocator (`graphs="off"`): the stream's own history, no arena, no plan.
+
+    The same calls as `ChunkProgram` (attach, accepts, set_text, kinds, kind, run), so the stream has
+    one way to run a chunk. Nothing is static: the history is the attached stream's (not copied), the
+    prompt's K/V are the caller's, the noise is drawn from the generator when the sampler asks (the
+    reference's order, as `StaticNoise.fill` draws it for a program), and the output is a new tensor.
+    """
+
+    cuda_graph = False
+    captured: tuple[ChunkKind, ...] = ()
+
+    def __init__(self, sampler: ChunkSampler, batch: int = 1) -> None:
+        self.sampler, self.batch = sampler, batch
+        self._history: HistoryMemory | None = None
+        self._text: TextContext | None = None
+        self._history_mod = sampler.model.history_modulation()
+
+    @property
+    def history(self) -> HistoryMemory:
+        if self._history is None:
+            raise RuntimeError("EagerChunk: no history attached; call attach(history) first")
+        return self._history
+
+    def attach(self, history: HistoryMemory) -> None:
+        """Run the next chunks on `history` itself (a stream's memory; nothing is copied)."""
+        self._history = history
+
+    def accepts(self, text: TextContext) -> bool:
+        """Any prompt shape: nothing was planned for one."""
+        return True
+
+    def set_text(self, text: TextContext) -> None:
+        self._text = text
+
+    def kinds(self, first_chunk: bool) -> tuple[ChunkKind, ...]:
+        return _kinds_of(self.sampler, self.history, first_chunk)
+
+    def kind(self, first_chunk: bool) -> ChunkKind:
+        return self.kinds(first_chunk)[0]
+
+    @torch.no_grad()
+    def run(self, kind: ChunkKind, generator: torch.Generator) -> Tensor:
+        """Run one chunk of `kind`, drawing on `generator`; returns its clean latents (a new tensor)."""
+        if self._text is None:
+            raise RuntimeError("EagerChunk.run: no prompt bound; call set_text() first")
+        sampler = self.sampler
+        shape = (self.batch, sampler.model.config.in_channels, sampler.frames, *sampler.latent_hw)
+        output = torch.empty(shape, dtype=torch.float32, device=sampler.device)
+        noise = GeneratorNoise(generator, sampler.device)
+        chunk_body(sampler, ChunkState(self.history, noise, output, self._text, self._history_mod), kind, self.batch)
+        return output
 
 
 def _capturing(device: torch.device) -> bool:
@@ -209,9 +310,11 @@ class ChunkProgram:
     def _meta_copy(self) -> tuple[ChunkSampler, ChunkState]:
         """A meta-device sampler and state with the real ones' shapes, dtypes and constants' shapes."""
         if self._meta is None:
-            real = self.sampler
-            sampler = ChunkSampler(meta_model(real.model), real.spec, real.history_layout, real.latent_hw, META,
-                                   ops=real.ops)  # fmt: skip
+            real, model = self.sampler, self.sampler.model
+            copy = meta_model(model.config, model.dtype, model.precision, model.ops, like=model)
+            if model.parallel is not None:  # one rank of a parallel run: plan its shards and collectives
+                copy.set_parallel(model.parallel)
+            sampler = ChunkSampler(copy, real.spec, real.history_layout, real.latent_hw, META, ops=real.ops)
             if real.block_factor is not None:
                 sampler.set_block_factor(real.block_factor)
             sampler.prepare()
@@ -303,10 +406,13 @@ class ChunkProgram:
     def noise(self) -> StaticNoise:
         return self.state.noise
 
+    def kinds(self, first_chunk: bool) -> tuple[ChunkKind, ...]:
+        """The kinds the attached history's stream runs from its next chunk on (`stream_kinds`)."""
+        return _kinds_of(self.sampler, self.history, first_chunk)
+
     def kind(self, first_chunk: bool) -> ChunkKind:
         """The kind of the next chunk of the attached history."""
-        amplified = first_chunk and self.sampler.spec.amplify_first_chunk
-        return ChunkKind(amplified, self.history.layout.keep_first_frame and not self.history.prefix_set)
+        return self.kinds(first_chunk)[0]
 
     def attach(self, history: HistoryMemory) -> None:
         """Make `history`'s state the program's (handing the previous owner's state back first)."""
@@ -484,4 +590,5 @@ class ChunkProgram:
         return 0 if self.arena is None else self.arena.numel()
 
 
-__all__ = ["ChunkKind", "ChunkProgram", "ColdStart", "ChunkState", "TextShape", "chunk_body", "meta_model"]
+__all__ = ["STEADY", "ChunkKind", "ChunkProgram", "ChunkState", "ColdStart", "EagerChunk", "TextShape", "chunk_body",
+           "meta_model", "stream_kinds"]

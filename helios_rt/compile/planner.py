@@ -1,9 +1,10 @@
 """Static memory plan: one arena offset per intermediate buffer, from the buffers' lifetimes.
 
-Planning mode records every intermediate buffer of a stage as a `BufferRequest` (its size and the
-first and last step that use it, both inclusive); `plan_memory` places them in one arena with the
-C++ planner (`helios_rt._planner`, built from csrc/planner/) so that buffers live at the same step
-never share bytes. Execution then hands out views of the arena at `plan.offsets[buffer_id]`.
+Planning mode (`workspace.plan_program`) records every intermediate buffer of a chunk kind's body as
+a `BufferRequest` (its size and the first and last step that use it, both inclusive); `plan_memory`
+places them in one arena with the C++ planner (`helios_rt._planner`, built from csrc/planner/) so
+that buffers live at the same step never share bytes. Execution then hands out views of the arena
+at `plan.offsets[buffer_id]`.
 """
 
 from __future__ import annotations

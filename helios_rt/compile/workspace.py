@@ -1,7 +1,7 @@
 """Planning and executing the intermediate memory of a static program in one arena.
 
-A static program (one transformer forward plus the sampler step, see `program.py`) always runs the
-same aten ops on tensors of the same shapes. That lets its memory be planned once:
+A static program (one chunk of one kind: `chunk_program.chunk_body`, every stage and step of it)
+always runs the same aten ops on tensors of the same shapes. That lets its memory be planned once:
 
 - **planning** (`plan_program`): the program runs on META tensors (no memory, no arithmetic, so the
   14B model plans in seconds) under `_Planner`, a `TorchDispatchMode` that sees every aten op. An
