@@ -161,7 +161,7 @@ def _profile_run(args, out, engine_cls, config) -> int:
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     load_s = time.perf_counter() - t0
-    fpc = engine.vae.config.num_frames(engine.config.latent_frames_per_chunk)
+    fpc = engine.vae.config.num_frames(engine.config.sampling.value("latent_frames_per_chunk"))
     total = args.warmup_chunks + args.chunks
     rows = []
     with engine.generate_stream(args.prompt, num_frames=fpc * total, seed=args.seed) as stream:
