@@ -52,5 +52,19 @@ def test_no_cast_norm_or_gelu_pass_over_an_activation(plans):
 
 def test_the_blocks_run_the_fused_ops(plans):
     ops = {s.op.split(".")[1] for s in plans["triton"].steps if s.op.startswith("helios_rt.")}
-    assert {"layernorm", "rmsnorm", "linear_gelu_tanh", "modulate_layernorm", "gate_residual"} <= ops
+    assert {"residual_layernorm", "rmsnorm", "linear_gelu_tanh", "residual_modulate_layernorm"} <= ops
 
+
+def test_residuals_ride_in_the_norms(plans):
+    """Every residual but the last block's is added by the next norm in the same pass: one gate_residual and one
+    plain modulate_layernorm per forward (after the last block; the first block's input), no add_ of its own."""
+    steps = plans["triton"].steps
+    forwards = sum(s.op.startswith("helios_rt.qk_norm_rope") for s in steps) // TINY.num_layers
+    count = lambda name: sum(s.op.startswith(f"helios_rt.{name}.") for s in steps)  # noqa: E731
+    assert forwards == 3  # one per pyramid stage
+    assert count("gate_residual") == forwards
+    n = TINY.num_layers
+    assert count("residual_layernorm") == forwards * n  # the self-attention's residual, in the cross norm
+    assert count("residual_modulate_layernorm") == forwards * (2 * n - 1)  # the cross residual; the last FFN's
+    adds = [s.describe() for s in steps if s.op.startswith("aten.add_.") and any(_activation(t) for t, _ in s.inputs)]
+    assert not adds, adds[:3]

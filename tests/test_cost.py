@@ -77,6 +77,21 @@ def test_fused_attention_aten_ops() -> None:
     assert cost.attention_flops((b, h, lq, lq), (b, h, lq, lq), (b, h, lq, lq), causal=True) == 2 * b * h * lq * lq * lq
 
 
+def test_an_in_place_argument_is_read_and_written() -> None:
+    """`helios_rt::` ops: write-only outputs are written; an in-place argument (trailing `_`) is read and written,
+    and only the rows the residual updates (`tail_`) are written."""
+    from helios_rt.kernels import residual_norm
+
+    b, n, d, n_hist = 1, 96, 64, 32
+    x, y = meta(b, n, d), meta(b, n - n_hist, d)
+    shift, scale = meta(b, 2, d, dtype=torch.float32), meta(b, 2, d, dtype=torch.float32)
+    t = cost.trace(lambda: residual_norm.residual_modulate_layernorm(x, y, None, n_hist, shift, scale, 1e-6))
+    op = only(t, NORM)
+    rows = 2 * d  # bytes of one bf16 row
+    assert op.bytes_read == n_hist * rows + 2 * (n - n_hist) * rows + 2 * 2 * d * 4, "head, tail_ and y, tables"
+    assert op.bytes_written == (n - n_hist) * rows + n * rows, "tail_ and out"
+
+
 def test_elementwise_views_and_copies() -> None:
     n, d = 64, 32
     x = meta(n, d)

@@ -174,6 +174,21 @@ class FeedForward(nn.Module):
         return self.net[2](ops.linear_gelu_tanh(x, up.weight, up.bias))  # the GELU in the GEMM's epilogue
 
 
+@dataclass
+class Residual:
+    """A sublayer's output not yet added to the residual stream: `x + y * gate` (two-segment gate `[B, 2, D]`).
+
+    The FFN's residual is handed to the next block, whose first norm adds it in the same pass
+    (`residual_modulate_layernorm`): the stream is then read once per norm instead of twice."""
+
+    y: Tensor
+    gate: Tensor
+
+    def apply(self, x: Tensor, n_hist: int, ops: OpSet) -> Tensor:
+        """The residual on its own (after the last block, and where no fused op takes it): a new x."""
+        return ops.gate_residual(x, self.y, self.gate, n_hist)
+
+
 class Block(nn.Module):
     fp8 = False  # set by `quantize_blocks_`: the block's linears are FP8Linear and take quantised inputs
 
@@ -203,20 +218,50 @@ class Block(nn.Module):
         ops: OpSet,
         text_lengths: tuple[int, ...] | None = None,
     ) -> Tensor:
-        """x: `[B, L, D]`; mod: `[B, 2, 6, D]` float32 two-segment modulation (history, noisy)."""
+        """x: `[B, L, D]` (not modified); mod: `[B, 2, 6, D]` float32 two-segment modulation (history, noisy)."""
+        x, ffn = self.step(x.clone(), None, mod, rope, text_k, text_v, n_hist, ops, text_lengths)
+        return ffn.apply(x, n_hist, ops)
+
+    def step(
+        self,
+        x: Tensor,
+        pending: Residual | None,
+        mod: Tensor,
+        rope: tuple[Tensor, Tensor],
+        text_k: Tensor,
+        text_v: Tensor,
+        n_hist: int,
+        ops: OpSet,
+        text_lengths: tuple[int, ...] | None = None,
+    ) -> tuple[Tensor, Residual]:
+        """The block on the residual stream x (updated in place: the caller's own intermediate), with the
+        previous block's FFN residual `pending` still to add; returns x and this block's FFN residual."""
         # The six two-segment tables are [B, 2, D] views of the [B, 2, 6, D] sum, unit stride in D and
         # strided in B and segment; the kernels follow those strides, so no copy is made per block.
         table = (self.scale_shift_table.float()[:, None] + mod).transpose(1, 2)
         shift, scale, gate, c_shift, c_scale, c_gate = table.unbind(1)
-        x = self._residual_self_attention(x, shift, scale, gate, rope, n_hist, ops)
-        x = self._cross_attention(x, text_k, text_v, n_hist, ops, text_lengths)
-        h = self._modulated(x, c_shift, c_scale, n_hist, ops)
-        return ops.gate_residual(x, self.ffn(h, ops), c_gate, n_hist)
+        if pending is not None and self.fp8:
+            x, pending = pending.apply(x, n_hist, ops), None
+        h = self._modulated(x, shift, scale, n_hist, ops, pending)
+        x, h = self._cross_input(x, Residual(self._self_attention(h, rope, n_hist, ops), gate), n_hist, ops)
+        o = self._cross_attention(h, text_k, text_v, ops, text_lengths)
+        start = x.shape[1] - o.shape[1]
+        if self.fp8:
+            x[:, start:].add_(o)
+            h = self._modulated(x, c_shift, c_scale, n_hist, ops)
+        else:  # the cross-attention's residual (plain add, noisy rows) in the FFN's norm pass
+            h = ops.residual_modulate_layernorm(x, o, None, n_hist, c_shift, c_scale, self.eps)
+        return x, Residual(self.ffn(h, ops), c_gate)
 
-    def _modulated(self, x: Tensor, shift: Tensor, scale: Tensor, n_hist: int, ops: OpSet) -> Tensor | FP8Activation:
-        """The normed input of a group of linears; FP8 blocks get it quantised once, by the norm kernel."""
+    def _modulated(
+        self, x: Tensor, shift: Tensor, scale: Tensor, n_hist: int, ops: OpSet, pending: Residual | None = None
+    ) -> Tensor | FP8Activation:
+        """The normed input of a group of linears (after adding `pending` into x in place); FP8 blocks get
+        it quantised once, by the norm kernel (and have no pending residual: see `step`)."""
         if self.fp8:
             return FP8Activation.of(ops.modulate_layernorm_fp8(x, shift, scale, n_hist, self.eps))
+        if pending is not None:
+            return ops.residual_modulate_layernorm(x, pending.y, pending.gate, n_hist, shift, scale, self.eps)
         return ops.modulate_layernorm(x, shift, scale, n_hist, self.eps)
 
     def _linear_input(self, x: Tensor, ops: OpSet) -> Tensor | FP8Activation:
@@ -224,18 +269,11 @@ class Block(nn.Module):
         output before `to_out`, the cross-attention queries' input)."""
         return FP8Activation.of(ops.fp8_quantize_rows(x)) if self.fp8 else x
 
-    def _residual_self_attention(
-        self,
-        x: Tensor,
-        shift: Tensor,
-        scale: Tensor,
-        gate: Tensor,
-        rope: tuple[Tensor, Tensor],
-        n_hist: int,
-        ops: OpSet,
+    def _self_attention(
+        self, h: Tensor | FP8Activation, rope: tuple[Tensor, Tensor], n_hist: int, ops: OpSet
     ) -> Tensor:
+        """The self-attention's output projection `[B, L, D]` (before its gated residual)."""
         a = self.attn1
-        h = self._modulated(x, shift, scale, n_hist, ops)
         q, k = ops.qk_norm_rope(
             a.to_q(h),
             a.to_k(h),
@@ -249,21 +287,25 @@ class Block(nn.Module):
             n_hist,
         )
         v = a.to_v(h).unflatten(-1, (a.heads, -1))
-        o = a.to_out[0](self._linear_input(a.attend(q, k, v, ops).flatten(2), ops))
-        return ops.gate_residual(x, o, gate, n_hist)
+        return a.to_out[0](self._linear_input(a.attend(q, k, v, ops).flatten(2), ops))
 
-    def _cross_attention(
-        self, x: Tensor, text_k: Tensor, text_v: Tensor, n_hist: int, ops: OpSet, text_lengths=None
-    ) -> Tensor:
-        """Noisy tokens (all tokens without guidance_cross_attn) attend to the cached text K/V.
+    def _cross_input(self, x: Tensor, attn: Residual, n_hist: int, ops: OpSet) -> tuple[Tensor, Tensor]:
+        """The self-attention's residual, then the cross-attention's input: the rows that attend to the text
+        (noisy rows only with guidance_cross_attn), LayerNormed when the block has norm2 (in the same pass)."""
+        start = n_hist if self.guidance_cross_attn else 0
+        if self.norm2 is None:
+            x = attn.apply(x, n_hist, ops)
+            return x, x[:, start:]
+        w, b = self.norm2.weight, self.norm2.bias
+        return x, ops.residual_layernorm(x, attn.y, attn.gate, n_hist, start, w, b, self.eps)
+
+    def _cross_attention(self, h: Tensor, text_k: Tensor, text_v: Tensor, ops: OpSet, text_lengths=None) -> Tensor:
+        """The cross-attention's output projection for its input rows h: they attend to the cached text K/V.
 
         With `text_lengths` each batch row attends to its own first keys (one call per row, into
         its slice of one output), so padding never enters a row's softmax.
         """
         a = self.attn2
-        start = n_hist if self.guidance_cross_attn else 0
-        xs = x[:, start:]
-        h = xs if self.norm2 is None else ops.layernorm(xs, self.norm2.weight, self.norm2.bias, self.eps)
         q = ops.rmsnorm(a.to_q(self._linear_input(h, ops)), a.norm_q.weight, a.eps).unflatten(-1, (a.heads, -1))
         if text_lengths is None:
             attended = ops.attention(q, text_k, text_v)
@@ -272,9 +314,7 @@ class Block(nn.Module):
             for i, n in enumerate(text_lengths):
                 r = slice(i, i + 1)
                 ops.attention(q[r], text_k[r, :n], text_v[r, :n], out=attended[r])
-        o = a.to_out[0](self._linear_input(attended.flatten(2), ops))
-        xs.add_(o)  # x is this block's own intermediate: update the noisy rows in place, no concatenation
-        return x
+        return a.to_out[0](self._linear_input(attended.flatten(2), ops))
 
 
 class OutputNorm(nn.Module):
@@ -391,8 +431,10 @@ class HeliosTransformer(nn.Module):
         if self.parallel is not None:  # this rank's half of a CFG batch, then its slice of the tokens
             x, temb, mod, text = self.parallel.split_batch(x, temb, mod, text)
             x, rope, n_hist = self.parallel.shard_tokens(x, rope, n_hist)
+        pending = None  # each block's FFN residual is added by the next block's first norm
         for block, k, v in zip(self.blocks, text.keys, text.values, strict=True):
-            x = block(x, mod, rope, k, v, n_hist, self.ops, text.lengths)
+            x, pending = block.step(x, pending, mod, rope, k, v, n_hist, self.ops, text.lengths)
+        x = pending.apply(x, n_hist, self.ops) if pending is not None else x
         out = self.proj_out(self.norm_out(x[:, n_hist:], temb, self.ops))
         if self.parallel is not None:  # every rank: all noisy tokens of the whole batch
             out = self.parallel.gather(out)

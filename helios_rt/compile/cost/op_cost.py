@@ -165,12 +165,13 @@ def _custom_kind(name: str) -> str:
 
 
 def _custom_cost(func: Any, args: Sequence[Any], kwargs: dict[str, Any], section: str) -> OpCost:
-    """A `helios_rt::` custom op: it reads its unmutated tensor arguments and writes its mutated ones."""
+    """A `helios_rt::` custom op: it reads its unmutated tensor arguments and writes its mutated ones; a mutated
+    argument named with a trailing `_` is updated in place, read and written (`kernels._common.fused_op`)."""
     name = func.overloadpacket.__name__
     schema = func._schema.arguments
     given = {**{a.name: v for a, v in zip(schema, args, strict=False)}, **kwargs}
     written = {a.name for a in schema if a.alias_info is not None and a.alias_info.is_write}
-    ins = _tensors([v for k, v in given.items() if k not in written])
+    ins = _tensors([v for k, v in given.items() if k not in written or k.endswith("_")])
     outs = _tensors([v for k, v in given.items() if k in written])
     kind, flops, backend = _custom_kind(name), 0, ""
     if kind == ATTENTION:  # q, k, v [B, L, H, D]
