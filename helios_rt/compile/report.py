@@ -41,7 +41,7 @@ from ..config import ATTENTION_CHOICES, ModelConfig, preset
 from ..model.transformer import keeps_fp32
 from ..ops import OpSet
 from ..sampling.chunk import SamplingSpec
-from .chunk_program import META, ChunkKind, ChunkProgram
+from .chunk_program import META, ChunkKind, ChunkProgram, stream_kinds
 from .cost.shape import ChunkShape
 from .meta_program import distilled_spec, meta_chunk_program, meta_model
 from .workspace import plan_program
@@ -70,7 +70,7 @@ class KindReport:
 
 @dataclass(frozen=True)
 class PlanReport:
-    """The memory of one engine configuration, from its compiled stages' plans (`plan_engine`)."""
+    """The memory of one engine configuration, from the plans of its compiled chunk's kinds (`plan_engine`)."""
 
     model: str
     height: int
@@ -299,10 +299,12 @@ def plan_chunk(
     spec: SamplingSpec,
     precision: str = "native",
 ) -> ChunkProgram:
-    """The engine's compiled chunk for `config` at `shape`, built and planned on meta tensors."""
+    """The engine's compiled chunk for `config` at `shape`, built and planned on meta tensors: every kind a
+    stream runs, text-to-video (the first chunk writes the prefix frame) and image/video-to-video."""
     program = meta_chunk_program(config, shape, dtype, ops, spec, precision)
-    first = ChunkKind(spec.amplify_first_chunk, shape.keep_first_frame)
-    for kind in dict.fromkeys([first, ChunkKind(spec.amplify_first_chunk, False), ChunkKind(False, False)]):
+    amplify, keep = spec.amplify_first_chunk, shape.keep_first_frame
+    text_to_video, given_prefix = stream_kinds(amplify, keep, False), stream_kinds(amplify, keep, True)
+    for kind in dict.fromkeys([text_to_video[0], *given_prefix, *text_to_video]):
         program.plan(kind)
     return program
 
@@ -449,7 +451,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     """Add `plan` to the CLI's subparsers; `run_plan(args)` runs it."""
     p = subparsers.add_parser(
         "plan",
-        help="plan the memory of every stage at a resolution and say which GPUs it fits (no weights loaded)",
+        help="plan the memory of every chunk kind at a resolution and say which GPUs it fits (no weights loaded)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -29,7 +29,7 @@ from ..checkpoint import (
     weight_files,
 )
 from .format import FP8_DTYPE, quantize_weight
-from .linear import block_linear_names
+from .linear import block_linear_names, quantize_blocks_
 
 QUANTIZATION_CONFIG = {
     "quant_method": "helios_rt_fp8",
@@ -64,9 +64,12 @@ def load_fp8_module(
     dtype_of: Callable[[str], torch.dtype],
     device: torch.device | str = "cpu",
 ) -> torch.nn.Module:
-    """Build the FP8 module on meta, validate `folder` against it (before any read), then load it."""
+    """Build the module on meta and make its block linears FP8 (`quantize_blocks_`, the one way FP8 is
+    chosen), validate `folder` against it (before any read), then load it.
+
+    build: the float module (one already FP8 is kept as it is)."""
     with torch.device("meta"):
-        module = build()
+        module = quantize_blocks_(build())
     linears = block_linear_names(module)
     weights = {f"{n}.weight" for n in linears}
     scales = {f"{n}.weight_scale" for n in linears}
