@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ATTENTION_CHOICES
+from .launch import load_triton, on_device, triton_runs
+from .reference import attention as reference_attention
 from .registry import entry
 
 Tensor = torch.Tensor
@@ -76,9 +78,7 @@ def probe_env(device: str) -> AttentionEnv:
     dev = torch.device(device)
     installed = frozenset(m for m in PROBED_MODULES if _importable(m))
     if dev.type != "cuda":
-        from .registry import _triton_usable
-
-        return AttentionEnv(dev.type, None, installed, "triton" in installed and _triton_usable(dev), dev.type)
+        return AttentionEnv(dev.type, None, installed, "triton" in installed and triton_runs(dev), dev.type)
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     cap = torch.cuda.get_device_capability(index)
     if _cudnn_attention_built():
@@ -313,12 +313,10 @@ def implementation(name: str) -> Callable:
     if name == "cudnn":
         return cudnn_attention
     if name == "triton":
-        from .registry import _load_backend
-
-        _load_backend("triton")
+        load_triton()
         return entry("attention").impls["triton"]
     if name == "reference":
-        return entry("attention").reference
+        return reference_attention
     raise ValueError(f"unknown attention backend {name!r}; use one of {ATTENTION_CHOICES}")
 
 
@@ -387,42 +385,59 @@ def device_probe(device: torch.device, lookup: Callable[[str], Callable] | None 
         g = torch.Generator(device="cpu").manual_seed(0)
         q, k, v = (torch.randn(1, 64, 2, head_dim, generator=g).to(device, dtype) for _ in range(3))
         try:
-            got = _on(device, (lookup or implementation)(name), q, k, v).float()
+            got = on_device((lookup or implementation)(name), device)(q, k, v).float()
         except Exception as err:  # reported and passed over (auto) or raised with the fix (explicit)
             return f"failed a trial call ({type(err).__name__}: {err})"
-        want = entry("attention").reference(q.float(), k.float(), v.float())
+        want = reference_attention(q.float(), k.float(), v.float())
         worst = (got - want).abs().max().item()
         return None if worst < 0.05 else f"a trial call differs from the reference by {worst:.3g}"
 
     return probe
 
 
+AttentionFn = Callable[..., Tensor]  # (q, k, v, out=None) -> out: the `attention` op's contract
+
+
 @dataclass
 class AttentionDispatch:
-    """The op table's `attention`: one backend per (dtype, head dim), chosen on first use or by `select`,
-    and replaced by the warm-up's timing (`adopt`, `ops/attention_tuning.py`)."""
+    """The op table's `attention` when backends are chosen per (dtype, head dim): an explicit
+    `EngineConfig.attention`, or "auto" on CUDA. A selection is made on first use or by `select` (the
+    engine's load), and replaced by the warm-up's timing (`adopt`, `ops/attention_tuning.py`).
+
+    Selecting binds `launch`: the chosen backend's launcher itself (on `device`), so a call compares its
+    (dtype, head dim) with the bound `key` and runs `launch`; no table is read per call. A call with
+    another (dtype, head dim) selects and binds that one first."""
 
     choice: str
     env: AttentionEnv
     device: torch.device
     probe: Probe | None = None
     selections: dict[tuple[torch.dtype, int], AttentionSelection] = field(default_factory=dict)
-    _impls: dict[str, Callable] = field(default_factory=dict)
+    key: tuple[torch.dtype, int] | None = None  # the (dtype, head dim) that `launch` was bound for
+    launch: AttentionFn | None = None  # the launcher of `selections[key]`, e.g. `kernels.attention.attention`
 
     def adopt(self, sel: AttentionSelection) -> None:
         """Run `sel` from now on for its (dtype, head dim): plans and graphs made before must be remade."""
-        self._impls.setdefault(sel.backend, implementation(sel.backend))
+        self._bind((sel.dtype, sel.head_dim), sel)
         self.selections[(sel.dtype, sel.head_dim)] = sel
         log.info(sel.describe())
 
     def select(self, dtype: torch.dtype, head_dim: int) -> AttentionSelection:
+        """The backend for (dtype, head dim), chosen once (an explicit choice that cannot run raises), and
+        bound as `launch`."""
         key = (dtype, head_dim)
-        if key not in self.selections:
+        sel = self.selections.get(key)
+        if sel is None:
             sel = select_attention(self.choice, self.env, dtype, head_dim, self.probe)
-            self._impls.setdefault(sel.backend, implementation(sel.backend))
+            self._bind(key, sel)
             self.selections[key] = sel
             log.info(sel.describe())
-        return self.selections[key]
+        elif key != self.key:
+            self._bind(key, sel)
+        return sel
+
+    def _bind(self, key: tuple[torch.dtype, int], sel: AttentionSelection) -> None:
+        self.launch, self.key = on_device(implementation(sel.backend), self.device), key
 
     @property
     def backend(self) -> str:
@@ -430,14 +445,9 @@ class AttentionDispatch:
         return next(reversed(self.selections.values())).backend if self.selections else self.choice
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
-        return _on(self.device, self._impls[self.select(q.dtype, q.shape[-1]).backend], q, k, v, out)
-
-
-def _on(device: torch.device, impl: Callable, q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
-    if device.type == "cuda" and device.index is not None:
-        with torch.cuda.device(device):  # the libraries and Triton launch on the *current* device
-            return impl(q, k, v, out=out)
-    return impl(q, k, v, out=out)
+        if (q.dtype, q.shape[-1]) != self.key:
+            self.select(q.dtype, q.shape[-1])
+        return self.launch(q, k, v, out=out)
 
 
 def pinned_note(device: torch.device, kernels: str, choice: str, target: str | None = None) -> str | None:
