@@ -112,3 +112,53 @@ def test_the_runtime_imports_no_tool() -> None:
         f"{len(bad)} runtime -> tool import(s): " + "; ".join(bad)
         + ". Move the code the runtime needs out of the tool (or the CLI), or the tool's code out of the runtime"
     )
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: its strongly connected components of two or more modules (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for dep in graph.get(module, ()):
+            if dep not in index:
+                visit(dep)
+                low[module] = min(low[module], low[dep])
+            elif dep in stack:
+                low[module] = min(low[module], index[dep])
+        if low[module] == index[module]:
+            component = []
+            while not component or component[-1] != module:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return found
+
+
+OPS_AND_KERNELS = ("helios_rt.ops", "helios_rt.kernels")
+
+
+def test_no_import_cycle_passes_through_the_ops_or_the_kernels() -> None:
+    """The op table's layers point one way: registry <- references <- attention backends <- OpSet, and the
+    kernels register in the registry; no cycle anywhere in the tree passes through a module of either."""
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the finder finds
+    bad = [c for c in cycles(import_graph()) if any(_is(m, OPS_AND_KERNELS) for m in c)]
+    assert not bad, "import cycle(s) through helios_rt.ops or the kernels: " + "; ".join(" <-> ".join(c) for c in bad)
+
+
+def test_the_op_registry_is_a_leaf() -> None:
+    """`ops/registry.py` imports no module of ours, not even by name through importlib: the references and
+    the kernels register in it, and the selection (`ops/opset.py`) sits above it."""
+    graph = import_graph()
+    assert graph["helios_rt.ops.registry"] == set()
+    source = modules()["helios_rt.ops.registry"].read_text()
+    assert "importlib" not in source and "__import__" not in source
+    assert "helios_rt.ops.registry" in graph["helios_rt.kernels.norm"]  # the kernels register there
