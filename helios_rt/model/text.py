@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -243,20 +244,40 @@ def load_umt5_encoder(folder: Path, dtype: torch.dtype, device: torch.device | s
 class HashPromptEncoder:
     """The demo model's prompt encoder: deterministic pseudo-embeddings, one per word.
 
-    It is not a language model. It exists so that the built-in demo runs end to end without a
-    download, and different prompts still give different videos.
+    It is not a language model. A word's row is a Gaussian vector seeded by the word's hash, so the
+    same word means the same thing on every machine and any word is accepted. With `positional`, each
+    row also gets a vector seeded by its position: the transformer's cross-attention sees its text as
+    a set, so without it "a red circle on a blue background" and "a blue circle on a red background"
+    would be one condition (the trained demo needs the order; the untrained test model does not).
+    Empty words are skipped, so an empty prompt is all zeros (the demo's unconditional input).
     """
 
-    def __init__(self, text_dim: int) -> None:
+    def __init__(self, text_dim: int, positional: bool = False) -> None:
         self.text_dim = text_dim
+        self.positional = positional
+
+    @classmethod
+    def from_config(cls, config: dict) -> HashPromptEncoder:
+        """From `text_encoder/config.json` of a checkpoint that names this class (the demo's)."""
+        unknown = set(config) - {"_class_name", "text_dim", "positional"}
+        if unknown:
+            raise CheckpointError(f"text_encoder/config.json of a HashPromptEncoder has unknown keys {sorted(unknown)}")
+        return cls(int(config["text_dim"]), bool(config.get("positional", False)))
 
     def encode(self, prompts: list[str]) -> Tensor:
         out = torch.zeros(len(prompts), MAX_TEXT_TOKENS, self.text_dim)
         for i, prompt in enumerate(prompts):
-            for j, word in enumerate(clean_prompt(prompt, fix_text=False).split(" ")[:MAX_TEXT_TOKENS]):
-                seed = int.from_bytes(hashlib.sha256(word.lower().encode()).digest()[:8], "little")
-                out[i, j] = torch.randn(self.text_dim, generator=torch.Generator().manual_seed(seed))
+            words = [w for w in clean_prompt(prompt, fix_text=False).split(" ") if w]
+            for j, word in enumerate(words[:MAX_TEXT_TOKENS]):
+                out[i, j] = _seeded_vector(word.lower(), self.text_dim)
+                if self.positional:
+                    out[i, j] += _seeded_vector(f"<position {j}>", self.text_dim)
         return out
+
+
+def _seeded_vector(key: str, dim: int) -> Tensor:
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return torch.randn(dim, generator=torch.Generator().manual_seed(seed))
 
 
 class PromptCache:
@@ -278,3 +299,33 @@ class PromptCache:
         if len(self._store) > self.capacity:
             self._store.popitem(last=False)
         return emb
+
+
+def word_encoder_config(root: str | Path) -> dict | None:
+    """The `text_encoder/config.json` of a checkpoint whose encoder is the hashed word embedder, else None.
+
+    The demo checkpoints carry no language model: their `text_encoder/` holds only this config, naming
+    `HashPromptEncoder`; any other `text_encoder/` is umT5.
+    """
+    path = Path(root) / "text_encoder" / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return config if config.get("_class_name") == HashPromptEncoder.__name__ else None
+
+
+def load_prompt_encoder(
+    root: str | Path, dtype: torch.dtype, device: torch.device | str, offload: bool = False, precision: str = "native"
+) -> PromptEncoder | None:
+    """The checkpoint's prompt encoder: the word embedder, umT5, or None when it has no `text_encoder/`."""
+    words = word_encoder_config(root)
+    if words is not None:
+        if precision != "native":
+            raise ValueError(
+                f"text_encoder_precision={precision!r} sets the precision of a checkpoint's umT5 encoder, and "
+                f"{root} has a word embedder, not umT5: leave it 'native'"
+            )
+        return HashPromptEncoder.from_config(words)
+    if not (Path(root) / "text_encoder").is_dir():
+        return None
+    return UMT5PromptEncoder.from_pretrained(root, dtype, device, offload=offload, precision=precision)

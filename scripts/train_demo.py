@@ -1,0 +1,387 @@
+"""Train the built-in `demo` checkpoint on procedural bouncing-shape video (no download).
+
+    cd scripts && python train_demo.py all --work /tmp/demo-work --out ../helios_rt/demo/checkpoint
+
+Three phases, deterministic from `--seed` on a given machine and thread count:
+1. the Wan VAE at the demo's size, as an autoencoder on short clips (pixel MSE, a small KL);
+2. a dataset of trajectories cut into 33-frame chunks, each encoded on its own as the runtime decodes
+   it, with the caption of every chunk (colours or shape may switch at a chunk boundary, so the model
+   learns that the prompt, not the history, decides what the object looks like);
+3. the Helios transformer, flow matching on a chunk given its history windows (long/mid/short, built by
+   the runtime's own `HistoryMemory`) and its caption, dropped 10% of the time for guidance.
+
+The models are diffusers' `AutoencoderKLWan` and `HeliosTransformer3DModel` (a test dependency, used
+here as a trainer; the runtime never imports it), saved in the diffusers layout the runtime loads.
+Run it from outside the repository root (the repository's `kernels/` folder would shadow the PyPI
+`kernels` package that transformers imports), e.g. `cd scripts && python train_demo.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from helios_rt.demo import scenes
+from helios_rt.model.text import HashPromptEncoder
+from helios_rt.sampling.history import HistoryLayout, HistoryMemory
+
+CHUNK_FRAMES = 33  # pixel frames of one chunk (9 latent frames)
+LATENT_FRAMES = 9
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the weights besides the seed."""
+
+    height: int = 64
+    width: int = 64
+    vae_steps: int = 1400
+    vae_batch: int = 4
+    vae_clip_frames: int = 5  # 1 + 4: the first latent frame and one compressed one
+    vae_lr: float = 1e-4  # the Wan VAE's RMS norms diverge from scratch at 3e-4 and above
+    decoder_steps: int = 1800
+    trajectories: int = 600
+    chunks_per_trajectory: int = 4
+    dit_steps: int = 4000
+    dit_batch: int = 8
+    dit_lr: float = 6e-4
+    caption_dropout: float = 0.1
+    switch_colour: float = 0.3  # chance the object's colour changes at a chunk boundary
+    switch_background: float = 0.1
+    switch_shape: float = 0.1
+    sigma_shift: float = 3.0
+
+
+TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=16,
+    out_channels=16,
+    text_dim=64,
+    freq_dim=64,
+    ffn_dim=512,
+    num_layers=4,
+    rope_dim=(12, 10, 10),
+    is_amplify_history=True,
+)
+VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True])
+SCHEDULER = {
+    "_class_name": "HeliosScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "stages": 1,
+    "use_dynamic_shifting": True,
+    "time_shift_type": "exponential",
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "base_shift": math.log(3.0),
+    "max_shift": math.log(3.0),
+}
+MODEL_INDEX = {"_class_name": "HeliosPipeline", "is_distilled": False, "is_cfg_zero_star": False}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def random_clip(rng: np.random.Generator, recipe: Recipe, frames: int) -> torch.Tensor:
+    scene = scenes.random_scene(rng, recipe.height, recipe.width)
+    return scenes.clip(scene, frames, recipe.height, recipe.width)[0]
+
+
+def trajectory(rng: np.random.Generator, recipe: Recipe) -> tuple[list[torch.Tensor], list[str]]:
+    """Consecutive chunks of one object's motion; its look may switch at a chunk boundary."""
+    scene = scenes.random_scene(rng, recipe.height, recipe.width)
+    chunks, captions = [], []
+    for c in range(recipe.chunks_per_trajectory):
+        if c:
+            scene = _switched(rng, recipe, scene)
+        captions.append(scene.caption)
+        pixels, scene = scenes.clip(scene, CHUNK_FRAMES, recipe.height, recipe.width)
+        chunks.append(pixels)
+    return chunks, captions
+
+
+def _switched(rng: np.random.Generator, recipe: Recipe, scene: scenes.Scene) -> scenes.Scene:
+    from dataclasses import replace
+
+    names = list(scenes.COLOURS)
+    if rng.random() < recipe.switch_colour:
+        scene = replace(scene, obj=str(rng.choice([n for n in names if n not in (scene.obj, scene.background)])))
+    if rng.random() < recipe.switch_background:
+        scene = replace(scene, background=str(rng.choice([n for n in names if n not in (scene.obj, scene.background)])))
+    if rng.random() < recipe.switch_shape:
+        scene = replace(scene, shape=str(rng.choice([s for s in scenes.SHAPES if s != scene.shape])))
+    return scene
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+def build_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(**VAE)
+
+
+def train_vae(
+    vae, recipe: Recipe, rng: np.random.Generator, log=print, fixed_batch: bool = False, decoder_only: bool = False
+) -> list[float]:
+    """Autoencoder training on random clips; returns the pixel MSE of every step.
+
+    decoder_only: the encoder is frozen (its latent space is what the transformer was trained in) and
+    the decoder goes on learning, on latents with a little noise so it forgives the sampler's errors.
+    """
+    steps = recipe.decoder_steps if decoder_only else recipe.vae_steps
+    params = [p for n, p in vae.named_parameters() if not decoder_only or not n.startswith(("encoder.", "quant_conv."))]
+    opt = torch.optim.AdamW(params, lr=recipe.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.vae_lr, total_steps=max(steps, 2), pct_start=0.05)
+    losses, batch = [], None
+    vae.train()
+    what = "decoder" if decoder_only else "vae"
+    for step in range(steps):
+        if batch is None or not fixed_batch:
+            batch = torch.stack([random_clip(rng, recipe, recipe.vae_clip_frames) for _ in range(recipe.vae_batch)])
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(batch).latent_dist
+        z = posterior.mean
+        if decoder_only:
+            z = z + 0.05 * posterior.mean.std() * torch.randn_like(z)
+        recon = vae.decode(z).sample
+        mse = F.mse_loss(recon, batch)
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
+        loss = mse + (0.0 if decoder_only else 1e-5) * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(mse.detach()))
+        if step % 50 == 0 or step == steps - 1:
+            log(f"{what} step {step} mse {np.mean(losses[-50:]):.5f}")
+    return losses
+
+
+@torch.no_grad()
+def encode_dataset(vae, recipe: Recipe, rng: np.random.Generator, log=print):
+    """Latents `[N, chunks, 16, 9, h, w]` (unnormalised posterior means) and captions `[N][chunks]`."""
+    vae.eval()
+    latents, captions = [], []
+    for i in range(recipe.trajectories):
+        chunks, caps = trajectory(rng, recipe)
+        latents.append(vae.encode(torch.stack(chunks)).latent_dist.mean)
+        captions.append(caps)
+        if i % 100 == 0:
+            log(f"encoded {i}/{recipe.trajectories} trajectories")
+    return torch.stack(latents), captions
+
+
+# ----------------------------------------------------------------------------- transformer
+
+
+def build_transformer():
+    from diffusers import HeliosTransformer3DModel
+
+    return HeliosTransformer3DModel(**TRANSFORMER)
+
+
+class ChunkBatches:
+    """Training examples: a trajectory's chunk k as target, its chunks before k as history."""
+
+    def __init__(self, latents: torch.Tensor, captions: list[list[str]], recipe: Recipe) -> None:
+        self.latents, self.captions, self.recipe = latents, captions, recipe
+        self.layout = HistoryLayout((16, 2, 1), LATENT_FRAMES, keep_first_frame=True)
+        self.text = HashPromptEncoder(TRANSFORMER["text_dim"], positional=True)
+        self._embeds: dict[str, torch.Tensor] = {}
+        idx = self.layout.indices()
+        self.indices = {k: v for k, v in idx.items()}
+
+    def embed(self, caption: str) -> torch.Tensor:
+        if caption not in self._embeds:
+            self._embeds[caption] = self.text.encode([caption])[0]
+        return self._embeds[caption]
+
+    def example(self, n: int, k: int, drop: bool):
+        _, c, t, h, w = self.latents.shape[1:]
+        memory = HistoryMemory(self.layout, 1, c, h, w)
+        for j in range(k):
+            memory.push(self.latents[n, j : j + 1])
+        short, mid, long = (x[0].clone() for x in memory.windows())
+        text = self.embed("" if drop else self.captions[n][k])
+        return self.latents[n, k], text, short, mid, long
+
+    def sample(self, rng: np.random.Generator, batch: int):
+        items = [
+            self.example(
+                int(rng.integers(len(self.latents))),
+                int(rng.integers(self.latents.shape[1])),
+                bool(rng.random() < self.recipe.caption_dropout),
+            )
+            for _ in range(batch)
+        ]
+        x0, text, short, mid, long = (torch.stack(parts) for parts in zip(*items, strict=True))
+        indices = {k: v.expand(batch, -1) for k, v in self.indices.items()}
+        return x0, text, short, mid, long, indices
+
+
+def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """The exponential time shift the runtime's scheduler applies (mu = log(shift))."""
+    return shift / (shift + (1 / u - 1))
+
+
+def train_transformer(model, batches: ChunkBatches, recipe: Recipe, rng, gen, log=print, fixed_batch=False):
+    """Flow matching: x_t = (1 - s) x0 + s noise, target noise - x0, timestep s * 1000."""
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.dit_lr, weight_decay=0.01)
+    steps = max(recipe.dit_steps, 2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.dit_lr, total_steps=steps, pct_start=0.03)
+    losses, batch = [], None
+    model.train()
+    for step in range(recipe.dit_steps):
+        if batch is None or not fixed_batch:
+            batch = batches.sample(rng, recipe.dit_batch)
+        x0, text, short, mid, long, indices = batch
+        u = torch.rand(x0.shape[0], generator=gen).clamp(1e-3, 1 - 1e-3)
+        sigma = shifted_sigmas(u, recipe.sigma_shift).view(-1, 1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = (1 - sigma) * x0 + sigma * noise
+        pred = model(
+            xt,
+            timestep=sigma.flatten() * 1000,
+            encoder_hidden_states=text,
+            latents_history_short=short,
+            latents_history_mid=mid,
+            latents_history_long=long,
+            return_dict=False,
+            **indices,
+        )[0]
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 50 == 0 or step == recipe.dit_steps - 1:
+            log(f"transformer step {step} loss {np.mean(losses[-50:]):.5f}")
+    return losses
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def save_checkpoint(out: Path, vae, transformer, mean: torch.Tensor, std: torch.Tensor, meta: dict) -> None:
+    """The diffusers layout the runtime loads; the latent statistics go into the VAE's config."""
+    vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
+    out.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(out / "vae")
+    transformer.save_pretrained(out / "transformer")
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")
+    (out / "text_encoder").mkdir(exist_ok=True)
+    encoder = {"_class_name": "HashPromptEncoder", "text_dim": TRANSFORMER["text_dim"], "positional": True}
+    (out / "text_encoder" / "config.json").write_text(json.dumps(encoder, indent=2) + "\n")
+    (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+PHASES = ("vae", "encode", "transformer", "decoder", "assemble")
+
+
+def run_phase(phase: str, work: Path, out: Path, recipe: Recipe, seed: int, log=print) -> None:
+    """One phase; each reads what the ones before it wrote in `work` (transformer and decoder can run at once)."""
+    offset = PHASES.index(phase)  # each phase draws from its own stream
+    rng, gen = np.random.default_rng([seed, offset]), torch.Generator().manual_seed(seed * 10 + offset)
+    torch.manual_seed(seed * 10 + offset)
+    work.mkdir(parents=True, exist_ok=True)
+    if phase == "vae":
+        vae = build_vae()
+        losses = train_vae(vae, recipe, rng, log)
+        vae.save_pretrained(work / "vae_autoencoder")
+        _write_losses(work / "vae_losses.json", losses)
+    elif phase == "encode":
+        vae = _load_vae(work / "vae_autoencoder")
+        latents, captions = encode_dataset(vae, recipe, rng, log)
+        mean = latents.mean(dim=(0, 1, 3, 4, 5))
+        std = latents.std(dim=(0, 1, 3, 4, 5)).clamp_min(1e-3)
+        torch.save({"latents": latents, "captions": captions, "mean": mean, "std": std}, work / "dataset.pt")
+        log(f"latent mean {[round(v, 4) for v in mean.tolist()]} std {[round(v, 4) for v in std.tolist()]}")
+    elif phase == "transformer":
+        data = torch.load(work / "dataset.pt")
+        shape = (1, 1, -1, 1, 1, 1)
+        normalised = (data["latents"] - data["mean"].view(shape)) / data["std"].view(shape)
+        model = build_transformer()
+        losses = train_transformer(model, ChunkBatches(normalised, data["captions"], recipe), recipe, rng, gen, log)
+        model.save_pretrained(work / "transformer")
+        _write_losses(work / "transformer_losses.json", losses)
+    elif phase == "decoder":
+        vae = _load_vae(work / "vae_autoencoder")
+        losses = train_vae(vae, recipe, rng, log, decoder_only=True)
+        vae.save_pretrained(work / "vae")
+        _write_losses(work / "decoder_losses.json", losses)
+    else:
+        data = torch.load(work / "dataset.pt")
+        meta = {
+            "seed": seed,
+            "recipe": vars(recipe),
+            "torch": torch.__version__,
+            "final": {
+                name: float(np.mean(json.loads((work / f"{name}_losses.json").read_text())[-100:]))
+                for name in ("vae", "decoder", "transformer")
+            },
+        }
+        transformer = _load_transformer(work / "transformer")
+        save_checkpoint(out, _load_vae(work / "vae"), transformer, data["mean"], data["std"], meta)
+        log(f"saved {out}: {json.dumps(meta)}")
+
+
+def _load_vae(path: Path):
+    return _loaded(build_vae(), path)
+
+
+def _load_transformer(path: Path):
+    return _loaded(build_transformer(), path)
+
+
+def _loaded(module: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Weights saved by a phase, into a module built from this script's config (no accelerate needed)."""
+    from safetensors.torch import load_file
+
+    module.load_state_dict(load_file(path / "diffusion_pytorch_model.safetensors"), strict=True)
+    return module
+
+
+def _write_losses(path: Path, losses: list[float]) -> None:
+    path.write_text(json.dumps([round(v, 6) for v in losses]) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=PHASES + ("all",))
+    parser.add_argument("--work", type=Path, required=True, help="folder for the phases' intermediate files")
+    parser.add_argument("--out", type=Path, default=Path("helios_rt/demo/checkpoint"))
+    parser.add_argument("--seed", type=int, default=20261206)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (part of what makes a run repeat)")
+    for name, value in vars(Recipe()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    recipe = Recipe(**{k: getattr(args, k) for k in vars(Recipe())})
+    torch.set_num_threads(args.threads)
+    start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - start:7.0f} s] {args.phase}: {msg}", flush=True)
+
+    for phase in PHASES if args.phase == "all" else (args.phase,):
+        run_phase(phase, args.work, args.out, recipe, args.seed, log)
+
+
+if __name__ == "__main__":
+    main()
