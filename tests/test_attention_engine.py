@@ -17,8 +17,8 @@ def test_engine_config_rejects_an_unknown_attention():
         EngineConfig(attention="flash")
 
 
-def test_the_engine_reports_its_attention_and_refuses_an_impossible_one():
-    cfg = EngineConfig(device="cpu", height=64, width=64, attention="sdpa")
+def test_the_engine_reports_its_attention_and_refuses_an_impossible_one(tiny_config):
+    cfg = tiny_config(attention="sdpa")
     engine = Engine.from_pretrained("demo", cfg)
     assert engine.attention.backend == "sdpa" and engine.sampler.ops.backend_of("attention") == "sdpa"
     assert engine.attention.describe().startswith("attention: sdpa (float32, head dim")
@@ -115,10 +115,10 @@ def test_the_tuner_leaves_explicit_choices_non_cuda_tables_and_timed_selections_
     assert len(timer.trials) == trials  # timed once: a later warm-up keeps the choice its graphs hold
 
 
-def test_the_tuner_times_the_shapes_the_engines_planned_chunk_makes():
+def test_the_tuner_times_the_shapes_the_engines_planned_chunk_makes(tiny_config):
     """The demo chunk's plans (graphs="chunk" on a CPU) hold every attention call with its shapes: the
     self-attention of each pyramid stage and the cross-attention to the 512-token prompt."""
-    cfg = EngineConfig(device="cpu", height=64, width=64, attention="sdpa", graphs="chunk")
+    cfg = tiny_config(attention="sdpa", graphs="chunk")
     engine = Engine.from_pretrained("demo", cfg)
     engine.warmup()
     dispatch = engine.transformer.ops.attention
@@ -143,12 +143,12 @@ def test_the_tuner_times_the_shapes_the_engines_planned_chunk_makes():
     assert sorted(s[1:] for s in seen) == sorted((q, k) for q, k, _ in shapes)  # float32: only SDPA runs
 
 
-def test_the_engine_tunes_attention_at_warmup_before_capturing_and_adopts_the_result(monkeypatch):
+def test_the_engine_tunes_attention_at_warmup_before_capturing_and_adopts_the_result(tiny_config, monkeypatch):
     """`Engine.warmup()` hands the tuner the planned kinds' attention shapes before `capture`, and when the
     tuner changes the backend the plans (which name the old op) are dropped and the engine reports the new pick."""
     import helios_rt.engine as engine_module
 
-    cfg = EngineConfig(device="cpu", height=64, width=64, graphs="chunk", attention="sdpa")  # one op per call
+    cfg = tiny_config(graphs="chunk", attention="sdpa")  # one op per call
     engine = Engine.from_pretrained("demo", cfg)
     program, calls = engine.chunk_program, []
     picked = AB.AttentionSelection("sdpa", "auto", engine.attention.dtype, engine.attention.head_dim)

@@ -19,8 +19,6 @@ from helios_rt.config import TINY
 from helios_rt.engine import Engine
 from helios_rt.model.vae import VAEConfig
 
-SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference")
-
 
 # ---- math ---------------------------------------------------------------------------------------------
 def test_ratio() -> None:
@@ -225,8 +223,8 @@ def test_profile_runs_the_demo_with_ranges(monkeypatch) -> None:
     assert "warm-up" in text and "recorded" in text and "nsys profile" in text
 
 
-def test_measure_stream_on_the_demo_model() -> None:
-    engine = Engine.from_pretrained("demo", SMALL)
+def test_measure_stream_on_the_demo_model(make_tiny_engine) -> None:
+    engine = make_tiny_engine()
     result = hb.measure_stream(engine, chunks=2, label="demo")
     assert result.frames_per_chunk == 33 and result.chunks == 2
     assert result.ttff_s > 0 and result.steady_fps > 0 and result.e2e_fps > 0
@@ -259,9 +257,9 @@ def test_stream_result_rows_follow_the_kind_of_run() -> None:
     assert "x 64x64: steady-state FPS" in metrics and "x 64x64: decode ms / chunk" in metrics
 
 
-def test_random_engine_builds_on_meta_and_generates() -> None:
+def test_random_engine_builds_on_meta_and_generates(tiny_config) -> None:
     vae = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
-    engine = hb.random_engine(TINY, SMALL, vae)
+    engine = hb.random_engine(TINY, tiny_config(), vae)
     assert all(not p.is_meta for p in engine.transformer.parameters())
     assert all(torch.isfinite(p).all() for p in engine.transformer.parameters())
     embeds = torch.randn(1, 8, TINY.text_dim)

@@ -1,4 +1,4 @@
-"""The chunk a CUDA graph captures plans on meta tensors, whatever the op table (issues 7 and 12).
+"""The chunk a CUDA graph captures plans on meta tensors, whatever the op table.
 
 A CUDA graph records kernels, not Python: a body that reads a device value on the host (`.item()`,
 `bool(t)`, `nonzero`, a data-dependent shape) either fails to capture or bakes in the value of the
@@ -16,15 +16,13 @@ from dataclasses import replace
 
 import pytest
 
-from helios_rt import Engine, EngineConfig
+from helios_rt import Engine
 from helios_rt.compile.chunk_program import META, ChunkKind, ChunkProgram, TextShape, meta_model
 from helios_rt.compile.workspace import UnplannableOp
 from helios_rt.ops import OpSet
 from helios_rt.sampling.chunk import ChunkSampler
 from helios_rt.sampling.pyramid import block_noise_factor
 from helios_rt.sampling.schedules import ScheduleConfig
-
-CONFIG = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference")
 
 
 def sampling_specs(engine: Engine) -> dict:
@@ -39,19 +37,14 @@ def sampling_specs(engine: Engine) -> dict:
     return {"distilled": distilled, "mid": mid, "base": base}
 
 
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.from_pretrained("demo", CONFIG)
-
-
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 @pytest.mark.parametrize("how", ["distilled", "mid", "base"])
-def test_chunk_plans_on_meta_tensors(engine: Engine, how: str, kernels: str) -> None:
-    spec = sampling_specs(engine)[how]
+def test_chunk_plans_on_meta_tensors(tiny_engine: Engine, how: str, kernels: str) -> None:
+    spec = sampling_specs(tiny_engine)[how]
     ops = OpSet.for_planning(kernels)
-    real = engine.transformer
+    real = tiny_engine.transformer
     model = meta_model(real.config, real.dtype, real.precision, ops, like=real)
-    sampler = ChunkSampler(model, spec, engine.history_layout, engine.latent_hw, META, ops)
+    sampler = ChunkSampler(model, spec, tiny_engine.history_layout, tiny_engine.latent_hw, META, ops)
     if spec.pyramid:  # factored once per engine on the host before any capture (a Cholesky needs values)
         sampler.set_block_factor(block_noise_factor(spec.schedule.gamma, model.config.patch_size[1:]))
     program = ChunkProgram(sampler, text=TextShape(16))
@@ -67,11 +60,11 @@ def test_chunk_plans_on_meta_tensors(engine: Engine, how: str, kernels: str) -> 
             assert "helios_rt.attention.default" in fused and "helios_rt.modulate_layernorm.default" in fused
 
 
-def test_a_host_read_in_the_body_fails_the_plan(engine: Engine, monkeypatch) -> None:
+def test_a_host_read_in_the_body_fails_the_plan(tiny_engine: Engine, monkeypatch) -> None:
     """The premise: a value-dependent read in the body fails planning, naming the op."""
-    real = engine.transformer
+    real = tiny_engine.transformer
     model = meta_model(real.config, real.dtype, real.precision, real.ops, like=real)
-    sampler = ChunkSampler(model, engine.spec, engine.history_layout, engine.latent_hw, META)
+    sampler = ChunkSampler(model, tiny_engine.spec, tiny_engine.history_layout, tiny_engine.latent_hw, META)
     sampler.set_block_factor(block_noise_factor(0.25, model.config.patch_size[1:]))
     program = ChunkProgram(sampler, text=TextShape(16))
     sample = ChunkSampler.sample  # patched on the class: the program plans on a meta copy of the sampler

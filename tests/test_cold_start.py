@@ -1,4 +1,4 @@
-"""The cold start (issue 27): reported by phase, and the first chunk's work paid once.
+"""The cold start: reported by phase, and the first chunk's work paid once.
 
 With graphs, a stream's first chunk used to run its kind twice: a warm-up on scratch state, thrown
 away, then the replay of the graph captured after it. Now the first chunk's own run is that warm-up
@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from helios_rt import Engine, EngineConfig
+from helios_rt import Engine
 from helios_rt.compile.chunk_program import ChunkKind, ChunkProgram
 
-SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference", graphs="chunk")
 FIRST, STEADY = ChunkKind(True, True), ChunkKind(False, False)
 
 
@@ -31,9 +30,9 @@ class _ReplayByRunning:
 
 
 @pytest.fixture
-def graphed(monkeypatch) -> tuple[Engine, list[tuple[str, ChunkKind]]]:
-    """A demo engine whose program captures stand-in graphs; records every run of a kind's body."""
-    engine = Engine.from_pretrained("demo", SMALL)
+def graphed(make_tiny_engine, monkeypatch) -> tuple[Engine, list[tuple[str, ChunkKind]]]:
+    """A tiny engine whose program captures stand-in graphs; records every run of a kind's body."""
+    engine = make_tiny_engine(graphs="chunk")
     program = engine.chunk_program
     runs: list[tuple[str, ChunkKind]] = []
     execute = program._execute
@@ -49,7 +48,7 @@ def stream(engine: Engine, chunks: int, seed: int = 3):
         return list(s), s
 
 
-def test_the_first_chunk_runs_its_kind_once(graphed) -> None:
+def test_the_first_chunk_runs_its_kind_once(graphed, make_tiny_engine) -> None:
     engine, runs = graphed
     chunks, s = stream(engine, 3)
     assert runs == [
@@ -64,7 +63,7 @@ def test_the_first_chunk_runs_its_kind_once(graphed) -> None:
     runs.clear()
     stream(engine, 2)  # a second stream replays both kinds: no warm-up, no capture
     assert runs == [("run", FIRST), ("run", STEADY)]
-    eager, _ = stream(Engine.from_pretrained("demo", SMALL.replace(graphs="off")), 3)
+    eager, _ = stream(make_tiny_engine(graphs="off"), 3)
     for a, b in zip(chunks, eager, strict=True):
         assert torch.equal(a.latents, b.latents), f"chunk {a.index}: the captured-after-use path changed the result"
         assert np.array_equal(a.frames, b.frames)
@@ -80,10 +79,10 @@ def test_engine_warmup_still_captures_every_kind_before_the_stream(graphed) -> N
     assert s.timings["warmup_runs"] == 0 and s.timings["plans_made"] == 0
 
 
-def test_the_timings_break_the_cold_start_down(monkeypatch, tmp_path) -> None:
+def test_the_timings_break_the_cold_start_down(make_tiny_engine, monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HELIOS_RT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("HELIOS_RT_PLAN_CACHE", "1")
-    engine = Engine.from_pretrained("demo", SMALL)
+    engine = make_tiny_engine(graphs="chunk")
     _, first = stream(engine, 2)
     t = first.timings
     assert t["load_s"] > 0 and t["weights_gb"] > 0 and t["load_gb_s"] == pytest.approx(t["weights_gb"] / t["load_s"])
@@ -93,13 +92,13 @@ def test_the_timings_break_the_cold_start_down(monkeypatch, tmp_path) -> None:
     assert parts == pytest.approx(t["ttff_s"])
     _, second = stream(engine, 1)
     assert (second.timings["plans_made"], second.timings["plans_loaded"]) == (0, 0)  # planned already
-    fresh = Engine.from_pretrained("demo", SMALL)
+    fresh = make_tiny_engine(graphs="chunk")
     _, third = stream(fresh, 1)
     assert (third.timings["plans_made"], third.timings["plans_loaded"]) == (0, 1)  # one chunk: one kind, cached
 
 
-def test_timings_before_the_first_chunk_hold_what_is_known() -> None:
-    engine = Engine.from_pretrained("demo", SMALL.replace(graphs="off"))
+def test_timings_before_the_first_chunk_hold_what_is_known(make_tiny_engine) -> None:
+    engine = make_tiny_engine(graphs="off")
     with engine.generate_stream("a reef", num_frames=33) as s:
         assert "ttff_s" not in s.timings and "plan_s" not in s.timings and s.timings["load_s"] > 0
         next(s)

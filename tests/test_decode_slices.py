@@ -9,17 +9,14 @@ import pytest
 from helios_rt import Engine, EngineConfig
 from helios_rt.cli import build_parser
 
-SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference")
 
-
-def _frames(config: EngineConfig):
-    engine = Engine.from_pretrained("demo", config)
+def _frames(engine: Engine):
     return [c.frames for c in engine.generate_stream("a cat", num_frames=33, seed=3)]
 
 
-def test_sliced_decode_hands_over_the_whole_chunk_frames():
-    whole = _frames(SMALL)
-    sliced = _frames(SMALL.replace(decode_slice_frames=2))
+def test_sliced_decode_hands_over_the_whole_chunk_frames(make_tiny_engine):
+    whole = _frames(make_tiny_engine())
+    sliced = _frames(make_tiny_engine(decode_slice_frames=2))
     assert [f.shape for f in sliced] == [f.shape for f in whole] and len(whole) == 1
     for a, b in zip(sliced, whole, strict=True):
         diff = np.abs(a.astype(np.int16) - b.astype(np.int16))

@@ -1,4 +1,4 @@
-"""An engine works on its own device, whatever the caller's current CUDA device is (issue 22, item 4).
+"""An engine works on its own device, whatever the caller's current CUDA device is.
 
 On a CPU the scope itself is a no-op, so `device_scope` is replaced by a recorder and the work that
 uses "the current device" on CUDA (plan execution and replay, the noise upload, the lanes' events,
@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from helios_rt import Engine, EngineConfig
+from helios_rt import Engine
 from helios_rt import engine as engine_module
 from helios_rt.compile import chunk_program as chunk_program_module
 from helios_rt.compile.chunk_program import ChunkProgram
 from helios_rt.overlap import HostLanes
 from helios_rt.sampling.noise import StaticNoise
 
-SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference", graphs="chunk")
 PROMPT = "a tropical fish among corals"
 
 
@@ -81,13 +80,13 @@ def _watch(monkeypatch, target, name: str, scopes: Scopes, what: str) -> None:
 
 
 @pytest.fixture
-def scoped(monkeypatch) -> tuple[Engine, Scopes]:
+def scoped(make_tiny_engine, monkeypatch) -> tuple[Engine, Scopes]:
     """A compiled-chunk demo engine whose scopes and device work are recorded."""
     scopes = Scopes()
     monkeypatch.setattr(engine_module, "device_scope", scopes)
     monkeypatch.setattr(chunk_program_module, "device_scope", scopes)
     monkeypatch.setattr(engine_module, "lanes_for", lambda device, overlap: ScopedLanes(scopes))
-    engine = Engine.from_pretrained("demo", SMALL)
+    engine = make_tiny_engine(graphs="chunk")
     _watch(monkeypatch, ChunkProgram, "_execute", scopes, "chunk program")
     _watch(monkeypatch, StaticNoise, "fill", scopes, "noise upload")
     _watch(monkeypatch, engine_module._FiniteFlags, "check", scopes, "finite flag")
@@ -147,12 +146,12 @@ def test_the_program_scopes_its_own_entry_points(scoped) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_an_engine_on_cuda1_runs_there_while_cuda0_is_current() -> None:
+def test_an_engine_on_cuda1_runs_there_while_cuda0_is_current(tiny_config) -> None:
     """Capture, replay, noise upload, events and decode on cuda:1; cuda:0 stays current and untouched."""
     torch.cuda.set_device(0)
     torch.cuda.synchronize(0)
     before = torch.cuda.memory_allocated(0)
-    config = SMALL.replace(device="cuda:1", overlap_decode=True)
+    config = tiny_config(graphs="chunk", device="cuda:1", overlap_decode=True)
     engine = Engine.from_pretrained("demo", config)
     engine.warmup()
     with engine.generate_stream(PROMPT, num_frames=33 * 3, seed=3) as stream:

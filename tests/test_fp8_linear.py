@@ -100,16 +100,16 @@ def test_per_block_scales_are_no_coarser_than_per_token() -> None:
     assert torch.all((dequantize(q, s) - x.double()).abs() <= rounding_bound(x, s.repeat_interleave(128, -1)))
 
 
-def test_fp8_is_refused_before_loading_where_scaled_mm_cannot_run(monkeypatch):
+def test_fp8_is_refused_before_loading_where_scaled_mm_cannot_run(tiny_config, monkeypatch):
     """An sm_80 GPU, float32 with a bias on CUDA, CPU torch < 2.13: `_scaled_mm` raises; the engine says
     what to change before a weight is read, instead of failing inside the first chunk."""
-    from helios_rt import Engine, EngineConfig
+    from helios_rt import Engine
 
     def unsupported(*args, **kwargs):
         raise RuntimeError("torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0")
 
     monkeypatch.setattr(torch, "_scaled_mm", unsupported)
-    config = EngineConfig(height=64, width=64, device="cpu", dtype="float32", precision="fp8")
+    config = tiny_config(precision="fp8")
     with pytest.raises(ValueError, match=r"precision='fp8' cannot run on cpu .*use precision='native'"):
         Engine.from_pretrained("demo", config)
 

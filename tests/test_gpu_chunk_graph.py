@@ -1,4 +1,4 @@
-"""One CUDA graph per chunk and the overlapped decode, on a GPU (issue 7, items 1 and 5).
+"""One CUDA graph per chunk and the overlapped decode, on a GPU.
 
 Skipped without CUDA. What runs on a CPU is covered elsewhere: the chunk body against the per-step
 path (`test_chunk_program.py`), its freedom from host reads of device values (meta tensors,
@@ -24,14 +24,13 @@ import pytest
 import torch
 from support import gpu_checks as gc
 
-from helios_rt import Engine, EngineConfig
+from helios_rt import Engine
 from helios_rt.compile.chunk_program import ChunkKind, chunk_body
 from helios_rt.compile.workspace import Executor
 from helios_rt.engine import Stream
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-CUDA = EngineConfig(height=64, width=64, device="cuda", dtype="float32", kernels="reference")
 PROMPT = "a tropical fish among corals"
 STEADY = ChunkKind(False, False)
 
@@ -42,8 +41,10 @@ def stream_chunks(engine: Engine, chunks: int, seed: int = 3) -> list:
 
 
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
-def test_kinds_are_captured_before_the_first_chunk_then_only_replayed(kernels: str, monkeypatch) -> None:
-    engine = Engine.from_pretrained("demo", CUDA.replace(kernels=kernels))
+def test_kinds_are_captured_before_the_first_chunk_then_only_replayed(
+    make_tiny_engine, kernels: str, monkeypatch
+) -> None:
+    engine = make_tiny_engine(device="cuda", kernels=kernels)
     program = engine.chunk_program
     assert program is not None and program.cuda_graph
     executed: list[ChunkKind] = []
@@ -61,8 +62,8 @@ def test_kinds_are_captured_before_the_first_chunk_then_only_replayed(kernels: s
     assert set(program.captured) == {first, STEADY}
 
 
-def test_warmup_captures_before_the_first_stream() -> None:
-    engine = Engine.from_pretrained("demo", CUDA)
+def test_warmup_captures_before_the_first_stream(make_tiny_engine) -> None:
+    engine = make_tiny_engine(device="cuda")
     engine.warmup()
     assert set(engine.chunk_program.captured) == {ChunkKind(True, True), STEADY}
     chunks = stream_chunks(engine, 3)
@@ -71,23 +72,22 @@ def test_warmup_captures_before_the_first_stream() -> None:
 
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 @pytest.mark.parametrize("overlap", [False, True])
-def test_chunk_graph_replay_equals_the_eager_engine(overlap: bool, kernels: str) -> None:
-    config = CUDA.replace(kernels=kernels, overlap_decode=overlap)
-    graphed = stream_chunks(Engine.from_pretrained("demo", config.replace(graphs="chunk")), 5)
-    eager = stream_chunks(Engine.from_pretrained("demo", config.replace(graphs="off")), 5)
+def test_chunk_graph_replay_equals_the_eager_engine(make_tiny_engine, overlap: bool, kernels: str) -> None:
+    graphed = stream_chunks(make_tiny_engine(device="cuda", kernels=kernels, overlap_decode=overlap, graphs="chunk"), 5)
+    eager = stream_chunks(make_tiny_engine(device="cuda", kernels=kernels, overlap_decode=overlap, graphs="off"), 5)
     for a, b in zip(graphed, eager, strict=True):
         assert torch.equal(a.latents, b.latents), f"chunk {a.index}: replay differs from the eager engine"
         assert np.array_equal(a.frames, b.frames), f"chunk {a.index}"
 
 
-def test_a_replayed_chunk_allocates_nothing_and_its_intermediates_live_in_the_arena() -> None:
+def test_a_replayed_chunk_allocates_nothing_and_its_intermediates_live_in_the_arena(make_tiny_engine) -> None:
     """Two checks, each able to fail. (1) The caching allocator's own record: the set of live blocks is the
     same before and after three replays and their hand-overs (a counter of allocator calls cannot fail on
     a replay: a graph never calls the allocator). (2) Every intermediate the plan allocates is a view of
     the arena (the storage of each allocating op's output, recorded by the Executor on the same body),
     and the graph's private pool holds no live block after capture (nothing was allocated beside the plan
     and kept)."""
-    engine = Engine.from_pretrained("demo", CUDA.replace(kernels="triton"))
+    engine = make_tiny_engine(device="cuda", kernels="triton")
     engine.warmup()
     program = engine.chunk_program
     stream = engine.generate_stream(PROMPT, num_frames=None, seed=1)
@@ -127,8 +127,8 @@ def _recorded(monkeypatch) -> tuple[list, list]:
     return launched, decoded
 
 
-def test_decode_of_chunk_k_overlaps_compute_of_chunk_k_plus_1(monkeypatch) -> None:
-    engine = Engine.from_pretrained("demo", CUDA.replace(height=192, width=320))
+def test_decode_of_chunk_k_overlaps_compute_of_chunk_k_plus_1(make_tiny_engine, monkeypatch) -> None:
+    engine = make_tiny_engine(device="cuda", height=192, width=320)
     engine.warmup()
     launched, decoded = _recorded(monkeypatch)
     origin = torch.cuda.Event(enable_timing=True)
@@ -143,11 +143,11 @@ def test_decode_of_chunk_k_overlaps_compute_of_chunk_k_plus_1(monkeypatch) -> No
     assert overlaps == 3, "chunk k's decode did not run while chunk k+1 was computed"
 
 
-def test_steady_state_chunks_issue_no_device_synchronize() -> None:
+def test_steady_state_chunks_issue_no_device_synchronize(make_tiny_engine) -> None:
     """CUDA's sync debug mode in "error" over four steady chunks: any synchronising call (`.item()`, `.cpu()`,
     a device or stream synchronize, a copy to pageable host memory) raises; the hand-over waits on the
     decode's event only, and reads the finite flag from pinned host memory the decode lane copied it to."""
-    engine = Engine.from_pretrained("demo", CUDA)
+    engine = make_tiny_engine(device="cuda")
     engine.warmup()
     stream = engine.generate_stream(PROMPT, num_frames=None, seed=1)
     next(stream), next(stream)
@@ -157,18 +157,18 @@ def test_steady_state_chunks_issue_no_device_synchronize() -> None:
     stream.close()
 
 
-def test_lane_and_stage_timings_are_cuda_events(monkeypatch) -> None:
+def test_lane_and_stage_timings_are_cuda_events(make_tiny_engine, monkeypatch) -> None:
     """The lanes' begin/end marks and the stage timer's tokens are timed CUDA events, not host clocks."""
     from helios_rt.benchmarking.stream import StageTimer
 
-    engine = Engine.from_pretrained("demo", CUDA)
+    engine = make_tiny_engine(device="cuda")
     engine.warmup()
     launched, decoded = _recorded(monkeypatch)
     stream_chunks(engine, 3)
     torch.cuda.synchronize()
     marks = [e for item in launched + decoded for e in (item.begin, item.end)]
     assert marks and gc.timing_events(marks) == []
-    eager = Engine.from_pretrained("demo", CUDA.replace(graphs="off", overlap_decode=False))
+    eager = make_tiny_engine(device="cuda", graphs="off", overlap_decode=False)
     with StageTimer(eager) as timer:
         token = timer.timer.start()
         timer.timer.stop("probe", token)
@@ -176,8 +176,8 @@ def test_lane_and_stage_timings_are_cuda_events(monkeypatch) -> None:
         assert gc.timing_events([token, timer.timer.pending[-1][2]]) == []
 
 
-def test_memory_is_constant_over_50_chunks() -> None:
-    engine = Engine.from_pretrained("demo", CUDA)
+def test_memory_is_constant_over_50_chunks(make_tiny_engine) -> None:
+    engine = make_tiny_engine(device="cuda")
     stream = engine.generate_stream(PROMPT, num_frames=None, seed=2)
     allocated, peak = {}, None
     for chunk in stream:
@@ -196,10 +196,10 @@ def test_memory_is_constant_over_50_chunks() -> None:
     assert torch.cuda.max_memory_allocated() == peak, "the peak grew after chunk 10"
 
 
-def test_allocated_bytes_are_equal_at_every_hand_over_the_last_included() -> None:
+def test_allocated_bytes_are_equal_at_every_hand_over_the_last_included(make_tiny_engine) -> None:
     """First light's "memory flat" series: the last chunk has no successor in flight, so nothing made
     per chunk may live beside a launched one (a per-chunk 0-d finite flag did: 512 B less at the last)."""
-    engine = Engine.from_pretrained("demo", CUDA)
+    engine = make_tiny_engine(device="cuda")
     engine.warmup()
     allocated = []
     with engine.generate_stream(PROMPT, num_frames=33 * 6, seed=2) as stream:
@@ -210,12 +210,14 @@ def test_allocated_bytes_are_equal_at_every_hand_over_the_last_included() -> Non
 
 
 @pytest.mark.parametrize(("overlap", "effective"), [(True, 2), (False, 1)])
-def test_set_prompt_switches_the_latents_at_the_announced_chunk(overlap: bool, effective: int) -> None:
+def test_set_prompt_switches_the_latents_at_the_announced_chunk(
+    make_tiny_engine, overlap: bool, effective: int
+) -> None:
     """The switch is in the latents: chunks before the announced one equal the unswitched stream's, the
     announced one differs from it (the blend starts there)."""
-    config = CUDA.replace(overlap_decode=overlap)
-    plain = [c.latents for c in stream_chunks(Engine.from_pretrained("demo", config), effective + 1, seed=1)]
-    engine = Engine.from_pretrained("demo", config)
+    unswitched = stream_chunks(make_tiny_engine(device="cuda", overlap_decode=overlap), effective + 1, seed=1)
+    plain = [c.latents for c in unswitched]
+    engine = make_tiny_engine(device="cuda", overlap_decode=overlap)
     switched = []
     with engine.generate_stream(PROMPT, num_frames=33 * (effective + 1), seed=1) as stream:
         switched.append(next(stream).latents)

@@ -11,13 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from support.oracle import build_reference, save_sharded
 
-from helios_rt import Engine, EngineConfig
 from helios_rt.checkpoint import CheckpointError
 from helios_rt.errors import NonFiniteError, StreamFailedError
 from helios_rt.model.transformer import load_transformer
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, rope_dim=(4, 6, 6), is_amplify_history=True)
-SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference")
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +48,15 @@ def test_a_weight_that_overflows_the_dtype_fails_at_load(good_checkpoint, tmp_pa
         load_transformer(ckpt, dtype=torch.float16)
 
 
-def test_nan_prompt_embeddings_fail_on_input() -> None:
-    engine = Engine.from_pretrained("demo", SMALL)
+def test_nan_prompt_embeddings_fail_on_input(tiny_engine) -> None:
     embeds = torch.zeros(1, 6, 64)
     embeds[0, 1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"prompt_embeds hold NaN or Inf \(1 of 384 values\)"):
-        engine.generate_stream(prompt_embeds=embeds, num_frames=33)
+        tiny_engine.generate_stream(prompt_embeds=embeds, num_frames=33)
 
 
-def test_a_chunk_with_non_finite_latents_stops_the_stream_naming_it() -> None:
-    engine = Engine.from_pretrained("demo", SMALL)
+def test_a_chunk_with_non_finite_latents_stops_the_stream_naming_it(make_tiny_engine) -> None:
+    engine = make_tiny_engine()  # its weights are broken below
     stream = engine.generate_stream("a lighthouse", num_frames=99, seed=1)
     assert next(stream).index == 0
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The stream's two lanes (issue 7, item 1): decode of chunk k overlapped with compute of chunk k+1.
+"""The stream's two lanes: decode of chunk k overlapped with compute of chunk k+1.
 
 The scheduling lives in `engine.Stream` and talks to a `Lanes` object; on CUDA that is two CUDA
 streams and events, here a recording stand-in that says it overlaps. The tests check the order the
@@ -22,7 +22,6 @@ from helios_rt import Engine, EngineConfig
 from helios_rt import engine as engine_module
 from helios_rt.overlap import HostLanes, lanes_for
 
-SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference")
 PROMPT = "a tropical fish among corals"
 
 
@@ -61,11 +60,6 @@ class RecordingLanes(HostLanes):
         return 0.0
 
 
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.from_pretrained("demo", SMALL)
-
-
 def recorded_stream(engine: Engine, monkeypatch, overlapped: bool, chunks: int = 3):
     lanes = RecordingLanes(overlapped)
     monkeypatch.setattr(engine_module, "lanes_for", lambda device, overlap: lanes)
@@ -85,8 +79,8 @@ def recorded_stream(engine: Engine, monkeypatch, overlapped: bool, chunks: int =
     return stream, lanes, order
 
 
-def test_next_chunk_is_launched_before_the_host_waits_for_this_one(engine, monkeypatch) -> None:
-    stream, lanes, order = recorded_stream(engine, monkeypatch, overlapped=True)
+def test_next_chunk_is_launched_before_the_host_waits_for_this_one(tiny_engine, monkeypatch) -> None:
+    stream, lanes, order = recorded_stream(tiny_engine, monkeypatch, overlapped=True)
     chunks = list(stream)
     assert [c.index for c in chunks] == [0, 1, 2]
     assert order == [("launch", 0), ("decode", 0), ("launch", 1), ("hand_over", 0),
@@ -94,17 +88,17 @@ def test_next_chunk_is_launched_before_the_host_waits_for_this_one(engine, monke
                      ("decode", 2), ("hand_over", 2)]  # fmt: skip
 
 
-def test_host_waits_only_for_decode_marks_and_slots_wait_for_their_decode(engine, monkeypatch) -> None:
+def test_host_waits_only_for_decode_marks_and_slots_wait_for_their_decode(tiny_engine, monkeypatch) -> None:
     """...and a chunk's compute waits for the slot only right before writing it: after its own sampling,
     for the mark after chunk k-2's decode lane copied the slot out (not for that whole decode)."""
-    stream, lanes, _ = recorded_stream(engine, monkeypatch, overlapped=True, chunks=4)
-    sample = engine.sampler.sample
+    stream, lanes, _ = recorded_stream(tiny_engine, monkeypatch, overlapped=True, chunks=4)
+    sample = tiny_engine.sampler.sample
 
     def logged_sample(*args, **kwargs):
         lanes.log.append(("sample",))
         return sample(*args, **kwargs)
 
-    monkeypatch.setattr(engine.sampler, "sample", logged_sample)
+    monkeypatch.setattr(tiny_engine.sampler, "sample", logged_sample)
     list(stream)
     decoded = {e[1]: e[2] for e in lanes.log if e[0] == "decode"}
     launched = {e[1]: e[2] for e in lanes.log if e[0] == "launch"}
@@ -126,25 +120,25 @@ def test_host_waits_only_for_decode_marks_and_slots_wait_for_their_decode(engine
     assert all(any(t is launched[k].finite for _, t in used) for k in range(4))
 
 
-def test_results_do_not_depend_on_the_overlap(engine, monkeypatch) -> None:
-    stream, _, _ = recorded_stream(engine, monkeypatch, overlapped=True)
+def test_results_do_not_depend_on_the_overlap(tiny_engine, monkeypatch) -> None:
+    stream, _, _ = recorded_stream(tiny_engine, monkeypatch, overlapped=True)
     overlapped = list(stream)
-    stream, _, _ = recorded_stream(engine, monkeypatch, overlapped=False)
+    stream, _, _ = recorded_stream(tiny_engine, monkeypatch, overlapped=False)
     serial = list(stream)
     for a, b in zip(overlapped, serial, strict=True):
         assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
 
 
 @pytest.mark.parametrize(("overlapped", "effective"), [(True, 2), (False, 1)])
-def test_set_prompt_says_which_chunk_it_takes_effect_at(engine, monkeypatch, overlapped, effective) -> None:
-    stream, _, _ = recorded_stream(engine, monkeypatch, overlapped=overlapped, chunks=4)
+def test_set_prompt_says_which_chunk_it_takes_effect_at(tiny_engine, monkeypatch, overlapped, effective) -> None:
+    stream, _, _ = recorded_stream(tiny_engine, monkeypatch, overlapped=overlapped, chunks=4)
     next(stream)
     assert stream.set_prompt("a busy city street") == effective
     stream.close()
 
 
-def test_stream_reports_time_to_first_frame_and_steady_fps(engine: Engine) -> None:
-    stream = engine.generate_stream(PROMPT, num_frames=99, seed=1)
+def test_stream_reports_time_to_first_frame_and_steady_fps(tiny_engine: Engine) -> None:
+    stream = tiny_engine.generate_stream(PROMPT, num_frames=99, seed=1)
     assert stream.time_to_first_frame_s is None and stream.steady_fps is None
     next(stream)
     assert stream.time_to_first_frame_s > 0 and stream.steady_fps is None
@@ -153,12 +147,12 @@ def test_stream_reports_time_to_first_frame_and_steady_fps(engine: Engine) -> No
     assert stream.steady_fps == pytest.approx(2 * 33 / span)
 
 
-def test_overlap_and_graphs_are_refused_without_cuda() -> None:
+def test_overlap_and_graphs_are_refused_without_cuda(make_tiny_engine) -> None:
     with pytest.raises(ValueError, match="needs a CUDA device"):
         lanes_for(torch.device("cpu"), True)
     assert isinstance(lanes_for(torch.device("cpu"), False), HostLanes)
     with pytest.raises(ValueError, match="overlap_decode=True needs a CUDA device"):
-        Engine.from_pretrained("demo", SMALL.replace(overlap_decode=True))
+        make_tiny_engine(overlap_decode=True)
     with pytest.raises(ValueError, match="graphs="):
         EngineConfig(graphs="always")
     with pytest.raises(ValueError, match="overlap_decode="):
@@ -184,11 +178,11 @@ class NewStorage(TorchDispatchMode):
         return out
 
 
-def test_a_steady_launch_allocates_nothing_its_finite_flag_is_the_slots(monkeypatch) -> None:
+def test_a_steady_launch_allocates_nothing_its_finite_flag_is_the_slots(make_tiny_engine, monkeypatch) -> None:
     """The compiled chunk's launch (prompt, program run, slot copy, finite flag) makes no tensor of its
     own once steady: a per-chunk flag kept the chunk in flight one allocation ahead, so the allocated
     bytes at the last chunk's hand-over (no successor launched) differed from every other's."""
-    engine = Engine.from_pretrained("demo", SMALL.replace(graphs="chunk"))
+    engine = make_tiny_engine(graphs="chunk")
     stream, lanes, _ = recorded_stream(engine, monkeypatch, overlapped=True, chunks=5)
     launch, made = stream._launch, {}
 
@@ -207,12 +201,12 @@ def test_a_steady_launch_allocates_nothing_its_finite_flag_is_the_slots(monkeypa
     assert all(bool(launched[k].finite) for k in range(5))
 
 
-def test_streams_taking_turns_order_their_decodes(engine, monkeypatch) -> None:
+def test_streams_taking_turns_order_their_decodes(tiny_engine, monkeypatch) -> None:
     """Streams of one engine share its decode (on CUDA one graph with static buffers): each decode waits for
     the engine's last decode, whichever stream made it, before it starts."""
-    a, lanes_a, _ = recorded_stream(engine, monkeypatch, overlapped=False, chunks=2)
+    a, lanes_a, _ = recorded_stream(tiny_engine, monkeypatch, overlapped=False, chunks=2)
     next(a)
-    b, lanes_b, _ = recorded_stream(engine, monkeypatch, overlapped=False, chunks=2)
+    b, lanes_b, _ = recorded_stream(tiny_engine, monkeypatch, overlapped=False, chunks=2)
     next(b)
     a_end = [e[2].end for e in lanes_a.log if e[0] == "decode"][-1]
     assert ("wait", "decode", a_end) in lanes_b.log, "stream b decoded while stream a's decode could still run"

@@ -25,7 +25,6 @@ import pytest
 import torch
 from support.parallel_worker import Scenario, build_engine, run_scenario, worker
 
-from helios_rt import Engine
 from helios_rt import engine as engine_module
 from helios_rt.compile.chunk_program import ChunkKind
 from helios_rt.config import EngineConfig
@@ -114,6 +113,7 @@ def _crashes(root: Path) -> str:
     return "\n".join(f.read_text() for f in sorted(root.glob("crash-rank*.txt")))
 
 
+@pytest.mark.slow  # ranks as processes over gloo, each loading the engine: ~15 s
 @pytest.mark.parametrize("world", sorted(GROUPS))
 def test_ranks_make_the_one_process_latents(runs, world: int) -> None:
     roots, codes, reference = runs
@@ -161,7 +161,6 @@ def test_torchrun_environment_decides_the_cli_layout(monkeypatch) -> None:
     assert writes_output()
 
 
-SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference", graphs="chunk")
 MESH = Mesh(rank=0, world=2, cfg=1, sequence=2, sequence_group=None, timeout_s=0.05)
 
 
@@ -189,10 +188,10 @@ class FakeCapture:
         return contextlib.nullcontext()
 
 
-def test_graphs_are_captured_thread_local_on_the_programs_own_stream(monkeypatch) -> None:
+def test_graphs_are_captured_thread_local_on_the_programs_own_stream(make_tiny_engine, monkeypatch) -> None:
     """The default "global" mode lets NCCL's watchdog thread (event queries) invalidate a capture that
     holds collectives; torch's default capture stream is made on whichever device was current first."""
-    engine = Engine.from_pretrained("demo", SMALL)
+    engine = make_tiny_engine(graphs="chunk")
     program = engine.chunk_program
     fake = FakeCapture()
     monkeypatch.setattr(torch.cuda, "CUDAGraph", fake.graph_class())
@@ -242,10 +241,12 @@ class HungLanes(HostLanes):
 @pytest.mark.parametrize(
     ("overlapped", "what"), [(True, "chunk 1's compute"), (False, "chunk 1")], ids=["overlapped", "serial"]
 )
-def test_a_stream_gives_up_on_a_hung_chunk_with_a_parallel_error(monkeypatch, overlapped: bool, what: str) -> None:
+def test_a_stream_gives_up_on_a_hung_chunk_with_a_parallel_error(
+    make_tiny_engine, monkeypatch, overlapped: bool, what: str
+) -> None:
     """Overlapped, the prompt broadcast before chunk 2 waits for chunk 1's compute; serial, the hand-over waits
     for chunk 1's decode: either wait ends with a ParallelError after the mesh's timeout, never a hang."""
-    engine = Engine.from_pretrained("demo", SMALL)
+    engine = make_tiny_engine(graphs="chunk")
     lanes = HungLanes(overlapped)
     monkeypatch.setattr(engine, "parallel", MESH)
     monkeypatch.setattr(engine_module, "lanes_for", lambda device, overlap: lanes)

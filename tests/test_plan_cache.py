@@ -1,4 +1,4 @@
-"""Chunk plans cached across processes (issue 27): a second start skips planning, the results are the
+"""Chunk plans cached across processes: a second start skips planning, the results are the
 same bit for bit, and a corrupt, stale or tampered entry is re-planned (one log line), never run.
 
 Every test points the cache at its own tmp folder (HELIOS_RT_CACHE_DIR), never at the user's.
@@ -17,18 +17,18 @@ import textwrap
 import pytest
 import torch
 
-from helios_rt import Engine, EngineConfig
+from helios_rt import Engine
 from helios_rt.compile import chunk_program
 from helios_rt.compile.chunk_program import ChunkKind, ChunkProgram, TextShape
 from helios_rt.compile.plan_cache import PlanCache, cache_enabled, cache_root, decode_plan, encode_plan
 
-SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference", graphs="chunk")
 KIND = ChunkKind(True, True)
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.from_pretrained("demo", SMALL)
+def engine(make_tiny_engine) -> Engine:
+    """The tiny engine with the compiled chunk (what a plan cache serves)."""
+    return make_tiny_engine(graphs="chunk")
 
 
 @pytest.fixture
@@ -84,6 +84,7 @@ def test_a_second_program_loads_the_plans_and_computes_the_same_bits(engine, cac
     assert second.plans[KIND].memory.offsets == first.plans[KIND].memory.offsets
 
 
+@pytest.mark.slow  # two fresh processes, each importing torch and running a stream: ~13 s
 def test_a_second_process_skips_planning(engine, tmp_path) -> None:
     script = textwrap.dedent("""
         import json, torch
@@ -197,7 +198,7 @@ def test_an_inconsistent_memory_plan_is_rejected(engine, cache) -> None:
     assert PlanCache(cache.folder).load(entry.stem) is None
 
 
-def test_the_key_changes_with_what_changes_the_plan(engine) -> None:
+def test_the_key_changes_with_what_changes_the_plan(engine, make_tiny_engine) -> None:
     from helios_rt.compile.plan_cache import key_fields, plan_key
 
     base = key_fields(engine.sampler, 1, TextShape(16), KIND)
@@ -213,8 +214,8 @@ def test_the_key_changes_with_what_changes_the_plan(engine) -> None:
     ]
     keys = {plan_key(base)} | {plan_key(v) for v in variants}
     assert len(keys) == len(variants) + 1
-    bf16 = Engine.from_pretrained("demo", SMALL.replace(dtype="bfloat16", vae_dtype="float32"))
-    bigger = Engine.from_pretrained("demo", SMALL.replace(height=128))
+    bf16 = make_tiny_engine(graphs="chunk", dtype="bfloat16", vae_dtype="float32")
+    bigger = make_tiny_engine(graphs="chunk", height=128)
     others = [key_fields(e.sampler, 1, TextShape(16), KIND) for e in (bf16, bigger)]
     assert len({plan_key(base)} | {plan_key(o) for o in others}) == 3
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 import pytest
 from support.memory import live_tensor_bytes
 
-from helios_rt import Engine, EngineConfig
 from helios_rt.errors import StreamFailedError
 
-SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference")
 
-
-def test_an_exception_inside_next_leaves_the_stream_failed_with_its_cause(monkeypatch) -> None:
-    engine = Engine.from_pretrained("demo", SMALL)
+def test_an_exception_inside_next_leaves_the_stream_failed_with_its_cause(make_tiny_engine, monkeypatch) -> None:
+    engine = make_tiny_engine()
     decode = engine.vae.decode_frames
     calls = []
 
@@ -41,9 +38,9 @@ def test_an_exception_inside_next_leaves_the_stream_failed_with_its_cause(monkey
         next(stream)  # closing a failed stream does not turn it into a finished one
 
 
-def test_engine_close_frees_its_memory_and_its_streams() -> None:
+def test_engine_close_frees_its_memory_and_its_streams(make_tiny_engine) -> None:
     before = live_tensor_bytes()
-    engine = Engine.from_pretrained("demo", SMALL)
+    engine = make_tiny_engine()
     stream = engine.generate_stream("a lighthouse", num_frames=33, seed=1)
     loaded = live_tensor_bytes()
     weights = sum(p.numel() * p.element_size() for p in engine.transformer.parameters())
@@ -56,8 +53,8 @@ def test_engine_close_frees_its_memory_and_its_streams() -> None:
         engine.generate_stream("a harbour", num_frames=33)
 
 
-def test_engine_as_a_context_manager_closes_on_exit() -> None:
-    with Engine.from_pretrained("demo", SMALL) as engine:
+def test_engine_as_a_context_manager_closes_on_exit(make_tiny_engine) -> None:
+    with make_tiny_engine() as engine:
         assert engine.transformer is not None
     with pytest.raises(RuntimeError, match="engine is closed"):
         engine.generate_stream("a harbour", num_frames=33)
