@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles the C++ planner from scratch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Runs setup.py as pip's backend would, with the pybind11 package unimportable whether or not it is installed.

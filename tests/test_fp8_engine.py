@@ -127,6 +127,7 @@ def test_v2v_over_two_chunks_within_the_task_bounds(engines) -> None:
     _within_task_bounds("v2v", _run(engines[1], "v2v", 2), _run(engines[0], "v2v", 2))
 
 
+@pytest.mark.slow  # the Triton interpreter over a CFG chunk: ~25 s on two cores
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton interpreter (set by conftest)")
 def test_the_triton_op_table_in_fp8_with_cfg(tmp_path) -> None:
     """The GPU default: FP8 linears fed by the fused quantising Triton kernels (modulate_layernorm_fp8,

@@ -243,6 +243,7 @@ def test_umt5_in_fp8_weight_only_form_is_its_stack_in_e4m3_without_the_embedding
     assert 4.3 * 2**30 < weights < 4.4 * 2**30 and 0 < acts < 2**30
 
 
+@pytest.mark.slow  # plans the 14B chunk for each setting it tries: ~9 s
 def test_the_cli_fits_fp8_in_24_gb_only_with_the_setting_that_fits_the_encode_phase(capsys):
     """`--precision fp8 --gpu-memory 24`: the bf16 umT5 does not fit beside the FP8 chunk at a prompt switch;
     the FP8 weight-only umT5 (with the largest decode slice that then fits) does, and the plan names it."""

@@ -1,4 +1,4 @@
-"""`helios-rt serve` in a real headless Chromium, driven over its DevTools protocol (issue 17).
+"""`helios-rt serve` in a real headless Chromium, driven over its DevTools protocol.
 
 The page loads, starts a demo stream (image-to-video, from an image uploaded on the page), plays
 frames that change over time, switches the prompt mid-stream and shows the chunk the switch takes
@@ -41,6 +41,8 @@ from helios_rt.serve.protocol import Start, parse_message, unpack_frame
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--window-size=800,600", "--remote-debugging-port=0"]  # fmt: skip
+pytestmark = pytest.mark.slow  # a real Chromium and a served stream
+
 FRAMES_PER_CHUNK = 9  # FAST_DEMO
 CHUNKS = 6  # the page asks for six chunks: the switch, sent once frame 3 is shown, lands well before the end
 
@@ -325,7 +327,7 @@ def sent_types(events: list[dict]) -> list[str]:
 
 
 def test_the_page_says_what_happens(chromium: str, tmp_path: Path) -> None:
-    """One browser session walks the page's states and reads its words (issue 26): a missing and a wrong
+    """One browser session walks the page's states and reads its words: a missing and a wrong
     token, then the right one through the address's hash; a file that is not an image, then a good one
     (previewed); Start by Enter; a stall (the server's generation held) and its recovery; a hidden tab
     (a second tab in front) that pauses the stream on the server past its acknowledgement deadline and

@@ -1,5 +1,5 @@
-"""`helios-rt serve` under load (issue 17): nine clients of the demo model on loopback, at once; and
-the memory a served stream holds, chunk after chunk (issue 23).
+"""`helios-rt serve` under load: nine clients of the demo model on loopback, at once; and
+the memory a served stream holds, chunk after chunk (bounded: it must not grow with the chunks served).
 
 Two turns (`max_sessions=2`), a queue of four, one chunk ahead. The clients: one that never
 acknowledges (its stream must stop after one chunk), a fast one, a slow one (reads slowly,

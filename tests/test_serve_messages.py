@@ -1,4 +1,4 @@
-"""`helios-rt serve`: message validation, limits, token and origin checks, frame codec (issue 17).
+"""`helios-rt serve`: message validation, limits, token and origin checks, frame codec.
 
 Every refused client message must come back as one {"type": "error"} naming the problem, with the
 server still serving the same connection afterwards.
@@ -477,7 +477,7 @@ def test_a_stream_created_after_a_stop_is_closed() -> None:
 
 
 def test_a_switch_past_the_end_is_refused() -> None:
-    """A one-chunk stream whose chunk has been made: a switch would land on a chunk that never comes (issue 26).
+    """A one-chunk stream whose chunk has been made: a switch would land on a chunk that never comes.
 
     One chunk ahead and no acknowledgement: the stream waits for room after its only chunk, so it is
     still playing when the switch arrives.
@@ -505,7 +505,7 @@ def test_a_switch_past_the_end_is_refused() -> None:
 
 def test_a_paused_stream_waits_past_the_ack_deadline_and_resumes() -> None:
     """A hidden page pauses: nothing more is generated, the acknowledgement deadline does not run, and
-    after resume the stream goes on from the next chunk, nothing lost (issue 26)."""
+    after resume the stream goes on from the next chunk, nothing lost."""
 
     async def run() -> None:
         engine = Engine.from_pretrained("demo", FAST_DEMO)

@@ -5,7 +5,7 @@ write), writes = every buffer the step allocates. An aten op whose out= form is 
 (`torch.Tag.generated`: `_to_copy.out`, `native_layer_norm.out`, ...) computes into a temporary and
 copies it into the planned buffer, so its allocation is written twice and read once more. Views and
 allocation factories move nothing. GEMMs (matmuls, convolutions) and attention are counted apart:
-the target of issue 24 is the bytes outside them.
+what is left to cut is the bytes outside them (norms, casts, copies).
 """
 
 from __future__ import annotations
