@@ -34,7 +34,14 @@ from .compile.plan_cache import PlanCache
 from .config import EngineConfig
 from .errors import InputError, NonFiniteError, StreamFailedError
 from .guards import check_device, check_finite_input
-from .model.text import MAX_TEXT_TOKENS, PromptCache, PromptEncoder, UMT5PromptEncoder, validate_prompt
+from .model.text import (
+    MAX_TEXT_TOKENS,
+    PromptCache,
+    PromptEncoder,
+    load_prompt_encoder,
+    validate_prompt,
+    word_encoder_config,
+)
 from .model.transformer import HeliosTransformer, TextContext, load_transformer
 from .model.vae import LatentPosterior, WanVAE
 from .model.vae_graph import GraphedDecode
@@ -141,11 +148,11 @@ class Engine:
             from .fp8.linear import require_fp8_support
 
             require_fp8_support(config.resolved_device(), config.resolved_dtype())
-        no_umt5 = str(path) == "demo" or not (Path(path) / "text_encoder").is_dir()
+        no_umt5 = str(path) == "demo" or not (Path(path) / "text_encoder").is_dir() or word_encoder_config(path)
         if config.text_encoder_precision != "native" and no_umt5:
             raise ValueError(
                 f"EngineConfig(text_encoder_precision={config.text_encoder_precision!r}) sets the precision of a "
-                f"checkpoint's umT5 encoder, and {path} has none (no text_encoder/): leave it 'native'"
+                f"checkpoint's umT5 encoder, and {path} has none (no text_encoder/ with umT5): leave it 'native'"
             )
         if str(path) == "demo":
             from .demo import build_demo_engine
@@ -165,16 +172,14 @@ class Engine:
             vae = WanVAE.from_pretrained(root, config.resolved_dtype("vae_dtype"), device)
             scheduler = read_json(find_component(root, "scheduler") / "scheduler_config.json")
             spec = SamplingSpec.from_checkpoint(read_json(root / "model_index.json"), scheduler, config)
-            prompts = None
-            if (root / "text_encoder").is_dir():
-                # umT5-XXL is ~5.7B parameters: float32 on a GPU would take 23 GB, so it follows the model dtype
-                prompts = UMT5PromptEncoder.from_pretrained(
-                    root,
-                    config.resolved_dtype(),
-                    device,
-                    offload=config.offload_text_encoder,
-                    precision=config.text_encoder_precision,
-                )
+            # umT5-XXL is ~5.7B parameters: float32 on a GPU would take 23 GB, so it follows the model dtype
+            prompts = load_prompt_encoder(
+                root,
+                config.resolved_dtype(),
+                device,
+                offload=config.offload_text_encoder,
+                precision=config.text_encoder_precision,
+            )
             return cls(transformer, vae, prompts, spec, config)
 
     @property
