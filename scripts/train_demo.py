@@ -47,7 +47,12 @@ class Recipe:
     vae_batch: int = 4
     vae_clip_frames: int = 5  # 1 + 4: the first latent frame and one compressed one
     vae_lr: float = 1e-4  # the Wan VAE's RMS norms diverge from scratch at 3e-4 and above
-    decoder_steps: int = 1800
+    vae_long_steps: int = 600  # then on longer clips, so the causal caches of later latent frames learn too
+    vae_long_frames: int = 13  # 1 + 4 * 3: two latent frames past the first compressed one
+    vae_long_batch: int = 2
+    object_steps: int = 900  # then with the object's pixels weighted: plain MSE learns the background only
+    object_weight: float = 20.0
+    decoder_steps: int = 1500
     trajectories: int = 600
     chunks_per_trajectory: int = 4
     dit_steps: int = 4000
@@ -133,23 +138,42 @@ def build_vae():
 
 
 def train_vae(
-    vae, recipe: Recipe, rng: np.random.Generator, log=print, fixed_batch: bool = False, decoder_only: bool = False
+    vae,
+    recipe: Recipe,
+    rng: np.random.Generator,
+    log=print,
+    fixed_batch: bool = False,
+    decoder_only: bool = False,
+    long: bool = False,
+    weighted: bool = False,
 ) -> list[float]:
     """Autoencoder training on random clips; returns the pixel MSE of every step.
 
+    long: clips of `vae_long_frames`. A chunk is 9 latent frames decoded with causal caches; clips of
+    one compressed latent frame never show the decoder a cache that came from a compressed one.
     decoder_only: the encoder is frozen (its latent space is what the transformer was trained in) and
-    the decoder goes on learning, on latents with a little noise so it forgives the sampler's errors.
+    the decoder goes on learning, on long clips, on latents with a little noise so it forgives the
+    sampler's errors.
+    weighted: the object's pixels count `object_weight` times in the loss (`object_weights`); the object
+    is 5% of a frame, and unweighted the autoencoder reaches its plateau by drawing the background alone.
     """
-    steps = recipe.decoder_steps if decoder_only else recipe.vae_steps
+    long = long or decoder_only or weighted
+    weighted = weighted or decoder_only
+    if decoder_only:
+        steps = recipe.decoder_steps
+    else:
+        steps = recipe.object_steps if weighted else recipe.vae_long_steps if long else recipe.vae_steps
+    frames = recipe.vae_long_frames if long else recipe.vae_clip_frames
+    size = recipe.vae_long_batch if long else recipe.vae_batch
     params = [p for n, p in vae.named_parameters() if not decoder_only or not n.startswith(("encoder.", "quant_conv."))]
     opt = torch.optim.AdamW(params, lr=recipe.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.vae_lr, total_steps=max(steps, 2), pct_start=0.05)
     losses, batch = [], None
     vae.train()
-    what = "decoder" if decoder_only else "vae"
+    what = "decoder" if decoder_only else "vae, objects weighted" if weighted else "vae, long clips" if long else "vae"
     for step in range(steps):
         if batch is None or not fixed_batch:
-            batch = torch.stack([random_clip(rng, recipe, recipe.vae_clip_frames) for _ in range(recipe.vae_batch)])
+            batch = torch.stack([random_clip(rng, recipe, frames) for _ in range(size)])
         with torch.set_grad_enabled(not decoder_only):
             posterior = vae.encode(batch).latent_dist
         z = posterior.mean
@@ -157,8 +181,9 @@ def train_vae(
             z = z + 0.05 * posterior.mean.std() * torch.randn_like(z)
         recon = vae.decode(z).sample
         mse = F.mse_loss(recon, batch)
+        fit = (object_weights(batch, recipe.object_weight) * (recon - batch) ** 2).mean() if weighted else mse
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
-        loss = mse + (0.0 if decoder_only else 1e-5) * kl
+        loss = fit + (0.0 if decoder_only else 1e-5) * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -168,6 +193,16 @@ def train_vae(
         if step % 50 == 0 or step == steps - 1:
             log(f"{what} step {step} mse {np.mean(losses[-50:]):.5f}")
     return losses
+
+
+def object_weights(clips: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights `[B, 1, T, H, W]`: `weight` where a pixel differs from its clip's background.
+
+    The background is each clip's per-channel median (most of every frame is background).
+    """
+    background = clips.flatten(2).median(dim=2).values[:, :, None, None, None]
+    differs = (clips - background).abs().sum(dim=1, keepdim=True) > 0.1
+    return 1 + (weight - 1) * differs.float()
 
 
 @torch.no_grad()
@@ -237,8 +272,11 @@ def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift / (shift + (1 / u - 1))
 
 
-def train_transformer(model, batches: ChunkBatches, recipe: Recipe, rng, gen, log=print, fixed_batch=False):
-    """Flow matching: x_t = (1 - s) x0 + s noise, target noise - x0, timestep s * 1000."""
+def train_transformer(model, batches: ChunkBatches, recipe: Recipe, rng, gen, log=print, fixed_batch=False, save=None):
+    """Flow matching: x_t = (1 - s) x0 + s noise, target noise - x0, timestep s * 1000.
+
+    save: called with the model every 500 steps (a snapshot to look at while it trains).
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.dit_lr, weight_decay=0.01)
     steps = max(recipe.dit_steps, 2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.dit_lr, total_steps=steps, pct_start=0.03)
@@ -271,6 +309,8 @@ def train_transformer(model, batches: ChunkBatches, recipe: Recipe, rng, gen, lo
         losses.append(float(loss.detach()))
         if step % 50 == 0 or step == recipe.dit_steps - 1:
             log(f"transformer step {step} loss {np.mean(losses[-50:]):.5f}")
+        if save is not None and step % 500 == 499:
+            save(model)
     return losses
 
 
@@ -292,7 +332,7 @@ def save_checkpoint(out: Path, vae, transformer, mean: torch.Tensor, std: torch.
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-PHASES = ("vae", "encode", "transformer", "decoder", "assemble")
+PHASES = ("vae", "vae_long", "vae_object", "encode", "transformer", "decoder", "assemble")
 
 
 def run_phase(phase: str, work: Path, out: Path, recipe: Recipe, seed: int, log=print) -> None:
@@ -304,8 +344,18 @@ def run_phase(phase: str, work: Path, out: Path, recipe: Recipe, seed: int, log=
     if phase == "vae":
         vae = build_vae()
         losses = train_vae(vae, recipe, rng, log)
-        vae.save_pretrained(work / "vae_autoencoder")
+        vae.save_pretrained(work / "vae_short")
         _write_losses(work / "vae_losses.json", losses)
+    elif phase == "vae_long":
+        vae = _load_vae(work / "vae_short")
+        losses = train_vae(vae, recipe, rng, log, long=True)
+        vae.save_pretrained(work / "vae_long")
+        _write_losses(work / "vae_long_losses.json", losses)
+    elif phase == "vae_object":
+        vae = _load_vae(work / "vae_long")
+        losses = train_vae(vae, recipe, rng, log, weighted=True)
+        vae.save_pretrained(work / "vae_autoencoder")
+        _write_losses(work / "vae_object_losses.json", losses)
     elif phase == "encode":
         vae = _load_vae(work / "vae_autoencoder")
         latents, captions = encode_dataset(vae, recipe, rng, log)
@@ -318,7 +368,9 @@ def run_phase(phase: str, work: Path, out: Path, recipe: Recipe, seed: int, log=
         shape = (1, 1, -1, 1, 1, 1)
         normalised = (data["latents"] - data["mean"].view(shape)) / data["std"].view(shape)
         model = build_transformer()
-        losses = train_transformer(model, ChunkBatches(normalised, data["captions"], recipe), recipe, rng, gen, log)
+        batches = ChunkBatches(normalised, data["captions"], recipe)
+        snapshot = lambda m: m.save_pretrained(work / "transformer_snapshot")  # noqa: E731
+        losses = train_transformer(model, batches, recipe, rng, gen, log, save=snapshot)
         model.save_pretrained(work / "transformer")
         _write_losses(work / "transformer_losses.json", losses)
     elif phase == "decoder":
@@ -334,7 +386,7 @@ def run_phase(phase: str, work: Path, out: Path, recipe: Recipe, seed: int, log=
             "torch": torch.__version__,
             "final": {
                 name: float(np.mean(json.loads((work / f"{name}_losses.json").read_text())[-100:]))
-                for name in ("vae", "decoder", "transformer")
+                for name in ("vae", "vae_long", "vae_object", "decoder", "transformer")
             },
         }
         transformer = _load_transformer(work / "transformer")
