@@ -62,7 +62,7 @@ def _cuda_only(item) -> bool:
 
 # The slow tests of files whose owners mark nothing themselves (the other files carry their own
 # `pytest.mark.slow`): "file" is every test in it, "file::test" every case of a test, "file::test[id]" one.
-# Measured on 2 cores (`pytest -n 2 --durations`); each costs 8 s or more, or its file's setup does.
+# Measured with `pytest -n 2 --durations` on 2 cores: each costs about 8 s or more (or its file's setup does).
 SLOW_TESTS = frozenset(
     {
         "test_chunk_program.py::test_compiled_chunk_on_the_triton_kernels_equals_their_eager_run",
@@ -74,7 +74,17 @@ SLOW_TESTS = frozenset(
         "test_engine_oracle.py",
         "test_engine_fidelity.py::test_positive_and_negative_embeddings_of_different_lengths[triton]",
         "test_engine_fidelity.py::test_a_checkpoint_that_diffusers_loads[triton]",
-        "test_cli_signals.py::test_a_signal_after_chunk_two_keeps_a_playable_file",
+        "test_chunk_program.py::test_compiled_chunk_equals_the_eager_engine_bit_for_bit",
+        "test_chunk_program.py::test_chunk_kinds_follow_amplification_and_the_prefix",
+        "test_chunk_program.py::test_warmup_keeps_the_owners_history_and_resets_its_own",
+        "test_chunk_program.py::test_graphs_dropped_mid_stream_are_captured_again",
+        "test_cli_signals.py",
+        "test_cli_options.py::test_a_memory_budget_follows_the_plans_choice",
+        "test_cli.py::test_generate_verbose_prints_the_cold_start_by_phase",
+        "test_kernels_aot.py::test_every_launch_compiles",
+        "test_kernels_aot.py::test_the_report_uses_the_jit_specialisation",
+        "test_kernels_aot.py::test_no_spills_and_smem_fits",
+        "test_kernels_aot.py::test_report_and_jit_agree_on_registers",
     }
 )
 

@@ -143,6 +143,7 @@ def test_the_tuner_times_the_shapes_the_engines_planned_chunk_makes(tiny_config)
     assert sorted(s[1:] for s in seen) == sorted((q, k) for q, k, _ in shapes)  # float32: only SDPA runs
 
 
+@pytest.mark.slow  # plans, tunes and re-plans: ~11 s
 def test_the_engine_tunes_attention_at_warmup_before_capturing_and_adopts_the_result(tiny_config, monkeypatch):
     """`Engine.warmup()` hands the tuner the planned kinds' attention shapes before `capture`, and when the
     tuner changes the backend the plans (which name the old op) are dropped and the engine reports the new pick."""

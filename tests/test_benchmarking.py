@@ -257,6 +257,7 @@ def test_stream_result_rows_follow_the_kind_of_run() -> None:
     assert "x 64x64: steady-state FPS" in metrics and "x 64x64: decode ms / chunk" in metrics
 
 
+@pytest.mark.slow  # a cold, a warm and a staged run: ~13 s
 def test_random_engine_builds_on_meta_and_generates(tiny_config) -> None:
     vae = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
     engine = hb.random_engine(TINY, tiny_config(), vae)

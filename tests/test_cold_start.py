@@ -48,6 +48,7 @@ def stream(engine: Engine, chunks: int, seed: int = 3):
         return list(s), s
 
 
+@pytest.mark.slow  # three streams: ~15 s
 def test_the_first_chunk_runs_its_kind_once(graphed, make_tiny_engine) -> None:
     engine, runs = graphed
     chunks, s = stream(engine, 3)
@@ -69,6 +70,7 @@ def test_the_first_chunk_runs_its_kind_once(graphed, make_tiny_engine) -> None:
         assert np.array_equal(a.frames, b.frames)
 
 
+@pytest.mark.slow  # warm-up and a stream: ~11 s
 def test_engine_warmup_still_captures_every_kind_before_the_stream(graphed) -> None:
     engine, runs = graphed
     engine.warmup()
@@ -79,6 +81,7 @@ def test_engine_warmup_still_captures_every_kind_before_the_stream(graphed) -> N
     assert s.timings["warmup_runs"] == 0 and s.timings["plans_made"] == 0
 
 
+@pytest.mark.slow  # three streams, two engines: ~12 s
 def test_the_timings_break_the_cold_start_down(make_tiny_engine, monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HELIOS_RT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("HELIOS_RT_PLAN_CACHE", "1")

@@ -100,6 +100,7 @@ def _all_on(device: torch.device, work: list[tuple[str, torch.device | None]]) -
     assert not outside, f"{len(outside)} pieces of work ran outside the engine's device scope: {outside[:5]}"
 
 
+@pytest.mark.slow  # warm-up and a three-chunk stream: ~9 s
 def test_every_entry_point_runs_its_device_work_on_the_engines_device(scoped) -> None:
     engine, scopes = scoped
     device = engine.device

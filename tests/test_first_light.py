@@ -26,7 +26,7 @@ POSITIVE = FIGURES[:-2]  # measured on a CPU too (peak memory is CUDA's; the rep
 FP8_FIGURES = ("FP8 _scaled_mm TFLOP/s", "FP8 _scaled_mm worst error", "FP8 steady FPS", "FP8 gate: latent drift")
 
 
-@pytest.mark.slow  # the whole dry run (every measurement at its CPU size): ~30 s on two cores
+@pytest.mark.slow  # the whole dry run, `pytest -m gpu` included: ~30 s on two quiet cores, 100 s on busy ones
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU profile")
 def test_dry_run_writes_the_json_and_the_table(tmp_path, capsys) -> None:
     from helios_rt.first_light.fp8 import fp8_unsupported

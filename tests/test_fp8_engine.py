@@ -45,7 +45,8 @@ from helios_rt.fp8 import FP8Linear
 from helios_rt.fp8.gate import FRAME_PSNR_MIN, LATENT_DRIFT_BOUND, LAYER_REL_BOUND, layer_errors, psnr, relative_error
 
 BF16 = EngineConfig(device="cpu", dtype="bfloat16", vae_dtype="float32", height=HEIGHT, width=WIDTH, graphs="off")
-pytestmark = needs_cpu_fp8  # the FP8 engine's linears run CPU torch._scaled_mm with per-row scales
+# the FP8 engine's linears run CPU torch._scaled_mm with per-row scales; streams of several chunks: slow
+pytestmark = [needs_cpu_fp8, pytest.mark.slow]
 TASKS = {"t2v": {}, "i2v": {"image": sample_image()}, "v2v": {"video": sample_video()}}
 
 
@@ -127,7 +128,6 @@ def test_v2v_over_two_chunks_within_the_task_bounds(engines) -> None:
     _within_task_bounds("v2v", _run(engines[1], "v2v", 2), _run(engines[0], "v2v", 2))
 
 
-@pytest.mark.slow  # the Triton interpreter over a CFG chunk: ~25 s on two cores
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton interpreter (set by conftest)")
 def test_the_triton_op_table_in_fp8_with_cfg(tmp_path) -> None:
     """The GPU default: FP8 linears fed by the fused quantising Triton kernels (modulate_layernorm_fp8,

@@ -24,7 +24,10 @@ from helios_rt.config import ModelConfig
 from helios_rt.model.transformer import HeliosTransformer
 from helios_rt.staging import DoubleBuffer, FileReader, in_file_order, staged_to_device
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+pytestmark = [  # a 276 MiB checkpoint written and read
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status"),
+]
 
 CONFIG = ModelConfig(
     num_attention_heads=8,

@@ -120,6 +120,7 @@ def test_host_waits_only_for_decode_marks_and_slots_wait_for_their_decode(tiny_e
     assert all(any(t is launched[k].finite for _, t in used) for k in range(4))
 
 
+@pytest.mark.slow  # two streams of three chunks: ~10 s
 def test_results_do_not_depend_on_the_overlap(tiny_engine, monkeypatch) -> None:
     stream, _, _ = recorded_stream(tiny_engine, monkeypatch, overlapped=True)
     overlapped = list(stream)
@@ -178,6 +179,7 @@ class NewStorage(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow  # five planned chunks under a dispatch mode: ~13 s
 def test_a_steady_launch_allocates_nothing_its_finite_flag_is_the_slots(make_tiny_engine, monkeypatch) -> None:
     """The compiled chunk's launch (prompt, program run, slot copy, finite flag) makes no tensor of its
     own once steady: a per-chunk flag kept the chunk in flight one allocation ahead, so the allocated

@@ -134,6 +134,7 @@ def test_ranks_make_the_one_process_latents(runs, world: int) -> None:
         assert codes[2] == [0, 0]
 
 
+@pytest.mark.slow  # ranks as processes over gloo: ~30 s
 def test_a_killed_rank_stops_the_others_with_an_error(runs) -> None:
     roots, all_codes, _ = runs
     root, codes = roots[4], all_codes[4]
@@ -241,6 +242,7 @@ class HungLanes(HostLanes):
 @pytest.mark.parametrize(
     ("overlapped", "what"), [(True, "chunk 1's compute"), (False, "chunk 1")], ids=["overlapped", "serial"]
 )
+@pytest.mark.slow  # a compiled stream per case: ~10 s each
 def test_a_stream_gives_up_on_a_hung_chunk_with_a_parallel_error(
     make_tiny_engine, monkeypatch, overlapped: bool, what: str
 ) -> None:

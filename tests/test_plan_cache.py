@@ -135,6 +135,7 @@ def _tamper_shape(data: dict) -> None:
     step[1][0][1][0] += 1
 
 
+@pytest.mark.slow  # two tamperings, each planned, run and re-planned: ~24 s
 @pytest.mark.parametrize("tamper", [_tamper_op, _tamper_shape])
 def test_a_tampered_entry_fails_the_executor_and_is_replanned(engine, cache, plan_calls, tamper, caplog) -> None:
     expected = run_chunks(program(engine, cache), KINDS)
@@ -167,6 +168,7 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.slow  # six corruptions, each re-planned: ~45 s in all
 @pytest.mark.parametrize("corrupt", list(CORRUPTIONS))
 def test_a_corrupt_entry_is_replanned_with_one_log_line(engine, cache, plan_calls, corrupt, caplog) -> None:
     expected = run_chunks(program(engine, cache), KINDS[:1])

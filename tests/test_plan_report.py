@@ -19,6 +19,7 @@ def report_14b():
     return plan_engine(HELIOS_14B, 384, 640, torch.bfloat16, model_name="helios-14b")
 
 
+@pytest.mark.slow  # plans the 14B chunk: ~15 s
 def test_14b_at_384x640_plans_tight():
     """How long planning takes is a figure of bench/ (the report carries it), not a test's business."""
     report = report_14b()
@@ -40,6 +41,7 @@ def test_14b_at_384x640_plans_tight():
     assert report.fits() == {"24 GB": False, "48 GB": True, "80 GB": True}
 
 
+@pytest.mark.slow  # plans the demo chunk twice: ~10 s
 def test_the_plan_is_the_engines_compiled_chunk():
     """`helios-rt plan` at the demo's config gives the arenas the engine's own compiled chunk plans."""
     from helios_rt import Engine, EngineConfig
@@ -88,6 +90,7 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
+@pytest.mark.slow  # plans the 14B chunk through the CLI: ~9 s
 def test_cli_prints_the_report(capsys):
     argv = [
         "plan",
@@ -205,6 +208,7 @@ def _umt5_parts(precision: str) -> tuple[int, int]:
     return weights, acts
 
 
+@pytest.mark.slow  # plans the 14B chunk: ~18 s
 def test_the_encode_phase_is_the_sum_of_what_a_prompt_switch_holds():
     """At a prompt switch the engine holds the transformer, the static state, the arena (the next chunk runs
     in it), the VAE and its decode memory, and moves umT5 beside them: the phase is their sum, and the peak."""

@@ -17,6 +17,7 @@ import gc
 import threading
 
 import aiohttp
+import pytest
 from support.serve_checks import (
     FAST_DEMO,
     TINY_DEMO,
@@ -31,6 +32,8 @@ from support.serve_harness import Client, running_server
 
 from helios_rt import Engine
 from helios_rt.serve import ServeConfig
+
+pytestmark = pytest.mark.slow  # nine clients at once; a stream of 64 chunks for the memory fit
 
 START = {"type": "start", "prompt": "a tropical fish among corals", "seed": 7}
 FRAMES_PER_CHUNK = 9  # FAST_DEMO's chunk
