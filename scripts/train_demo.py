@@ -147,7 +147,7 @@ def train_vae(
     long: bool = False,
     weighted: bool = False,
 ) -> list[float]:
-    """Autoencoder training on random clips; returns the pixel MSE of every step.
+    """Autoencoder training on random clips; returns the loss of every step (the weighted one when weighted).
 
     long: clips of `vae_long_frames`. A chunk is 9 latent frames decoded with causal caches; clips of
     one compressed latent frame never show the decoder a cache that came from a compressed one.
@@ -189,9 +189,9 @@ def train_vae(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(mse.detach()))
+        losses.append(float(fit.detach()))
         if step % 50 == 0 or step == steps - 1:
-            log(f"{what} step {step} mse {np.mean(losses[-50:]):.5f}")
+            log(f"{what} step {step} loss {np.mean(losses[-50:]):.5f} (pixel mse {float(mse):.5f})")
     return losses
 
 
