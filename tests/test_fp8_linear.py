@@ -120,7 +120,7 @@ def test_an_fp8_block_normalises_each_token_segment_with_its_own_table(tokens: i
     within e4m3 rounding: history tokens with the history row of the two-segment table, noisy tokens with the
     noisy row. The rows differ widely here, so an FP8 path that hands one segment the other's table fails."""
     from helios_rt.model.transformer import Block
-    from helios_rt.ops.registry import OpSet
+    from helios_rt.ops import OpSet
 
     config = ModelConfig(num_attention_heads=2, attention_head_dim=16, ffn_dim=48, num_layers=1, rope_dim=(4, 6, 6))
     block, ops = Block(config), OpSet("cpu", "reference")
