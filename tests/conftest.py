@@ -37,6 +37,8 @@ sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
 sys.modules.pop("kernels", None)
 
 # helios_rt imports triton: only now, after TRITON_INTERPRET is set and the repository root is off sys.path
+from support.untrained import untrained_engine  # noqa: E402
+
 from helios_rt import Engine, EngineConfig  # noqa: E402
 
 # One thread per worker under pytest-xdist (`-n 2` on CI's 2 cores: most test time is single-threaded
@@ -136,8 +138,8 @@ def tiny_engine_config(**changes: Any) -> EngineConfig:
 def random_weights_engine(config: EngineConfig) -> Engine:
     """An engine with untrained, seeded random weights: for tests of plumbing, shapes, scheduling and
     faults, which need a model every machine builds in a second, not a good video. The one place that
-    says where those weights come from (today the built-in demo model)."""
-    return Engine.from_pretrained("demo", config)
+    says where those weights come from: the untrained model's checkpoint folder (support/untrained.py)."""
+    return untrained_engine(config)
 
 
 @pytest.fixture(scope="session")

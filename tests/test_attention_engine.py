@@ -3,9 +3,9 @@ with attention="auto" on CUDA its warm-up times every backend that runs at the c
 
 import pytest
 import torch
+from support.untrained import untrained_engine
 
 from helios_rt.config import EngineConfig
-from helios_rt.engine import Engine
 from helios_rt.ops import OpSet
 from helios_rt.ops import attention_backends as AB
 from helios_rt.ops import attention_tuning as AT
@@ -19,12 +19,12 @@ def test_engine_config_rejects_an_unknown_attention():
 
 def test_the_engine_reports_its_attention_and_refuses_an_impossible_one(tiny_config):
     cfg = tiny_config(attention="sdpa")
-    engine = Engine.from_pretrained("demo", cfg)
+    engine = untrained_engine(cfg)
     assert engine.attention.backend == "sdpa" and engine.sampler.ops.backend_of("attention") == "sdpa"
     assert engine.attention.describe().startswith("attention: sdpa (float32, head dim")
     engine.close()
     with pytest.raises(ValueError, match="attention='fa2' cannot run here: needs a CUDA device"):
-        Engine.from_pretrained("demo", cfg.replace(attention="fa2"))
+        untrained_engine(cfg.replace(attention="fa2"))
 
 
 # ---- the warm-up's timing of attention="auto" (fake backends and a fake timer on a CPU) -------------------
@@ -119,7 +119,7 @@ def test_the_tuner_times_the_shapes_the_engines_planned_chunk_makes(tiny_config)
     """The demo chunk's plans (graphs="chunk" on a CPU) hold every attention call with its shapes: the
     self-attention of each pyramid stage and the cross-attention to the 512-token prompt."""
     cfg = tiny_config(attention="sdpa", graphs="chunk")
-    engine = Engine.from_pretrained("demo", cfg)
+    engine = untrained_engine(cfg)
     engine.warmup()
     dispatch = engine.transformer.ops.attention
     heads, dim = engine.transformer.config.num_attention_heads, engine.transformer.config.attention_head_dim
@@ -150,7 +150,7 @@ def test_the_engine_tunes_attention_at_warmup_before_capturing_and_adopts_the_re
     import helios_rt.engine as engine_module
 
     cfg = tiny_config(graphs="chunk", attention="sdpa")  # one op per call
-    engine = Engine.from_pretrained("demo", cfg)
+    engine = untrained_engine(cfg)
     program, calls = engine.chunk_program, []
     picked = AB.AttentionSelection("sdpa", "auto", engine.attention.dtype, engine.attention.head_dim)
 

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from support.untrained import untrained_engine
 
 from helios_rt import EngineConfig, profiling
 from helios_rt import benchmarking as hb
 from helios_rt.config import TINY
-from helios_rt.engine import Engine
 from helios_rt.model.vae import VAEConfig
 
 
@@ -279,7 +279,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @cuda
 def test_gpu_memory_is_constant_across_50_chunks() -> None:
     """A stream never grows: after the first chunks, allocated memory is the same at every chunk."""
-    engine = Engine.from_pretrained("demo", EngineConfig(height=64, width=64, device="cuda"))
+    engine = untrained_engine(EngineConfig(height=64, width=64, device="cuda"))
     allocated, peaks = [], []
     with engine.generate_stream("a fish", num_frames=None, seed=0) as stream:
         for k, _ in enumerate(stream):

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from support.pipelines import build_pipeline, prompt_embeds, save_pipeline
+from support.untrained import untrained_engine
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helios_rt import Engine, EngineConfig
@@ -39,7 +40,7 @@ INTERPRETER = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine.from_pretrained("demo", SMALL)
+    return untrained_engine(SMALL)
 
 
 def stream_chunks(engine: Engine, chunks: int, seed: int = 3, **kwargs) -> list:
@@ -73,15 +74,15 @@ IMAGE_32 = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8
 
 def test_graphs_chunk_compiles_and_off_runs_eagerly(engine: Engine) -> None:
     assert isinstance(engine.chunk_program, ChunkProgram) and not engine.chunk_program.cuda_graph  # a CPU
-    assert Engine.from_pretrained("demo", SMALL.replace(graphs="off")).chunk_program is None
-    assert Engine.from_pretrained("demo", SMALL.replace(graphs="auto")).chunk_program is None  # auto: eager on CPU
+    assert untrained_engine(SMALL.replace(graphs="off")).chunk_program is None
+    assert untrained_engine(SMALL.replace(graphs="auto")).chunk_program is None  # auto: eager on CPU
 
 
 @pytest.mark.parametrize("task", ["t2v", "i2v"])
 def test_compiled_chunk_equals_the_eager_engine_bit_for_bit(engine: Engine, task: str) -> None:
     rng = np.random.default_rng(0)
     kwargs = {"image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)} if task == "i2v" else {}
-    eager = Engine.from_pretrained("demo", SMALL.replace(graphs="off"))
+    eager = untrained_engine(SMALL.replace(graphs="off"))
     assert_same(stream_chunks(engine, 3, **kwargs), stream_chunks(eager, 3, **kwargs))
     assert engine.chunk_program.plans and engine.chunk_program.arena is not None
 
@@ -256,8 +257,8 @@ def test_compiled_chunk_through_a_prompt_switch_equals_the_eager_stream() -> Non
         stream.close()
         return chunks
 
-    compiled = Engine.from_pretrained("demo", SMALL)
-    expected = run(Engine.from_pretrained("demo", SMALL.replace(graphs="off")))
+    compiled = untrained_engine(SMALL)
+    expected = run(untrained_engine(SMALL.replace(graphs="off")))
     assert_same(run(compiled), expected)
     buffers = compiled.chunk_program.state.text.keys[0]
     run(compiled)
@@ -268,7 +269,7 @@ def test_bf16_dmd_stages_after_the_first_run_in_the_model_dtype(monkeypatch) -> 
     """As the reference: a DMD stage ends on x0 in the model dtype; the next transition and steps use it.
     The compiled chunk equals the eager one bit for bit in bfloat16 too."""
     config = SMALL.replace(dtype="bfloat16", vae_dtype="float32")
-    eager = Engine.from_pretrained("demo", config.replace(graphs="off"))
+    eager = untrained_engine(config.replace(graphs="off"))
     seen: list[torch.dtype] = []
     transition = eager.sampler.ops.stage_transition
 
@@ -279,7 +280,7 @@ def test_bf16_dmd_stages_after_the_first_run_in_the_model_dtype(monkeypatch) -> 
     monkeypatch.setattr(eager.sampler.ops, "stage_transition", spy)
     expected = stream_chunks(eager, 2)
     assert seen and set(seen) == {torch.bfloat16}
-    compiled = stream_chunks(Engine.from_pretrained("demo", config), 2)
+    compiled = stream_chunks(untrained_engine(config), 2)
     assert all(c.latents.dtype == torch.float32 for c in compiled)
     assert_same(compiled, expected)
 
@@ -307,7 +308,7 @@ def test_the_eager_engine_runs_the_one_chunk_body(monkeypatch) -> None:
         body(sampler, state, kind, batch)
 
     monkeypatch.setattr(chunk_program, "chunk_body", recorded)
-    eager = Engine.from_pretrained("demo", SMALL.replace(graphs="off"))
+    eager = untrained_engine(SMALL.replace(graphs="off"))
     with eager.generate_stream(PROMPT, num_frames=99, seed=3) as stream:
         list(stream)
         history = stream._history
@@ -329,7 +330,7 @@ def test_graphs_dropped_mid_stream_are_captured_again(monkeypatch) -> None:
     """A larger arena drops every graph (a stale cached plan re-planned bigger during a stream); the
     stream's next chunk captures the steady kind again, its own run being the warm-up, instead of
     running on the arena from then on."""
-    engine = Engine.from_pretrained("demo", SMALL)
+    engine = untrained_engine(SMALL)
     program, runs = engine.chunk_program, []
     execute = program._execute
     monkeypatch.setattr(program, "cuda_graph", True)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from support.untrained import untrained_engine
 
 from helios_rt import Engine
 from helios_rt import engine as engine_module
@@ -153,12 +154,12 @@ def test_an_engine_on_cuda1_runs_there_while_cuda0_is_current(tiny_config) -> No
     torch.cuda.synchronize(0)
     before = torch.cuda.memory_allocated(0)
     config = tiny_config(graphs="chunk", device="cuda:1", overlap_decode=True)
-    engine = Engine.from_pretrained("demo", config)
+    engine = untrained_engine(config)
     engine.warmup()
     with engine.generate_stream(PROMPT, num_frames=33 * 3, seed=3) as stream:
         graphed = list(stream)
     assert engine.chunk_program.captured, "the chunk graphs were not captured"
-    eager_engine = Engine.from_pretrained("demo", config.replace(graphs="off"))
+    eager_engine = untrained_engine(config.replace(graphs="off"))
     with eager_engine.generate_stream(PROMPT, num_frames=33 * 3, seed=3) as stream:
         eager = list(stream)
     assert torch.cuda.current_device() == 0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from support.memory import live_tensor_bytes
+from support.untrained import untrained_engine
 
 from helios_rt import Engine, EngineConfig
 from helios_rt.checkpoint import CheckpointError
@@ -15,7 +16,7 @@ SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine.from_pretrained("demo", SMALL)
+    return untrained_engine(SMALL)
 
 
 def test_stream_yields_chunks_of_33_uint8_frames(engine: Engine) -> None:
@@ -76,7 +77,7 @@ def test_same_seed_same_video_other_seed_other_video(engine: Engine) -> None:
 def test_memory_stays_flat_over_40_chunks(engine: Engine, graphs: str) -> None:
     """Eager, and through the compiled chunk's arena and static buffers (what a CUDA chunk graph replays)."""
     if graphs == "chunk":
-        engine = Engine.from_pretrained("demo", SMALL.replace(graphs="chunk"))
+        engine = untrained_engine(SMALL.replace(graphs="chunk"))
     stream = engine.generate_stream("waves", num_frames=None, seed=0)
     sizes = {}
     for chunk in stream:
@@ -139,7 +140,7 @@ def test_bad_inputs_raise_clear_errors(engine: Engine, kwargs: dict, error: type
 @pytest.mark.parametrize(("height", "width"), [(100, 64), (64, 72)])
 def test_resolution_not_on_the_pyramid_grid_is_refused(height: int, width: int) -> None:
     with pytest.raises(ValueError, match="is not a multiple of 64"):
-        Engine.from_pretrained("demo", SMALL.replace(height=height, width=width))
+        untrained_engine(SMALL.replace(height=height, width=width))
 
 
 def test_folder_that_is_not_a_checkpoint(tmp_path) -> None:
@@ -165,7 +166,7 @@ def test_engine_config_names_the_bad_field(changes: dict, message: str) -> None:
 
 def test_pyramid_steps_must_match_the_stage_count() -> None:
     with pytest.raises(ValueError, match=r"pyramid_steps=\(1, 1\) has 2 entries but .* 3 stages"):
-        Engine.from_pretrained("demo", SMALL.replace(pyramid_steps=(1, 1)))
+        untrained_engine(SMALL.replace(pyramid_steps=(1, 1)))
 
 
 def test_generate_needs_a_frame_count_and_a_closed_stream_takes_no_prompt(engine: Engine) -> None:
@@ -179,7 +180,7 @@ def test_generate_needs_a_frame_count_and_a_closed_stream_takes_no_prompt(engine
 
 def test_options_that_do_not_apply_to_the_checkpoint_are_refused() -> None:
     with pytest.raises(ValueError, match="num_inference_steps applies to HeliosPipeline"):
-        Engine.from_pretrained("demo", SMALL.replace(num_inference_steps=10))
+        untrained_engine(SMALL.replace(num_inference_steps=10))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.capabilities import needs_cpu_fp8
+from support.untrained import untrained_engine
 
 from helios_rt.config import ModelConfig
 from helios_rt.fp8 import FP8Activation, FP8Linear, quantize_rows
@@ -103,7 +104,6 @@ def test_per_block_scales_are_no_coarser_than_per_token() -> None:
 def test_fp8_is_refused_before_loading_where_scaled_mm_cannot_run(tiny_config, monkeypatch):
     """An sm_80 GPU, float32 with a bias on CUDA, CPU torch < 2.13: `_scaled_mm` raises; the engine says
     what to change before a weight is read, instead of failing inside the first chunk."""
-    from helios_rt import Engine
 
     def unsupported(*args, **kwargs):
         raise RuntimeError("torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0")
@@ -111,7 +111,7 @@ def test_fp8_is_refused_before_loading_where_scaled_mm_cannot_run(tiny_config, m
     monkeypatch.setattr(torch, "_scaled_mm", unsupported)
     config = tiny_config(precision="fp8")
     with pytest.raises(ValueError, match=r"precision='fp8' cannot run on cpu .*use precision='native'"):
-        Engine.from_pretrained("demo", config)
+        untrained_engine(config)
 
 
 @pytest.mark.parametrize(("tokens", "n_hist"), [(13, 5), (9, 0)])

@@ -89,7 +89,7 @@ def test_a_second_process_skips_planning(engine, tmp_path) -> None:
     script = textwrap.dedent("""
         import json, torch
         from helios_rt import Engine, EngineConfig
-        engine = Engine.from_pretrained("demo", EngineConfig(height=64, width=64, device="cpu", dtype="float32",
+        engine = untrained_engine(EngineConfig(height=64, width=64, device="cpu", dtype="float32",
                                                              kernels="reference", graphs="chunk"))
         with engine.generate_stream("a fish", num_frames=66, seed=2) as stream:
             chunks = list(stream)

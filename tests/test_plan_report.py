@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from support.untrained import untrained_engine
 
 from helios_rt.compile.report import RESERVE_BYTES, add_plan_parser, plan_engine, run_plan, weights_bytes
 from helios_rt.config import HELIOS_14B, TINY
@@ -44,12 +45,12 @@ def test_14b_at_384x640_plans_tight():
 @pytest.mark.slow  # plans the demo chunk twice: ~10 s
 def test_the_plan_is_the_engines_compiled_chunk():
     """`helios-rt plan` at the demo's config gives the arenas the engine's own compiled chunk plans."""
-    from helios_rt import Engine, EngineConfig
+    from helios_rt import EngineConfig
     from helios_rt.compile.chunk_program import ChunkKind
     from helios_rt.compile.cost import ChunkShape
     from helios_rt.demo import DEMO_TRANSFORMER
 
-    engine = Engine.from_pretrained("demo", EngineConfig(height=64, width=64, device="cpu", dtype="float32",
+    engine = untrained_engine(EngineConfig(height=64, width=64, device="cpu", dtype="float32",
                                                          kernels="reference", graphs="chunk"))  # fmt: skip
     shape = ChunkShape(height=64, width=64, text_len=512)
     report = plan_engine(DEMO_TRANSFORMER, 64, 64, torch.float32, shape=shape, kernels="reference", spec=engine.spec,

@@ -29,8 +29,8 @@ from support.serve_checks import (
     slope,
 )
 from support.serve_harness import Client, running_server
+from support.untrained import untrained_engine
 
-from helios_rt import Engine
 from helios_rt.serve import ServeConfig
 
 pytestmark = pytest.mark.slow  # nine clients at once; a stream of 64 chunks for the memory fit
@@ -110,7 +110,7 @@ async def read_forever(client: Client) -> None:
 
 
 def test_nine_clients_slow_leaving_and_busy() -> None:
-    engine = Engine.from_pretrained("demo", FAST_DEMO)
+    engine = untrained_engine(FAST_DEMO)
     reference = engine_frames(engine, START["prompt"], START["seed"], chunks=2)  # before the server runs
 
     async def run() -> dict:
@@ -210,7 +210,7 @@ def test_memory_does_not_grow_with_the_chunks_served() -> None:
     """
 
     async def run() -> list[int]:
-        engine = Engine.from_pretrained("demo", TINY_DEMO)
+        engine = untrained_engine(TINY_DEMO)
         heap = []
         async with running_server(engine, ServeConfig(chunks_ahead=1)) as (url, _), aiohttp.ClientSession() as http:
             client = Client(await http.ws_connect(f"{url}/ws"))

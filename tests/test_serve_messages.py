@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 from support.serve_checks import FAST_DEMO, assert_served_from, by_chunk, engine_frames, recording_server
 from support.serve_harness import Client, running_server, small_demo_engine
+from support.untrained import untrained_engine
 
-from helios_rt import Engine
 from helios_rt.cli import main
 from helios_rt.serve import ServeConfig, create_app, frames
 from helios_rt.serve.frames import JpegEncoder, decode_image, decode_jpeg
@@ -339,7 +339,7 @@ def test_a_client_that_never_acknowledges_loses_its_turn() -> None:
 
     async def run() -> None:
         config = ServeConfig(max_sessions=1, chunks_ahead=2, ack_timeout_s=0.5)
-        engine = Engine.from_pretrained("demo", FAST_DEMO)
+        engine = untrained_engine(FAST_DEMO)
         frames_per_chunk = engine.vae.config.num_frames(FAST_DEMO.latent_frames_per_chunk)
         held = threading.Event()
         async with running_server(engine, config) as (url, hub), aiohttp.ClientSession() as http:
@@ -377,7 +377,7 @@ def test_a_prompt_switch_changes_the_frames_from_its_announced_chunk() -> None:
     start = {"type": "start", "prompt": "a tropical fish among corals", "seed": 11}
     new_prompt = "a red bird over the sea"
 
-    engine = Engine.from_pretrained("demo", FAST_DEMO)
+    engine = untrained_engine(FAST_DEMO)
     # the engine's own streams, before the server runs: switched at chunk 1 (asserted below), and not
     switched = engine_frames(engine, start["prompt"], start["seed"], 2, switch=(1, new_prompt))
     plain = engine_frames(engine, start["prompt"], start["seed"], 2)
@@ -418,7 +418,7 @@ def test_one_prompt_switch_at_a_time() -> None:
 
     async def run() -> None:
         held = threading.Event()
-        engine = Engine.from_pretrained("demo", FAST_DEMO)
+        engine = untrained_engine(FAST_DEMO)
         async with running_server(engine) as (url, hub), aiohttp.ClientSession() as http:
             try:
                 client = Client(await http.ws_connect(f"{url}/ws"))
@@ -484,7 +484,7 @@ def test_a_switch_past_the_end_is_refused() -> None:
     """
 
     async def run() -> None:
-        engine = Engine.from_pretrained("demo", FAST_DEMO)
+        engine = untrained_engine(FAST_DEMO)
         frames_per_chunk = engine.vae.config.num_frames(FAST_DEMO.latent_frames_per_chunk)
         async with running_server(engine, ServeConfig(chunks_ahead=1)) as (url, _), aiohttp.ClientSession() as http:
             client = Client(await http.ws_connect(f"{url}/ws"))
@@ -508,7 +508,7 @@ def test_a_paused_stream_waits_past_the_ack_deadline_and_resumes() -> None:
     after resume the stream goes on from the next chunk, nothing lost."""
 
     async def run() -> None:
-        engine = Engine.from_pretrained("demo", FAST_DEMO)
+        engine = untrained_engine(FAST_DEMO)
         config = ServeConfig(chunks_ahead=1, ack_timeout_s=0.3)
         async with running_server(engine, config) as (url, hub), aiohttp.ClientSession() as http:
             client = Client(await http.ws_connect(f"{url}/ws"))

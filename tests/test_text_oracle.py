@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from support.pipelines import HEIGHT, TRANSFORMER, WIDTH, build_pipeline, decode_like_pipeline
+from support.untrained import untrained_engine
 
 from helios_rt import Engine, EngineConfig
 from helios_rt.cli import EXIT_USAGE, main
@@ -123,4 +124,4 @@ def test_an_fp8_text_encoder_is_what_the_engine_loads(tmp_path) -> None:
     drift = ((b - a).norm() / a.norm()).item()
     assert 0 < drift <= encoder_drift_bound(2), f"FP8 umT5 drift {drift:.3g}"
     with pytest.raises(ValueError, match="text_encoder_precision='fp8'.*no text_encoder"):
-        Engine.from_pretrained("demo", config.replace(text_encoder_precision="fp8"))
+        untrained_engine(config.replace(text_encoder_precision="fp8"))

@@ -16,6 +16,7 @@ from helios_rt.serve.app import HUB_KEY
 from helios_rt.serve.hub import Hub
 from helios_rt.serve.protocol import unpack_frame
 from helios_rt.serve.session import timed_next
+from support.untrained import untrained_engine
 
 # The demo model at its smallest legal size, first chunk not amplified: about a second per chunk here.
 SMALL_DEMO = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference",
@@ -23,7 +24,7 @@ SMALL_DEMO = EngineConfig(height=64, width=64, device="cpu", dtype="float32", ke
 
 
 def small_demo_engine() -> Engine:
-    return Engine.from_pretrained("demo", SMALL_DEMO)
+    return untrained_engine(SMALL_DEMO)
 
 
 @asynccontextmanager
