@@ -115,10 +115,10 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, capsys) -> 
 
 
 def test_prompt_embeds_from_a_file_make_the_video_the_prompt_makes(tmp_path, capsys) -> None:
-    from helios_rt.demo import DEMO_TRANSFORMER
+    from helios_rt.demo.untrained import UNTRAINED_TRANSFORMER
     from helios_rt.model.text import HashPromptEncoder
 
-    embeds = HashPromptEncoder(DEMO_TRANSFORMER.text_dim).encode(["a lighthouse"])
+    embeds = HashPromptEncoder(UNTRAINED_TRANSFORMER.text_dim).encode(["a lighthouse"])
     path = embeds_file(tmp_path / "e.safetensors", prompt_embeds=embeds)
     by_text, by_file = tmp_path / "text.mp4", tmp_path / "file.mp4"
     common = ["generate", "--model", "demo", *SMALL, "--num-frames", "33", "--dtype", "float32"]

@@ -1,4 +1,4 @@
-"""What a first-light run runs on: the GPU profile (14B at 384x640, bf16) and the CPU dry run (demo sizes)."""
+"""What a first-light run runs on: the GPU profile (14B at 384x640, bf16) and the CPU dry run (untrained model)."""
 
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ def gpu_profile() -> Profile:
 
 
 def dry_run_profile() -> Profile:
-    from ..demo import DEMO_TRANSFORMER, DEMO_VAE
+    from ..demo.untrained import UNTRAINED_TRANSFORMER, UNTRAINED_VAE
 
-    return Profile("dry-run", "cpu", torch.float32, DEMO_TRANSFORMER, DEMO_VAE, 64, 64, 512, chunks=2,
+    return Profile("dry-run", "cpu", torch.float32, UNTRAINED_TRANSFORMER, UNTRAINED_VAE, 64, 64, 512, chunks=2,
                    stage_chunks=1, eager_warmup=False, steps=(1, 1, 1), kernel_check=(1, 19, 1),
                    kernel_dtypes=(torch.bfloat16,), kernel_tests=False, skips_fail=False,
                    timing_iters=1, fp8_chunks=2, attention="sdpa")  # fmt: skip

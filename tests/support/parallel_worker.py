@@ -1,6 +1,6 @@
 """Scenarios of tests/test_parallel.py, run by one process per rank (and once in the test process).
 
-Small engines made from the demo model's modules (4 heads: sequence sizes 2 and 4 divide them) at
+Small engines made from the untrained model's transformer (4 heads: sequence sizes 2 and 4 divide them) at
 64x64, float32, eager (`graphs="off"`) unless a scenario says otherwise. Each rank writes what it
 computed to `out/<scenario>-rank<r>.pt`; the test compares them with the one-process engine.
 """
@@ -42,13 +42,16 @@ class Scenario:
 
 
 def build_engine(scenario: Scenario, parallel=None):
-    """A tiny engine from the demo model's weights: the distilled demo, or its weights as a Base model."""
+    """A tiny engine from the untrained model's transformer: as the distilled model, or as a Base one."""
     from helios_rt.config import EngineConfig
-    from helios_rt.demo import DEMO_MODEL_INDEX, DEMO_SCHEDULER, DEMO_TRANSFORMER, build_demo_modules
+    from helios_rt.demo.untrained import UNTRAINED_MODEL_INDEX, UNTRAINED_SCHEDULER, UNTRAINED_TRANSFORMER
     from helios_rt.engine import Engine
     from helios_rt.model.text import HashPromptEncoder
+    from helios_rt.model.transformer import load_transformer
     from helios_rt.model.vae import VAEConfig, WanVAE
+    from helios_rt.ops import OpSet
     from helios_rt.sampling.chunk import SamplingSpec
+    from support.untrained import untrained_checkpoint
 
     base = scenario.kind == "base"
     extra = dict(num_inference_steps=3, guidance_scale=5.0) if base else {}
@@ -61,12 +64,15 @@ def build_engine(scenario: Scenario, parallel=None):
         parallel=parallel,
         **extra,
     )
-    transformer, _ = build_demo_modules(config)
-    torch.manual_seed(SEED)  # a VAE smaller than the demo's: the decode is most of a chunk's time here
-    vae = WanVAE(VAEConfig(base_dim=4, z_dim=DEMO_TRANSFORMER.in_channels, dim_mult=(1, 1, 1, 1), num_res_blocks=1))
-    index, scheduler = (BASE_MODEL_INDEX, BASE_SCHEDULER) if base else (DEMO_MODEL_INDEX, DEMO_SCHEDULER)
+    device = torch.device(config.resolved_device())
+    ops = OpSet(device, config.debug.kernels)
+    transformer = load_transformer(untrained_checkpoint(), config.resolved_dtype(), device, ops, config.precision)
+    torch.manual_seed(SEED)  # a VAE smaller than the untrained model's: the decode is most of a chunk's time here
+    z_dim = UNTRAINED_TRANSFORMER.in_channels
+    vae = WanVAE(VAEConfig(base_dim=4, z_dim=z_dim, dim_mult=(1, 1, 1, 1), num_res_blocks=1))
+    index, scheduler = (BASE_MODEL_INDEX, BASE_SCHEDULER) if base else (UNTRAINED_MODEL_INDEX, UNTRAINED_SCHEDULER)
     spec = SamplingSpec.from_checkpoint(index, scheduler, config)
-    return Engine(transformer, vae.eval(), HashPromptEncoder(DEMO_TRANSFORMER.text_dim), spec, config)
+    return Engine(transformer, vae.eval(), HashPromptEncoder(UNTRAINED_TRANSFORMER.text_dim), spec, config)
 
 
 def run_scenario(engine, scenario: Scenario, switch_prompt: bool = True) -> tuple[list, list]:
