@@ -12,7 +12,6 @@ package (the demo's size, torchrun's layout and the memory plan are imported whe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -221,47 +220,9 @@ def engine_option(text: str) -> tuple[str, Any]:
 
 
 def plan_memory(config: EngineConfig, model: str) -> EngineConfig:
-    """`config` with the memory settings that `helios-rt plan --gpu-memory` chooses for `model` at its size.
+    """`config` with the memory settings `helios-rt plan --gpu-memory` chooses for `model`: the engine's own
+    planning (`compile.memory_plan.plan_memory`, which `Engine.from_pretrained` applies too), imported when
+    first used so that this table stays a leaf."""
+    from .compile.memory_plan import plan_memory as planned
 
-    The same code as the plan (`compile.report.plan_engine(gpu_memory_gb=...)`), not a second
-    derivation; values set by hand in `config.memory` are kept. A budget that nothing fits is refused
-    here, before a weight is read, with the plan command that shows the phases."""
-    gb = config.gpu_memory
-    if gb is None:
-        return config
-    if not config.resolved_device().startswith("cuda"):
-        raise ValueError(f"EngineConfig.gpu_memory={gb:g} budgets a GPU; this engine runs on "
-                         f"{config.resolved_device()}: drop the budget or use a CUDA device")  # fmt: skip
-    import torch
-
-    from .compile import report
-
-    model_config, encoder = _plan_model(model, report)
-    dtype = torch.bfloat16 if config.dtype == "auto" else config.resolved_dtype()
-    hand = config.memory
-    plan = report.plan_engine(model_config, config.height, config.width, dtype, model_name=str(model),
-                              kernels=config.debug.kernels, text_encoder=encoder, gpu_memory_gb=gb,
-                              precision=config.precision, attention=config.debug.attention,
-                              text_encoder_precision=hand.text_encoder_precision or "native")  # fmt: skip
-    if not plan.fits((gb,))[f"{gb:g} GB"]:
-        raise ValueError(
-            f"EngineConfig.gpu_memory={gb:g}: {model} at {config.height}x{config.width} does not fit {gb:g} GB "
-            f"in any setting the plan knows; see `helios-rt plan --model {model} --height {config.height} "
-            f"--width {config.width} --gpu-memory {gb:g}`, lower the resolution or try --precision fp8"
-        )
-    memory = dataclasses.replace(
-        hand,
-        text_encoder_precision=hand.text_encoder_precision or plan.text_encoder_precision,
-        decode_slice_frames=hand.decode_slice_frames or plan.decode_slice_frames,
-        planned_for_gb=gb,
-    )
-    return config.replace(memory=memory)
-
-
-def _plan_model(model: str, report) -> tuple[Any, dict | None]:
-    """The transformer config and umT5 config the plan reads for `model` (the demo: no umT5)."""
-    if model == "demo":
-        from .demo import DEMO_TRANSFORMER
-
-        return DEMO_TRANSFORMER, None
-    return report._model_config(model), None if model == "tiny" else report._text_encoder_config(model)
+    return planned(config, model)

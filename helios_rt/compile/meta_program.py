@@ -1,14 +1,14 @@
-"""The engine's compiled chunk built on meta tensors, for the tools that plan it without weights: the plan
-report (`helios-rt plan`) and the cost model's priced trace. One builder, so both describe the same chunk,
-and the model in it is the compiler's own meta model (`chunk_program.meta_model`).
+"""The engine's compiled chunk built on meta tensors, for what plans it without weights: the memory plan
+(`helios-rt plan`, the settings of a GPU budget) and the cost model's priced trace. One builder, so both
+describe the same chunk, and the model in it is the compiler's own meta model (`chunk_program.meta_model`).
 
-This module is runtime, not tooling: it imports nothing from the tools that call it. The shape of the
-chunk is whatever has the fields of `PlannedShape` (the cost model's `ChunkShape` has them).
+This module is runtime, not tooling: it imports nothing from the tools that call it; the engine's memory
+plan (`memory_plan`) and the cost model share its `ChunkShape`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
 
@@ -20,17 +20,28 @@ from ..sampling.schedules import ScheduleConfig
 from .chunk_program import META, ChunkProgram, TextShape, meta_model
 
 
-class PlannedShape(Protocol):
-    """What fixes the shapes of a planned chunk (`compile.cost.ChunkShape` is the tools' one)."""
+@dataclass(frozen=True)
+class ChunkShape:
+    """What fixes the shapes of a chunk: resolution, chunk and history sizes, batch, text length."""
 
-    history_sizes: tuple[int, int, int]
-    latent_frames: int
-    keep_first_frame: bool
-    batch: int
-    text_len: int
+    height: int = 384
+    width: int = 640
+    latent_frames: int = 9
+    history_sizes: tuple[int, int, int] = (16, 2, 1)  # long, mid, short (+ the prefix frame)
+    keep_first_frame: bool = True
+    stages: int = 3
+    batch: int = 1
+    text_len: int = 512
+    vae_scale: int = 8  # pixels per latent, spatially
+    frames_per_latent: int = 4  # pixel frames per latent frame after the first
 
     @property
-    def latent_hw(self) -> tuple[int, int]: ...
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // self.vae_scale, self.width // self.vae_scale
+
+    @property
+    def pixel_frames(self) -> int:
+        return 1 + self.frames_per_latent * (self.latent_frames - 1)
 
 
 def distilled_spec(stages: int = 3, steps: tuple[int, ...] | None = None) -> SamplingSpec:
@@ -41,7 +52,7 @@ def distilled_spec(stages: int = 3, steps: tuple[int, ...] | None = None) -> Sam
 
 def meta_chunk_program(
     config: ModelConfig,
-    shape: PlannedShape,
+    shape: ChunkShape,
     dtype: torch.dtype,
     ops: OpSet,
     spec: SamplingSpec,
@@ -57,4 +68,4 @@ def meta_chunk_program(
     return ChunkProgram(sampler, shape.batch, TextShape(shape.text_len), cuda_graph=False)
 
 
-__all__ = ["PlannedShape", "distilled_spec", "meta_chunk_program", "meta_model"]
+__all__ = ["ChunkShape", "distilled_spec", "meta_chunk_program", "meta_model"]

@@ -1,6 +1,6 @@
 """The chunk the engine plans, as a priced trace: one description of a chunk, the compiler's.
 
-`planned_chunk` builds the `ChunkProgram` that `helios-rt plan` reports (`compile.report`: the meta model,
+`planned_chunk` builds the `ChunkProgram` that `helios-rt plan` reports (`compile.memory_plan`: the meta model,
 the distilled sampling spec, the op table a CUDA engine resolves) and plans its kinds under a
 `CostTracer`, which sits under the planner's dispatch mode and so sees the ops the plan records, in order.
 `price_plan` then checks the recorded sequence against the plan step for step (op and input shapes) and
@@ -10,8 +10,8 @@ Per-stage figures come from the plan too: the meta sampler's `section_hook` tags
 section it runs in ("stage s", "transition s"; "" for the history embedding, the start noise and the
 history update around them).
 
-The VAE decode is priced from its own plan (`report.vae_decode_bytes`' accounting-only plan on meta
-tensors, the same construction): its per-frame attention is `F.scaled_dot_product_attention`, which on
+The VAE decode is priced from its own plan (`memory_plan.vae_decode_bytes`' accounting-only plan on meta
+tensors, on the same `meta_vae`): its per-frame attention is `F.scaled_dot_product_attention`, which on
 meta lowers to bmm/softmax steps; those stay in the trace, unpriced, and one fused attention op is priced
 in their place.
 
@@ -28,7 +28,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from ...config import ModelConfig
-from ..chunk_program import META, ChunkKind, ChunkProgram
+from ...ops import OpSet
+from ..chunk_program import META, STEADY, ChunkKind, ChunkProgram, stream_kinds
+from ..memory_plan import meta_vae
+from ..meta_program import distilled_spec, meta_chunk_program
 from ..workspace import ProgramPlan, Step, plan_program
 from .op_cost import OpCost, _dtype_name, generated_out_copy
 from .shape import ChunkShape
@@ -112,10 +115,7 @@ class PlannedChunk:
 
 def build_program(config: ModelConfig, shape: ChunkShape, dtype: torch.dtype, kernels: str, attention: str,
                   steps: tuple[int, ...], precision: str) -> ChunkProgram:  # fmt: skip
-    """`report.plan_chunk`'s program (the one `helios-rt plan` reports), before any kind is planned."""
-    from ...ops import OpSet
-    from ..meta_program import distilled_spec, meta_chunk_program  # here: meta_program imports cost.shape
-
+    """`memory_plan.plan_chunk`'s program (the one `helios-rt plan` reports), before any kind is planned."""
     ops = OpSet.for_planning(kernels, attention=attention)
     return meta_chunk_program(config, shape, dtype, ops, distilled_spec(shape.stages, steps), precision)
 
@@ -136,12 +136,14 @@ def trace_kind(program: ChunkProgram, kind: ChunkKind, label: str) -> Trace:
 
 
 def steady_kind() -> ChunkKind:
-    return ChunkKind(False, False)
+    """Every chunk after a stream's first (`chunk_program.STEADY`)."""
+    return STEADY
 
 
 def first_kind(shape: ChunkShape) -> ChunkKind:
-    """The first chunk of a text-to-video stream: amplified (distilled) and writing the prefix frame."""
-    return ChunkKind(True, shape.keep_first_frame)
+    """The first chunk of a text-to-video stream, as the engine runs it (`stream_kinds`): amplified (the
+    distilled spec the cost model plans) and writing the prefix frame when the layout keeps one."""
+    return stream_kinds(True, shape.keep_first_frame, prefix_set=False)[0]
 
 
 @functools.lru_cache(maxsize=16)  # planning the 14B takes ~30 s per kind on a CPU
@@ -160,15 +162,9 @@ def planned_chunk(config: ModelConfig, shape: ChunkShape | None = None, dtype: t
 
 @functools.lru_cache(maxsize=4)
 def vae_trace(shape: ChunkShape, dtype: torch.dtype = torch.bfloat16, slice_frames: int | None = None) -> Trace:
-    """The VAE decode of one chunk, planned as `report.vae_decode_bytes` plans it, and priced."""
-    from ...model.vae import VAEConfig, WanVAE
-
-    cfg = VAEConfig()
-    with torch.device("meta"):
-        vae = WanVAE(cfg)
-    for p in vae.parameters():
-        p.data = p.data.to(dtype)
-    vae._init_latent_stats(META, dtype)
+    """The VAE decode of one chunk, planned as `memory_plan.vae_decode_bytes` plans it (its meta VAE), and priced."""
+    vae = meta_vae(dtype)
+    cfg = vae.config
     vae.use_norm_silu("triton")  # what a CUDA engine decodes with (`WanVAE.prepare_decode`): the fused norm + SiLU
     z = torch.empty(shape.batch, cfg.z_dim, shape.latent_frames, *shape.latent_hw, device=META)
     tracer = CostTracer()
