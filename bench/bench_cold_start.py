@@ -27,11 +27,11 @@ from helios_rt.compile.chunk_program import ChunkProgram
 from helios_rt.compile.cost import ChunkShape
 from helios_rt.compile.plan_cache import PlanCache
 from helios_rt.compile.report import distilled_spec, plan_chunk
-from helios_rt.config import HELIOS_14B, ModelConfig
+from helios_rt.config import HELIOS_14B, DebugSwitches, ModelConfig
 from helios_rt.model.transformer import HeliosTransformer, load_transformer
 from helios_rt.ops import OpSet
 
-DEMO = EngineConfig(device="cpu", dtype="float32", kernels="reference", graphs="chunk")
+DEMO = EngineConfig(device="cpu", dtype="float32", debug=DebugSwitches(kernels="reference", graphs="chunk"))
 
 
 def _cold_stream(cache_dir: str, monkeypatch) -> dict[str, float]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from helios_rt import Engine, EngineConfig
-from helios_rt.config import HELIOS_14B
+from helios_rt.config import HELIOS_14B, DebugSwitches
 from helios_rt.fp8 import block_linear_names, quantize_blocks_
 from helios_rt.fp8.format import dequantize, quantize_blocks, quantize_rows
 from helios_rt.fp8.gate import (
@@ -46,9 +46,10 @@ def _stream(engine: Engine, chunks: int = 3) -> list:
 @pytest.mark.parametrize("kind", ["distilled", "base"])
 def test_gate_on_the_oracle_configs(benchmark, kind: str, tmp_path) -> None:
     folder = save_pipeline(build_pipeline(kind), tmp_path / kind)
-    cfg = EngineConfig(device="cpu", dtype="bfloat16", vae_dtype="float32", height=HEIGHT, width=WIDTH)
+    cfg = EngineConfig(device="cpu", dtype="bfloat16", height=HEIGHT, width=WIDTH,
+                       debug=DebugSwitches(vae_dtype="float32"))
     if kind == "base":
-        cfg = cfg.replace(num_inference_steps=4)
+        cfg = cfg.replace(steps=4)  # a base checkpoint: the total
     ref_engine = Engine.from_pretrained(folder, cfg)
     fp8_engine = Engine.from_pretrained(folder, cfg.replace(precision="fp8"))
     ref: list = []

@@ -30,6 +30,7 @@ import torch
 
 from .checkpoint import CheckpointError, find_component, read_json
 from .compile.chunk_program import STEADY, ChunkKind, ChunkProgram, EagerChunk, TextShape, stream_kinds
+from .compile.memory_plan import plan_memory
 from .compile.plan_cache import PlanCache
 from .config import EngineConfig
 from .errors import InputError, NonFiniteError, StreamFailedError
@@ -102,20 +103,21 @@ class Engine:
         self.config = config
         self.device = transformer.proj_out.weight.device
         # channels-last conv weights; the fused norm + SiLU on CUDA (CPU decodes stay bit-identical)
-        vae.prepare_decode(self.device, config.kernels if self.device.type == "cuda" else "reference")
+        vae.prepare_decode(self.device, config.debug.kernels if self.device.type == "cuda" else "reference")
         self._graphed_decode: GraphedDecode | None = None
         self._decoded: Any = None  # the last decode's end mark: streams taking turns share the decode graph
         self.parallel = attach_parallel(config.parallel, transformer, spec.uses_cfg)  # None: one process
         self._prompts = PromptCache(prompts) if prompts is not None else None
         self._check_resolution()
         # which attention runs, chosen (and an impossible EngineConfig.attention refused) now, not in a stage
-        transformer.ops.use_attention(config.attention)
+        transformer.ops.use_attention(config.debug.attention)
         self.attention = transformer.ops.attention_selection(
             config.resolved_dtype(), transformer.config.attention_head_dim
         )
         self.latent_hw = (config.height // vae.config.spatial_ratio, config.width // vae.config.spatial_ratio)
+        trained = config.sampling  # the checkpoint's history and chunk sizes unless an expert overrides them
         self.history_layout = HistoryLayout(
-            config.history_sizes, config.latent_frames_per_chunk, config.keep_first_frame
+            trained.value("history_sizes"), trained.value("latent_frames_per_chunk"), trained.value("keep_first_frame")
         )
         self.sampler = ChunkSampler(transformer, spec, self.history_layout, self.latent_hw, self.device)
         self.chunk_program: ChunkProgram | None = None
@@ -134,24 +136,31 @@ class Engine:
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> Engine:
-        """Load a diffusers-layout Helios checkpoint folder, or `"demo"` for the built-in untrained model."""
+        """Load a diffusers-layout Helios checkpoint folder, or `"demo"` for the built-in untrained model.
+
+        With `EngineConfig(gpu_memory=GB)` the memory settings left unset are planned for the checkpoint
+        first (`compile.memory_plan.plan_memory`, what `helios-rt plan --gpu-memory` chooses); a budget
+        nothing fits is refused before a weight is read."""
         config = config or EngineConfig()
         start = time.perf_counter()
+        check_device(config.resolved_device())  # before any weight is read, for Python callers too
+        # a gpu_memory budget decides the memory settings, as `helios-rt plan --gpu-memory` does (same code)
+        config = plan_memory(config, str(path))
         engine = cls._load(path, config)
         engine.load_timings = _load_timings(engine, time.perf_counter() - start)
         return engine
 
     @classmethod
     def _load(cls, path: str | Path, config: EngineConfig) -> Engine:
-        check_device(config.resolved_device())  # before any weight is read, for Python callers too
         if config.precision == "fp8":
             from .fp8.linear import require_fp8_support
 
             require_fp8_support(config.resolved_device(), config.resolved_dtype())
+        memory = config.memory_settings()
         no_umt5 = str(path) == "demo" or not (Path(path) / "text_encoder").is_dir() or word_encoder_config(path)
-        if config.text_encoder_precision != "native" and no_umt5:
+        if (memory.text_encoder_precision or "native") != "native" and no_umt5:
             raise ValueError(
-                f"EngineConfig(text_encoder_precision={config.text_encoder_precision!r}) sets the precision of a "
+                f"MemorySettings(text_encoder_precision={memory.text_encoder_precision!r}) sets the precision of a "
                 f"checkpoint's umT5 encoder, and {path} has none (no text_encoder/ with umT5): leave it 'native'"
             )
         if str(path) == "demo":
@@ -167,7 +176,7 @@ class Engine:
             )
         device = torch.device(config.resolved_device())
         with nvtx_range("load"), device_scope(device):
-            ops = OpSet(device, config.kernels)
+            ops = OpSet(device, config.debug.kernels)
             transformer = load_transformer(root, config.resolved_dtype(), device, ops, config.precision)
             vae = WanVAE.from_pretrained(root, config.resolved_dtype("vae_dtype"), device)
             scheduler = read_json(find_component(root, "scheduler") / "scheduler_config.json")
@@ -177,8 +186,8 @@ class Engine:
                 root,
                 config.resolved_dtype(),
                 device,
-                offload=config.offload_text_encoder,
-                precision=config.text_encoder_precision,
+                offload=memory.offload_text_encoder,
+                precision=memory.text_encoder_precision or "native",
             )
             return cls(transformer, vae, prompts, spec, config)
 
@@ -221,7 +230,7 @@ class Engine:
         """uint8 frames of one chunk's latents; with CUDA graphs, the decode's own graph (captured on first
         use, outside the chunk's capture). The result may be a static buffer: copy it before the next decode."""
         program = self.chunk_program
-        slices = self.config.decode_slice_frames
+        slices = self.config.memory_settings().decode_slice_frames
         if program is None or not program.cuda_graph or self.device.type != "cuda":
             return self.vae.decode_frames(latents, normalized=True, slice_frames=slices)
         if self._graphed_decode is None:
@@ -284,6 +293,7 @@ class Engine:
         negative_prompt: str | None = None,
         prompt_embeds: Tensor | None = None,
         negative_prompt_embeds: Tensor | None = None,
+        prompt_blend_chunks: int | None = None,
     ) -> Stream:
         """Stream chunks of a video. `num_frames=None` streams until the caller stops.
 
@@ -291,8 +301,13 @@ class Engine:
         `num_frames`. image: uint8 `[H, W, 3]` (image-to-video); video: uint8 `[T, H, W, 3]`
         (video-to-video). seed: an int in [0, 2**64), or a CPU `torch.Generator` that the stream
         draws its noise from (and advances, as a diffusers pipeline does). prompt_embeds:
-        precomputed `[1, S, text_dim]` embeddings instead of `prompt`.
+        precomputed `[1, S, text_dim]` embeddings instead of `prompt`. prompt_blend_chunks: after
+        `Stream.set_prompt`, the chunks over which the embedding blends from the old prompt to the new
+        (None: 3, or a deprecated `EngineConfig(prompt_blend_chunks=)`).
         """
+        blend = self.config.prompt_blend_chunks if prompt_blend_chunks is None else prompt_blend_chunks
+        if not (isinstance(blend, int) and not isinstance(blend, bool) and blend >= 1):
+            raise ValueError(f"prompt_blend_chunks={blend!r}: an integer >= 1 (1 switches at once)")
         if num_frames is not None and (not isinstance(num_frames, int) or num_frames <= 0):
             raise ValueError(f"num_frames must be a positive integer or None (endless), got {num_frames!r}")
         if image is not None and video is not None:
@@ -306,12 +321,14 @@ class Engine:
             if self.spec.uses_cfg:
                 uncond = self._embed(negative_prompt or "", negative_prompt_embeds, "negative_prompt", allow_empty=True)
             text_s = _synced(self.device, start)
-            stream = Stream(self, cond, uncond, image, video, num_frames, generator, text_encoder_s=text_s)
+            stream = Stream(self, cond, uncond, image, video, num_frames, generator, blend, text_encoder_s=text_s)
         self._streams.add(stream)
         return stream
 
-    def generate(self, prompt: str | None = None, **kwargs) -> Video:
-        """Generate a whole video (all chunks collected): `engine.generate(...).save("out.mp4")`."""
+    def generate(self, prompt: str | None = None, *, fps: int | None = None, **kwargs) -> Video:
+        """Generate a whole video (all chunks collected): `engine.generate(...).save("out.mp4")`.
+
+        fps: the Video's frame rate (None: 24, Helios's training rate, or a deprecated `EngineConfig(fps=)`)."""
         num_frames = kwargs.pop("num_frames", 132)
         if num_frames is None:
             raise ValueError(
@@ -320,7 +337,7 @@ class Engine:
             )
         with self.generate_stream(prompt, num_frames=num_frames, **kwargs) as stream:
             frames = [chunk.video_frames for chunk in stream]
-        return Video(np.concatenate(frames), fps=self.config.fps)
+        return Video(np.concatenate(frames), fps=self.config.fps if fps is None else fps)
 
     def _embed(self, text: str | None, embeds: Tensor | None, what: str, allow_empty: bool = False) -> Tensor:
         if embeds is not None:
@@ -406,13 +423,14 @@ class Stream:
         video,
         num_frames: int | None,
         generator: torch.Generator,
+        prompt_blend_chunks: int = 3,
         text_encoder_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.num_frames = num_frames
         self._generator = generator
         self._uncond = uncond
-        self._prompt = _PromptBlend(cond, engine.config.prompt_blend_chunks)
+        self._prompt = _PromptBlend(cond, prompt_blend_chunks)
         self._history = HistoryMemory(
             engine.history_layout,
             1,
@@ -421,7 +439,7 @@ class Stream:
             torch.float32,
             engine.device,
         )
-        self._frames_per_chunk = engine.vae.config.num_frames(engine.config.latent_frames_per_chunk)
+        self._frames_per_chunk = engine.vae.config.num_frames(engine.history_layout.chunk_frames)
         self._index = 0  # the next chunk to hand over
         self._launched = 0  # chunks whose compute has been issued
         self._closed = False
@@ -429,7 +447,7 @@ class Stream:
         self._text, self._text_key = None, None
         self._lanes = lanes_for(engine.device, engine.overlap_decode)
         # two latent slots: chunk k's decode reads slot k % 2 while chunk k+1's compute writes the other
-        shape = (1, engine.transformer.config.in_channels, engine.config.latent_frames_per_chunk, *engine.latent_hw)
+        shape = (1, engine.transformer.config.in_channels, engine.history_layout.chunk_frames, *engine.latent_hw)
         self._slots = [torch.zeros(shape, device=engine.device) for _ in range(2)]
         self._finite = _FiniteFlags(self._slots)
         self._compute_end: Any = None  # the last launched chunk's compute-end mark
@@ -441,7 +459,7 @@ class Stream:
         self._cold: dict[str, float] = {"text_encoder_s": text_encoder_s}
         self._condition_on(image, video)
         self._cold["condition_s"] = _synced(engine.device, self._started)
-        self._iterator = self._chunks()
+        self._pending: _Launched | None = None  # with overlap: the next chunk, launched before this one's hand-over
 
     def _condition_on(self, image, video) -> None:
         """Fill the history from an image (I2V) or a video (V2V), with the reference's noise augmentation."""
@@ -451,7 +469,7 @@ class Stream:
             if img.ndim != 3:
                 raise InputError(f"image must be uint8 [H, W, 3], got {list(img.shape)}")
             latent = engine.encode_pixels(img[None], g)
-            window = img[None].expand(engine.vae.config.num_frames(engine.config.latent_frames_per_chunk), -1, -1, -1)
+            window = img[None].expand(engine.vae.config.num_frames(engine.history_layout.chunk_frames), -1, -1, -1)
             fake = engine.encode_pixels(window, g)[:, :, -1:]
             latent, fake = augment_image_latents(latent, fake, g)
             self._history.init_image(latent, fake)
@@ -468,7 +486,7 @@ class Stream:
         order and discarded: the generator ends where the reference's does, so the result is the same.
         """
         engine, g = self.engine, self._generator
-        n = engine.config.latent_frames_per_chunk
+        n = engine.history_layout.chunk_frames
         window = engine.vae.config.num_frames(n)
         seen = -(-engine.history_layout.rolling // n)
         first, tail, total = first_and_last_frames(video, seen * window)
@@ -489,21 +507,26 @@ class Stream:
     def __next__(self) -> Chunk:
         """The next chunk; after an exception inside a chunk, every call raises `StreamFailedError`.
 
-        A generator that raised is finished and would end with StopIteration, so a stream cut short
-        by an error (or Ctrl-C in a notebook) would look complete; the failure is kept instead.
+        A stream cut short by an error (or Ctrl-C in a notebook) must not look complete (a plain
+        generator would end with StopIteration after raising), so the failure is kept.
         """
         if self.failure is not None:
             raise StreamFailedError(self._failure_message()) from self.failure
-        if self._closed:
+        if self._closed or not self._more(self._index):
             raise StopIteration
         try:
+            # launch, decode, hand over; with overlap, chunk k+1 is launched before chunk k is handed over
             with self.engine.scope:
-                return next(self._iterator)
-        except StopIteration:
-            raise
+                current = self._pending or self._launch()
+                decoded = self._decode(current)
+                overlap = self._lanes.overlapped and self._more(current.index + 1)
+                self._pending = self._launch() if overlap else None
+                chunk = self._hand_over(decoded)
         except BaseException as err:
             self.failure = err
             raise
+        self._index += 1
+        return chunk
 
     def _failure_message(self) -> str:
         err = self.failure
@@ -522,15 +545,14 @@ class Stream:
     def close(self) -> None:
         """Free the stream's buffers; iteration ends."""
         self._closed = True
-        with self.engine.scope:  # the generator's cleanup runs here
-            self._iterator.close()
+        self._pending = None  # a chunk launched ahead (overlap) is not handed over
         self._history = None
         self._prompt = None
         self._uncond = None
         self._text, self._text_key = None, None
 
     def set_prompt(self, prompt: str | None = None, *, prompt_embeds: Tensor | None = None) -> int:
-        """Switch to a new prompt, blending embeddings over `prompt_blend_chunks` chunks.
+        """Switch to a new prompt, blending embeddings over the stream's `prompt_blend_chunks` chunks.
 
         It takes effect at the first chunk whose compute has not started, and returns that chunk's
         index: the next chunk, or with `overlap_decode` (on by default on CUDA) the one after it,
@@ -585,17 +607,6 @@ class Stream:
 
     def _more(self, k: int) -> bool:
         return self.chunks_total is None or k < self.chunks_total
-
-    def _chunks(self) -> Iterator[Chunk]:
-        """Launch, decode, hand over; with overlap, chunk k+1 is launched before chunk k is handed over."""
-        launched: _Launched | None = None
-        while self._more(self._index):
-            current = launched or self._launch()
-            decoded = self._decode(current)
-            launched = self._launch() if self._lanes.overlapped and self._more(current.index + 1) else None
-            chunk = self._hand_over(decoded)
-            self._index += 1
-            yield chunk
 
     def _launch(self) -> _Launched:
         """Issue chunk `_launched`'s compute on the compute lane; its latents land in its slot."""

@@ -32,6 +32,7 @@ from .side_by_side import (
 from .stream import (
     CHECKPOINT_ENV,
     EAGER,
+    EAGER_SWITCHES,
     StageTimer,
     StreamResult,
     chunk_rates,
@@ -48,6 +49,7 @@ __all__ = [
     "BENCH_HEADERS",
     "CHECKPOINT_ENV",
     "EAGER",
+    "EAGER_SWITCHES",
     "FRAMES_PER_CHUNK",
     "LATENT_TOLERANCE",
     "SXS_SEED",

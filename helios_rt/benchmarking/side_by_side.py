@@ -158,8 +158,9 @@ class SideBySide:
         vae: dict | None = None,
         engine_overrides: dict | None = None,
     ):
-        from ..config import EngineConfig
+        from ..config import DebugSwitches, EngineConfig
         from ..engine import Engine
+        from ..sampling.overrides import SamplingOverrides
 
         self.pipe = build_reference_pipeline(transformer, vae)
         self._tmp = None
@@ -170,15 +171,17 @@ class SideBySide:
         self.pipe.save_pretrained(self.root, safe_serialization=True)
         self.engine = Engine.from_pretrained(
             self.root,
-            EngineConfig(
-                height=SXS_HEIGHT,
-                width=SXS_WIDTH,
-                device="cpu",
-                dtype="float32",
-                kernels="reference",
-                pyramid_steps=SXS_STEPS,
-                amplify_first_chunk=True,
-                **(engine_overrides or {}),
+            with_engine_options(
+                EngineConfig(
+                    height=SXS_HEIGHT,
+                    width=SXS_WIDTH,
+                    device="cpu",
+                    dtype="float32",
+                    steps=SXS_STEPS,
+                    sampling=SamplingOverrides(amplify_first_chunk=True),
+                    debug=DebugSwitches(kernels="reference"),
+                ),
+                engine_overrides or {},
             ),
         )
         self.engine_note = "".join(f"{k}={v}, " for k, v in (engine_overrides or {}).items())
@@ -315,6 +318,25 @@ class _Marks:
             raise RuntimeError(f"expected {chunks + 1} chunk boundaries, saw {len(self.points)}")
         first, last = self.points[1], self.points[-1]
         return {k: (last[k] - first[k]) / (chunks - 1) for k in first}
+
+
+def with_engine_options(config, options: dict):
+    """`config` with engine options named as on the command line (`helios-rt bench --engine-option graphs=off`),
+    each set at its field in EngineConfig or one of its groups (the option table's `field`)."""
+    import dataclasses
+
+    from ..options import OPTIONS_BY_NAME
+
+    top: dict = {}
+    for name, value in options.items():
+        if name not in OPTIONS_BY_NAME:
+            raise ValueError(f"no engine option named {name!r}; use one of {sorted(OPTIONS_BY_NAME)}")
+        group, _, field = OPTIONS_BY_NAME[name].field.rpartition(".")
+        if group:
+            top[group] = dataclasses.replace(top.get(group, getattr(config, group)), **{field: value})
+        else:
+            top[field] = value
+    return config.replace(**top)
 
 
 def run_cpu_suite(chunks: int = 3, rounds: int = 2, engine_overrides: dict | None = None) -> SideBySideResult:

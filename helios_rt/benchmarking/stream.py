@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..config import DebugSwitches
 from .table import Row
 
 Tensor = torch.Tensor
@@ -207,7 +208,7 @@ def measure_stream(
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     cuda = engine.device.type == "cuda"
-    fpc = engine.vae.config.num_frames(engine.config.latent_frames_per_chunk)
+    fpc = engine.vae.config.num_frames(engine.history_layout.chunk_frames)
     if cuda:
         torch.cuda.synchronize(engine.device)
         torch.cuda.reset_peak_memory_stats(engine.device)
@@ -269,7 +270,7 @@ def random_engine(model_config=None, config=None, vae_config=None, seed: int = 0
     device = torch.device(config.resolved_device())
     dtype, vae_dtype = config.resolved_dtype(), config.resolved_dtype("vae_dtype")
     with torch.device("meta"):
-        transformer = HeliosTransformer(model_config, OpSet(device, config.kernels))
+        transformer = HeliosTransformer(model_config, OpSet(device, config.debug.kernels))
     for name, p in transformer.named_parameters():  # dtypes as loaded, set while still free (meta)
         p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
     transformer = transformer.to_empty(device=device)
@@ -316,7 +317,10 @@ def gpu_engines(chunks: int = 4) -> list[tuple[str, Callable[..., Any], dict]]:
     return [demo, big]
 
 
-EAGER = {"graphs": "off", "overlap_decode": False}  # the stage-timing engine: every stage visible to Python
+# the stage-timing engine: every stage visible to Python (`factory(**EAGER)`; on a config of your own,
+# `config.replace(debug=dataclasses.replace(config.debug, **EAGER_SWITCHES))` keeps its other switches)
+EAGER_SWITCHES: dict[str, Any] = {"graphs": "off", "overlap_decode": False}
+EAGER: dict[str, Any] = {"debug": DebugSwitches(**EAGER_SWITCHES)}
 
 
 def run_gpu_suite(chunks: int = 4, engines=None, warmup: bool = True) -> list[StreamResult]:

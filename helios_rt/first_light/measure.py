@@ -9,6 +9,7 @@ warm (after `Engine.warmup()`), and an eager engine without overlap timed stage 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .. import benchmarking as hb
 from ..compile import cost
 from ..compile.cost import attention_rates
 from ..compile.report import plan_engine
-from ..config import EngineConfig
+from ..config import DebugSwitches, EngineConfig
 from .profile import Profile
 from .report import FAIL, PASS, SKIP, Check, Figure
 
@@ -29,7 +30,7 @@ Tensor = torch.Tensor
 def engine_config(profile: Profile) -> EngineConfig:
     dtype = str(profile.dtype).removeprefix("torch.")
     return EngineConfig(height=profile.height, width=profile.width, device=profile.device, dtype=dtype,
-                        pyramid_steps=profile.steps, attention=profile.attention)  # fmt: skip
+                        steps=profile.steps, debug=DebugSwitches(attention=profile.attention))  # fmt: skip
 
 
 def prompt_embeds(profile: Profile) -> Tensor:
@@ -59,7 +60,8 @@ def projection_inputs(config: EngineConfig, selected_attention: str, spec: cost.
     keyed on `kernels` (OpSet's rule: "auto" is Triton on CUDA, the reference elsewhere), never on the
     attention backend (FA3 with the Triton op table is fused; Triton attention says nothing of the rest)."""
     cuda = config.resolved_device().startswith("cuda")
-    op_table = "triton" if config.kernels == "triton" or (config.kernels == "auto" and cuda) else "reference"
+    kernels = config.debug.kernels
+    op_table = "triton" if kernels == "triton" or (kernels == "auto" and cuda) else "reference"
     eff = attention_rates.efficiency_for(selected_attention, spec)
     return ProjectionInputs(op_table, selected_attention, op_table == "triton", eff)
 
@@ -259,7 +261,8 @@ def measure(profile: Profile, spec: cost.DeviceSpec) -> Measured:
     engine.close()
     del engine
     hb.stream._free_cuda()
-    eager_engine = hb.random_engine(profile.model, config.replace(**hb.EAGER), profile.vae)
+    eager = config.replace(debug=dataclasses.replace(config.debug, **hb.EAGER_SWITCHES))
+    eager_engine = hb.random_engine(profile.model, eager, profile.vae)
     if profile.eager_warmup:
         hb.measure_stream(eager_engine, 1, prompt_embeds=embeds, stages=False)  # caches, autotuning
     eager = Recorded(eager_engine)

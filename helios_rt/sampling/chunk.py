@@ -307,7 +307,7 @@ class ChunkSampler:
         start = noise.chunk(self.noise_shapes(batch)[0])
         if not self.spec.pyramid:
             with self.section("denoise"):
-                return self._base_loop(start, cond, self.plan(first_chunk))
+                return self._denoise(start, None, cond, self.plan(first_chunk), 0, self.latent_hw)
         plan = self.plan(first_chunk)
         # contiguous: it is also stage 0's start point, which the fused flow step reads densely
         latents = downsample_noise(start, len(plan.stages)).contiguous()
@@ -316,8 +316,7 @@ class ChunkSampler:
                 with self.section(f"transition {s}"):
                     latents = self._transition(latents, plan, s, noise)
             with self.section(f"stage {s}"):
-                start = latents
-                latents = self._stage_loop(latents, start, cond, stage, s, plan.hw[s])
+                latents = self._denoise(latents, latents, cond, stage, s, plan.hw[s])
                 if stage.kind == "dmd":
                     # the reference's last DMD step returns x0 in the model dtype, and the next stage's
                     # transition and steps run in it (exact cast: x0 was rounded to it in the step)
@@ -335,34 +334,34 @@ class ChunkSampler:
         # the reference rounds the block noise to the transformer dtype before mixing it in
         return self.ops.stage_transition(latents, noise.to(self.model.dtype), alpha, beta)
 
-    def _stage_loop(
-        self, latents: Tensor, start: Tensor, cond: Conditioning, stage: StagePlan, s: int, hw: tuple[int, int]
+    def _denoise(
+        self, latents: Tensor, start: Tensor | None, cond: Conditioning, stage: StagePlan, s: int, hw: tuple[int, int]
     ) -> Tensor:
+        """The steps of one stage (a base checkpoint's one stage: `start` None), each a (guided) flow
+        prediction and a solver step. With CFG one batch-2 forward `[cond; uncond]`; the model is called
+        here, not through a helper, so the path from the stream to a kernel stays short."""
         layout, rope = self.layout(hw)
-        zeroed = self._zero_flags(s, stage.num_steps) if self.spec.cfg_zero_star else None
+        zeroed = self._zero_flags(s, stage.num_steps) if self.spec.cfg_zero_star and start is not None else None
         unipc = (
             UniPCState(self.spec.schedule.solver_order, tuple(latents.shape), latents.dtype, self.device)
             if stage.kind == "unipc"
             else None
         )
-        patch_layout = stage.kind == "dmd"  # flow_step unpatchifies as it loads
+        patch_layout = stage.kind == "dmd"  # flow_step unpatchifies as it loads: the model keeps the patch layout
+        b = latents.shape[0]
         for i in range(stage.num_steps):
             with nvtx_range(f"step {i}"):
-                flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, zeroed, i, patch_layout)
+                x = latents.to(self.model.dtype)
+                x = torch.cat([x, x]) if self.spec.uses_cfg else x
+                timestep = stage.model_timesteps[i].reshape(1).expand(x.shape[0]).to(self.device)
+                # the history is batch 1; the transformer expands it over the (CFG) batch without a copy
+                flow = self.model(x, timestep, cond.text, layout, rope, cond.history, cond.history_mod,
+                                  unpatchify=not patch_layout)  # fmt: skip
+                if self.spec.uses_cfg and self.spec.cfg_zero_star and zeroed[i]:
+                    flow = flow[:b] * 0.0  # the reference's zero-init step: `cond * 0.0` (signed zeros, NaN kept)
+                elif self.spec.uses_cfg:  # [cond; uncond] as stacked above (guidance.split_cond_uncond's order)
+                    flow = self.ops.cfg_combine(flow, self.spec.guidance_scale, self.spec.cfg_zero_star)
                 latents = self._step(stage, i, flow, latents, start, unipc)
-        return latents
-
-    def _base_loop(self, latents: Tensor, cond: Conditioning, stage: StagePlan) -> Tensor:
-        layout, rope = self.layout(self.latent_hw)
-        unipc = (
-            UniPCState(self.spec.schedule.solver_order, tuple(latents.shape), latents.dtype, self.device)
-            if stage.kind == "unipc"
-            else None
-        )
-        for i in range(stage.num_steps):
-            with nvtx_range(f"step {i}"):
-                flow = self._predict(latents, stage.model_timesteps[i], cond, layout, rope, None, i)
-                latents = self._step(stage, i, flow, latents, None, unipc)
         return latents
 
     def _step(
@@ -381,32 +380,3 @@ class ChunkSampler:
         if stage.kind == "unipc":
             return unipc_step(flow, latents, unipc, stage.unipc[i])
         return euler_step(flow, latents, stage.sigma_t[i], stage.sigma_next[i])
-
-    def _predict(
-        self,
-        latents: Tensor,
-        t: Tensor,
-        cond: Conditioning,
-        layout: TokenLayout,
-        rope: tuple[Tensor, Tensor],
-        zeroed: tuple[bool, ...] | None,
-        i: int,
-        patch_layout: bool = False,
-    ) -> Tensor:
-        """The (guided) flow prediction at `latents`; with CFG, one batch-2 forward [cond; uncond].
-
-        `[B, C, T, H, W]`, or the transformer's patch layout `[B, L, pt*ph*pw*C]` when `patch_layout`.
-        """
-        b = latents.shape[0]
-        x = latents.to(self.model.dtype)
-        if self.spec.uses_cfg:
-            x = torch.cat([x, x])
-        timestep = t.reshape(1).expand(x.shape[0]).to(self.device)
-        history = cond.history  # batch 1; the transformer expands it over the (CFG) batch without a copy
-        flow = self.model(x, timestep, cond.text, layout, rope, history, cond.history_mod, unpatchify=not patch_layout)
-        if not self.spec.uses_cfg:
-            return flow
-        if self.spec.cfg_zero_star and zeroed[i]:
-            return flow[:b] * 0.0  # the reference's zero-init step: `cond * 0.0` (signed zeros, NaN kept)
-        # [cond; uncond] as stacked above (guidance.split_cond_uncond's order)
-        return self.ops.cfg_combine(flow, self.spec.guidance_scale, self.spec.cfg_zero_star)

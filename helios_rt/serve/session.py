@@ -24,11 +24,15 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from ..errors import InputError
+from ..video import Video
 from .frames import JpegEncoder, decode_image
 from .hub import Hub, QueueFull
 from .protocol import Ack, Pause, ProtocolError, Resume, SetPrompt, Start, Stop, pack_frame, parse_message
 
 log = logging.getLogger("helios_rt.serve")
+
+# a prompt switch from the page blends the embedding over this many chunks (about 4 s of video at 24 fps)
+PROMPT_BLEND_CHUNKS = 3
 
 
 class AckTimeout(Exception):
@@ -89,8 +93,9 @@ class Session:
 
     def _hello(self) -> dict:
         cfg = self.engine.config
-        frames_per_chunk = self.engine.vae.config.num_frames(cfg.latent_frames_per_chunk)
-        return {"type": "hello", "protocol": 1, "width": cfg.width, "height": cfg.height, "fps": cfg.fps,
+        frames_per_chunk = self.engine.vae.config.num_frames(self.engine.history_layout.chunk_frames)
+        # the page plays the frames at a Video's rate (Helios's 24 fps)
+        return {"type": "hello", "protocol": 1, "width": cfg.width, "height": cfg.height, "fps": Video.fps,
                 "frames_per_chunk": frames_per_chunk, "format": "jpeg", **self.config.limits()}  # fmt: skip
 
     async def _on_text(self, text: str) -> None:
@@ -231,7 +236,8 @@ class Session:
     async def _new_stream(self, start: Start, image: np.ndarray | None) -> Any:
         """The engine's new stream; cancelled (stop, disconnect) meanwhile, it is closed once it exists."""
         created = asyncio.ensure_future(self.hub.on_engine(self.engine.generate_stream, start.prompt, image=image,
-                                                           num_frames=start.num_frames, seed=start.seed))  # fmt: skip
+                                                           num_frames=start.num_frames, seed=start.seed,
+                                                           prompt_blend_chunks=PROMPT_BLEND_CHUNKS))  # fmt: skip
         try:
             return await asyncio.shield(created)
         except asyncio.CancelledError:
