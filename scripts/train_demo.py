@@ -52,7 +52,9 @@ class Recipe:
     vae_long_batch: int = 2
     object_steps: int = 900  # then with the object's pixels weighted: plain MSE learns the background only
     object_weight: float = 20.0
-    decoder_steps: int = 1500
+    decoder_steps: int = 1000
+    decoder_frames: int = 33  # whole chunks: the runtime decodes 9 latent frames at once
+    decoder_batch: int = 1
     trajectories: int = 600
     chunks_per_trajectory: int = 4
     dit_steps: int = 4000
@@ -152,8 +154,9 @@ def train_vae(
     long: clips of `vae_long_frames`. A chunk is 9 latent frames decoded with causal caches; clips of
     one compressed latent frame never show the decoder a cache that came from a compressed one.
     decoder_only: the encoder is frozen (its latent space is what the transformer was trained in) and
-    the decoder goes on learning, on long clips, on latents with a little noise so it forgives the
-    sampler's errors.
+    the decoder goes on learning, on whole chunks (`decoder_frames`: the later latent frames of a chunk
+    decode through caches even 13-frame clips never build), on latents with a little noise so it
+    forgives the sampler's errors.
     weighted: the object's pixels count `object_weight` times in the loss (`object_weights`); the object
     is 5% of a frame, and unweighted the autoencoder reaches its plateau by drawing the background alone.
     """
@@ -163,8 +166,8 @@ def train_vae(
         steps = recipe.decoder_steps
     else:
         steps = recipe.object_steps if weighted else recipe.vae_long_steps if long else recipe.vae_steps
-    frames = recipe.vae_long_frames if long else recipe.vae_clip_frames
-    size = recipe.vae_long_batch if long else recipe.vae_batch
+    frames = recipe.decoder_frames if decoder_only else recipe.vae_long_frames if long else recipe.vae_clip_frames
+    size = recipe.decoder_batch if decoder_only else recipe.vae_long_batch if long else recipe.vae_batch
     params = [p for n, p in vae.named_parameters() if not decoder_only or not n.startswith(("encoder.", "quant_conv."))]
     opt = torch.optim.AdamW(params, lr=recipe.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.vae_lr, total_steps=max(steps, 2), pct_start=0.05)
