@@ -279,8 +279,9 @@ class DebugSwitches:
 class MemorySettings:
     """How the engine spends GPU memory: set by hand, or planned from `EngineConfig.gpu_memory`.
 
-    `helios_rt.options.plan_memory(config, model)` fills the values left at None with what
-    `helios-rt plan --gpu-memory GB` chooses for that checkpoint (the same code); the CLI calls it.
+    `helios_rt.compile.memory_plan.plan_memory(config, model)` fills the values left at None with what
+    `helios-rt plan --gpu-memory GB` chooses for that checkpoint (the same code); `Engine.from_pretrained`
+    calls it.
 
     text_encoder_precision: umT5's linears, "native" (the dtype) or "fp8" (e4m3 weight-only, 4.3 GiB on
       the GPU instead of 10.6; what makes an FP8 engine fit 24 GB while a prompt is encoded).
@@ -395,8 +396,8 @@ class EngineConfig:
         if self.gpu_memory is not None and self.memory.planned_for_gb != self.gpu_memory:
             raise ValueError(
                 f"EngineConfig.gpu_memory={self.gpu_memory:g} is planned against the checkpoint before loading: "
-                "pass helios_rt.options.plan_memory(config, model) to the engine (the CLI does), or set "
-                "memory=MemorySettings(...) by hand"
+                "load with Engine.from_pretrained (which plans it), pass "
+                "helios_rt.compile.memory_plan.plan_memory(config, model), or set memory=MemorySettings(...) by hand"
             )
         return self.memory
 
@@ -487,7 +488,7 @@ _STEP_NAMES = ("pyramid_steps", "num_inference_steps")
 # the values that leave EngineConfig for the stream side: honoured until the engine takes them there
 _STREAM_NOTES = {
     "fps": "the frame rate belongs to the video writer (Mp4Writer(fps=), `helios-rt generate --fps`)",
-    "prompt_blend_chunks": "it belongs to the stream and moves to Engine.generate_stream in the next release",
+    "prompt_blend_chunks": "it belongs to the stream: Engine.generate_stream(prompt_blend_chunks=)",
 }
 DEPRECATED_NAMES: frozenset[str] = frozenset(_MOVED) | frozenset(_STEP_NAMES) | frozenset(_STREAM_NOTES)
 
