@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a video and write it to an mp4 as it is made")
-    gen.add_argument("--model", required=True, help="'demo' (built-in, untrained) or a Helios checkpoint folder")
+    gen.add_argument("--model", required=True, help="'demo' (built-in, bouncing shapes) or a Helios checkpoint folder")
     gen.add_argument("--prompt", default=None, help="the text (or pass --prompt-embeds)")
     gen.add_argument("--prompt-embeds", type=Path, default=None,
                      help="a .safetensors file with prompt_embeds [1, S, text_dim] (and optionally "

@@ -33,6 +33,7 @@ from .compile.chunk_program import STEADY, ChunkKind, ChunkProgram, EagerChunk, 
 from .compile.memory_plan import plan_memory
 from .compile.plan_cache import PlanCache
 from .config import EngineConfig
+from .demo import DEMO_CHECKPOINT, demo_config, is_demo, resolve_model
 from .errors import InputError, NonFiniteError, StreamFailedError
 from .guards import check_device, check_finite_input
 from .model.text import (
@@ -136,39 +137,42 @@ class Engine:
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> Engine:
-        """Load a diffusers-layout Helios checkpoint folder, or `"demo"` for the built-in untrained model.
+        """Load a diffusers-layout Helios checkpoint folder, or `"demo"` for the built-in demo checkpoint.
+
+        The demo runs at its own size, steps and guidance where `config` leaves EngineConfig's defaults
+        (`helios_rt.demo.demo_config`).
 
         With `EngineConfig(gpu_memory=GB)` the memory settings left unset are planned for the checkpoint
         first (`compile.memory_plan.plan_memory`, what `helios-rt plan --gpu-memory` chooses); a budget
         nothing fits is refused before a weight is read."""
         config = config or EngineConfig()
+        if is_demo(path):
+            config = demo_config(config)
         start = time.perf_counter()
         check_device(config.resolved_device())  # before any weight is read, for Python callers too
         # a gpu_memory budget decides the memory settings, as `helios-rt plan --gpu-memory` does (same code)
         config = plan_memory(config, str(path))
-        engine = cls._load(path, config)
+        engine = cls._load(resolve_model(path), config)
         engine.load_timings = _load_timings(engine, time.perf_counter() - start)
         return engine
 
     @classmethod
-    def _load(cls, path: str | Path, config: EngineConfig) -> Engine:
+    def _load(cls, root: Path, config: EngineConfig) -> Engine:
         if config.precision == "fp8":
             from .fp8.linear import require_fp8_support
 
             require_fp8_support(config.resolved_device(), config.resolved_dtype())
         memory = config.memory_settings()
-        no_umt5 = str(path) == "demo" or not (Path(path) / "text_encoder").is_dir() or word_encoder_config(path)
+        no_umt5 = not (root / "text_encoder").is_dir() or word_encoder_config(root)
         if (memory.text_encoder_precision or "native") != "native" and no_umt5:
             raise ValueError(
                 f"MemorySettings(text_encoder_precision={memory.text_encoder_precision!r}) sets the precision of a "
-                f"checkpoint's umT5 encoder, and {path} has none (no text_encoder/ with umT5): leave it 'native'"
+                f"checkpoint's umT5 encoder, and {root} has none (no text_encoder/ with umT5): leave it 'native'"
             )
-        if str(path) == "demo":
-            from .demo import build_demo_engine
-
-            with device_scope(torch.device(config.resolved_device())):
-                return build_demo_engine(config)
-        root = Path(path)
+        if root == DEMO_CHECKPOINT and not (root / "model_index.json").exists():
+            raise CheckpointError(
+                f"the built-in demo checkpoint is missing from this install ({root}): reinstall helios_rt"
+            )
         if not (root / "model_index.json").exists():
             raise CheckpointError(
                 f"{root} is not a Helios checkpoint folder (no model_index.json); pass the folder "
@@ -545,8 +549,9 @@ class Stream:
     def close(self) -> None:
         """Free the stream's buffers; iteration ends."""
         self._closed = True
-        self._pending = None  # a chunk launched ahead (overlap) is not handed over
-        self._history = None
+        with self.engine.scope:  # a chunk launched ahead (overlap) is dropped on its own device
+            self._pending = None  # not handed over
+            self._history = None
         self._prompt = None
         self._uncond = None
         self._text, self._text_key = None, None

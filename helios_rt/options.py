@@ -108,8 +108,8 @@ class Option:
 
 
 ENGINE_OPTIONS: tuple[Option, ...] = (
-    Option("height", "frame height in pixels (default: the model's, 384; the demo's 192)", positive_int),
-    Option("width", "frame width in pixels (default: the model's, 640; the demo's 320)", positive_int),
+    Option("height", "frame height in pixels (default: the model's, 384; the demo's 64)", positive_int),
+    Option("width", "frame width in pixels (default: the model's, 640; the demo's 64)", positive_int),
     Option("device", "auto (cuda when available), cpu, cuda or cuda:N"),
     Option("dtype", "the model's dtype; auto: bfloat16 on cuda, float32 on cpu", choices=DTYPE_CHOICES),
     Option("precision", "fp8: the block linears in e4m3 (an FP8 checkpoint from `helios-rt quantize`, "

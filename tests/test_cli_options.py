@@ -58,8 +58,10 @@ def test_steps_sets_a_base_checkpoints_total() -> None:
 
 
 def test_defaults_are_the_configs_and_the_demo_keeps_its_size() -> None:
+    from helios_rt.demo import DEMO_HEIGHT, DEMO_WIDTH
+
     config = options.engine_config(build_parser().parse_args(COMMANDS["generate"]))
-    assert config == EngineConfig(height=192, width=320)
+    assert config == EngineConfig(height=DEMO_HEIGHT, width=DEMO_WIDTH)
     with pytest.raises(SystemExit):
         build_parser().parse_args(COMMANDS["generate"] + ["--steps", "1,0"])
 

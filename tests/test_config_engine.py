@@ -132,7 +132,7 @@ def test_steps_that_do_not_fit_the_checkpoint_are_refused_with_the_fix() -> None
 
 def test_a_budget_must_be_planned_before_the_engine_reads_the_memory_settings() -> None:
     config = EngineConfig(gpu_memory=24)
-    with pytest.raises(ValueError, match=r"gpu_memory=24 is planned .*helios_rt\.options\.plan_memory"):
+    with pytest.raises(ValueError, match=r"gpu_memory=24 is planned .*memory_plan\.plan_memory"):
         config.decode_slice_frames  # noqa: B018 (what engine.py reads)
     by_hand = EngineConfig(memory=MemorySettings(decode_slice_frames=1, offload_text_encoder=True))
     assert (by_hand.decode_slice_frames, by_hand.offload_text_encoder, by_hand.text_encoder_precision) == (

@@ -162,3 +162,12 @@ def test_the_op_registry_is_a_leaf() -> None:
     source = modules()["helios_rt.ops.registry"].read_text()
     assert "importlib" not in source and "__import__" not in source
     assert "helios_rt.ops.registry" in graph["helios_rt.kernels.norm"]  # the kernels register there
+
+
+def test_no_import_cycles_anywhere() -> None:
+    """No two modules of helios_rt/ or kernels/ import each other, directly or around a ring; function-level
+    imports count (a cycle hidden in a function is still one a reader must untangle)."""
+    found = cycles(import_graph())
+    assert not found, f"{len(found)} import cycle(s): " + "; ".join(" <-> ".join(c) for c in found) + (
+        ". Move what both sides need into a leaf module both import, or invert one import"
+    )

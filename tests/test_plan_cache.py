@@ -87,10 +87,12 @@ def test_a_second_program_loads_the_plans_and_computes_the_same_bits(engine, cac
 @pytest.mark.slow  # two fresh processes, each importing torch and running a stream: ~13 s
 def test_a_second_process_skips_planning(engine, tmp_path) -> None:
     script = textwrap.dedent("""
-        import json, torch
+        import json, sys, torch
         from helios_rt import Engine, EngineConfig
-        engine = untrained_engine(EngineConfig(height=64, width=64, device="cpu", dtype="float32",
-                                                             kernels="reference", graphs="chunk"))
+        from helios_rt.demo.untrained import write_untrained_checkpoint
+        model = write_untrained_checkpoint(sys.argv[1])
+        engine = Engine.from_pretrained(model, EngineConfig(height=64, width=64, device="cpu", dtype="float32",
+                                                            kernels="reference", graphs="chunk"))
         with engine.generate_stream("a fish", num_frames=66, seed=2) as stream:
             chunks = list(stream)
         t = stream.timings
@@ -100,7 +102,9 @@ def test_a_second_process_skips_planning(engine, tmp_path) -> None:
     env = {**os.environ, "HELIOS_RT_CACHE_DIR": str(tmp_path), "HELIOS_RT_PLAN_CACHE": "1"}
 
     def run() -> dict:
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        model = tmp_path / "untrained"
+        done = subprocess.run([sys.executable, "-c", script, str(model)], env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 

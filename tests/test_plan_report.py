@@ -48,12 +48,13 @@ def test_the_plan_is_the_engines_compiled_chunk():
     from helios_rt import EngineConfig
     from helios_rt.compile.chunk_program import ChunkKind
     from helios_rt.compile.cost import ChunkShape
-    from helios_rt.demo import DEMO_TRANSFORMER
+    from helios_rt.demo.untrained import UNTRAINED_TRANSFORMER
 
     engine = untrained_engine(EngineConfig(height=64, width=64, device="cpu", dtype="float32",
                                                          kernels="reference", graphs="chunk"))  # fmt: skip
     shape = ChunkShape(height=64, width=64, text_len=512)
-    report = plan_engine(DEMO_TRANSFORMER, 64, 64, torch.float32, shape=shape, kernels="reference", spec=engine.spec,
+    report = plan_engine(UNTRAINED_TRANSFORMER, 64, 64, torch.float32, shape=shape, kernels="reference",
+                         spec=engine.spec,
                          text_encoder=None)  # fmt: skip
     program = engine.chunk_program
     kinds = [ChunkKind(True, True), ChunkKind(True, False), ChunkKind(False, False)]

@@ -217,7 +217,7 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
                 "DOM.setFileInputFiles", files=[str(write_png(tmp_path / "first.png"))], nodeId=node["nodeId"]
             )
             await page.evaluate(
-                "document.getElementById('prompt').value = 'a tropical fish among corals';"
+                "document.getElementById('prompt').value = 'a red circle on a blue background';"
                 f"document.getElementById('frames').value = '{CHUNKS * FRAMES_PER_CHUNK}';"
                 "document.getElementById('start').click()"
             )
@@ -225,7 +225,7 @@ def test_page_plays_the_stream_and_switches_the_prompt(chromium: str, tmp_path: 
             first = await canvas_shot(page)
             cpu_before = await main_thread_seconds(page)
             await page.evaluate(
-                "document.getElementById('next-prompt').value = 'a red bird over the sea';"
+                "document.getElementById('next-prompt').value = 'a yellow circle on a blue background';"
                 "document.getElementById('switch-button').click()"
             )
             switch = await page.wait_for(
@@ -363,7 +363,7 @@ def test_the_page_says_what_happens(chromium: str, tmp_path: Path) -> None:
                 await set_files(page, [str(write_png(tmp_path / "first.png"))])
                 await page.wait_for("!document.getElementById('preview').hidden")
                 seen["good image"] = await state(page)
-                await page.evaluate("document.getElementById('prompt').value = 'a fish in a reef'")
+                await page.evaluate("document.getElementById('prompt').value = 'a yellow circle on a blue background'")
                 await press_enter(page, "prompt")  # endless
                 seen["playing"] = await reach(page, "playing")
                 await page.wait_for("document.getElementById('rtf').textContent !== '-'")
@@ -392,7 +392,7 @@ def test_the_page_says_what_happens(chromium: str, tmp_path: Path) -> None:
                 await page.evaluate(f"document.getElementById('frames').value = '{FRAMES_PER_CHUNK}';"
                                     "document.getElementById('start').click()")  # fmt: skip
                 await page.wait_for("helios.player.chunksGenerated === 1 && helios.player.shown.frame >= 0")
-                await page.evaluate("document.getElementById('next-prompt').value = 'a red bird'")
+                await page.evaluate("document.getElementById('next-prompt').value = 'a red box'")
                 await press_enter(page, "next-prompt")
                 await page.wait_for("document.getElementById('switch').textContent.startsWith('switch refused')")
                 seen["past the end"] = await state(page)
@@ -420,7 +420,7 @@ def test_the_page_says_what_happens(chromium: str, tmp_path: Path) -> None:
     assert seen["good image"]["preview"] and seen["good image"]["error"] == "", seen["good image"]
     playing = seen["playing"]
     assert playing["status"].startswith("playing") and playing["stop"] and playing["switchable"], playing
-    assert not playing["start"] and playing["prompt"] == "prompt: a fish in a reef", playing
+    assert not playing["start"] and playing["prompt"] == "prompt: a yellow circle on a blue background", playing
     assert seen["stalled"]["status"].startswith("stalled") and seen["stalled fps"]["fps"] == "0", seen["stalled"]
     assert seen["recovered"]["status"].startswith("playing"), seen["recovered"]
     assert seen["paused"]["status"].startswith("paused") and not seen["paused"]["switchable"], seen["paused"]

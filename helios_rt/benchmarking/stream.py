@@ -258,7 +258,7 @@ def random_engine(model_config=None, config=None, vae_config=None, seed: int = 0
     `prompt_embeds` to `generate_stream`.
     """
     from ..config import HELIOS_14B, EngineConfig
-    from ..demo import DEMO_MODEL_INDEX, DEMO_SCHEDULER
+    from ..demo.untrained import UNTRAINED_MODEL_INDEX, UNTRAINED_SCHEDULER
     from ..engine import Engine
     from ..model.transformer import HeliosTransformer, keeps_fp32
     from ..model.vae import VAEConfig, WanVAE
@@ -285,7 +285,7 @@ def random_engine(model_config=None, config=None, vae_config=None, seed: int = 0
                 p.normal_(0.0, 0.02, generator=g)
     torch.manual_seed(seed)
     vae = WanVAE(vae_config or VAEConfig()).to(device, vae_dtype).eval()
-    spec = SamplingSpec.from_checkpoint(DEMO_MODEL_INDEX, DEMO_SCHEDULER, config)
+    spec = SamplingSpec.from_checkpoint(UNTRAINED_MODEL_INDEX, UNTRAINED_SCHEDULER, config)  # distilled
     return Engine(transformer.eval(), vae, None, spec, config)
 
 
@@ -295,6 +295,7 @@ def gpu_engines(chunks: int = 4) -> list[tuple[str, Callable[..., Any], dict]]:
     A factory takes EngineConfig overrides (the suite builds a second, eager engine for stage timings).
     """
     from ..config import HELIOS_14B, EngineConfig
+    from ..demo import DEMO_PROMPT
     from ..engine import Engine
 
     cfg14 = EngineConfig(height=384, width=640, device="cuda")
@@ -313,7 +314,7 @@ def gpu_engines(chunks: int = 4) -> list[tuple[str, Callable[..., Any], dict]]:
             {"prompt_embeds": embeds},
         )
     demo_cfg = EngineConfig(device="cuda")
-    demo = ("demo", lambda **o: Engine.from_pretrained("demo", demo_cfg.replace(**o)), {"prompt": "a fish"})
+    demo = ("demo", lambda **o: Engine.from_pretrained("demo", demo_cfg.replace(**o)), {"prompt": DEMO_PROMPT})
     return [demo, big]
 
 

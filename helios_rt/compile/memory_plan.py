@@ -450,6 +450,8 @@ def text_encoder_config(name: str) -> dict | None:
         raw = json.loads((find_component(name, "text_encoder") / "config.json").read_text())
     except (FileNotFoundError, ValueError):
         return None
+    if raw.get("_class_name") == "HashPromptEncoder":  # the demo checkpoints' word embedder: no weights to plan
+        return None
     keys = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
     return {k: raw[k] for k in keys if k in raw}
 
@@ -492,9 +494,9 @@ def plan_memory(config: EngineConfig, model: str) -> EngineConfig:
 def _plan_model(model: str) -> tuple[ModelConfig, dict | None]:
     """The transformer config and umT5 config the plan reads for `model` (the demo: no umT5)."""
     if model == "demo":
-        from ..demo import DEMO_TRANSFORMER
+        from ..demo import DEMO_CHECKPOINT
 
-        return DEMO_TRANSFORMER, None
+        model = str(DEMO_CHECKPOINT)
     return model_config(model), None if model == "tiny" else text_encoder_config(model)
 
 

@@ -30,7 +30,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                               "prompts live.", epilog=_EXAMPLE,
                               formatter_class=_Help)  # fmt: skip
     p.add_argument("--model", required=True, default=argparse.SUPPRESS,
-                   help="'demo' (built-in, untrained) or a Helios checkpoint folder")  # fmt: skip
+                   help="'demo' (built-in, bouncing shapes) or a Helios checkpoint folder")  # fmt: skip
     s = p.add_argument_group("serving options")
     s.add_argument("--host", default=defaults.host,
                    help="address to bind; another than this machine's needs a token in --token-env")  # fmt: skip
