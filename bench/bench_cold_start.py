@@ -1,4 +1,4 @@
-"""The cold start by phase (issue 27): the demo's first stream, and the 14B plan with and without the cache.
+"""The cold start by phase: the demo's first stream, and the 14B plan with and without the cache.
 
     python -m pytest bench/bench_cold_start.py --benchmark-only -s
 

@@ -1,5 +1,5 @@
 """The planned chunk on the Triton op table: no float32 round trip, unfused norm or separate GELU pass over
-an activation inside a block (issue 24), read from the plan the engine executes.
+an activation inside a block, read from the plan the engine executes.
 
 The model is TINY in bf16 on meta tensors (planning runs nothing), sampled as Helios-Distilled (three
 pyramid stages, one step each); the steady kind is the chunk a stream repeats.

@@ -1,4 +1,4 @@
-"""The compiled chunk (issue 12) on CPU: planned on meta, run on its arena, equal to the eager sampler.
+"""The compiled chunk on CPU: planned on meta, run on its arena, equal to the eager sampler.
 
 `graphs="chunk"` compiles each chunk kind into one plan over one arena; on a GPU that arena run is what
 a CUDA graph captures, on a CPU it runs as it is. These tests pin down what that promises:

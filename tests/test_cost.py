@@ -222,7 +222,7 @@ def test_calibration_row_names_the_paper(tiny) -> None:
     assert c.vae_s > 0 and c.text_kv_s > 0 and "vs the paper's 19.5 FPS at steps 1+1+1" in c.line()
 
 
-# ---- device-derived rates and the lanes model (issue 22) --------------------------------------------------
+# ---- device-derived rates and the lanes model --------------------------------------------------
 H100_SXM_ATTRS = dict(name="NVIDIA H100 80GB HBM3", sm_count=132, major=9, minor=0, max_clock_khz=1_980_000,
                       mem_clock_khz=2_619_000, bus_width_bits=5120)  # fmt: skip
 H100_PCIE_ATTRS = dict(name="NVIDIA H100 PCIe", sm_count=114, major=9, minor=0, max_clock_khz=1_755_000,

@@ -1,4 +1,4 @@
-"""The engine against diffusers on inputs the six engine oracles do not use (issue 11).
+"""The engine against diffusers on inputs the six engine oracles do not use.
 
 - A Base checkpoint exactly as diffusers saves and loads it: `HeliosScheduler(stages=1)` with the
   class-default four `stage_range` entries, and a transformer config carrying the official

@@ -1,4 +1,4 @@
-"""The engine with `kernels="triton"` against diffusers' HeliosPyramidPipeline (issue 6, item 6).
+"""The engine with `kernels="triton"` against diffusers' HeliosPyramidPipeline.
 
 One small config of `test_engine_oracle.py`: the distilled pyramid (DMD) pipeline, text-to-video,
 three chunks (the second and third run with short/mid/long history terms), on the Triton CPU

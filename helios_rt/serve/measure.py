@@ -50,7 +50,7 @@ def vp9_row(frames: np.ndarray, fps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..demo import DEMO_HEIGHT, DEMO_WIDTH
+    from ..demo import DEMO_HEIGHT, DEMO_PROMPT, DEMO_WIDTH
     from ..engine import Engine, EngineConfig
 
     parser = argparse.ArgumentParser(prog="python -m helios_rt.serve.measure", description=__doc__)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=1)
     args = parser.parse_args(argv)
     engine = Engine.from_pretrained("demo", EngineConfig(height=args.height, width=args.width))
-    stream = engine.generate_stream("a tropical fish among corals", num_frames=33 * args.chunks, seed=0)
+    stream = engine.generate_stream(DEMO_PROMPT, num_frames=33 * args.chunks, seed=0)
     print(f"demo {args.width}x{args.height}, 33 frames per chunk; per chunk:")
     for chunk in stream:
         rows = [jpeg_row(chunk.frames, "444", 3), jpeg_row(chunk.frames, "420", 3), vp9_row(chunk.frames, 24)]
