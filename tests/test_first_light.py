@@ -212,3 +212,16 @@ def test_steady_fps_projects_both_lanes_sharing_the_gpu(overlap: bool) -> None:
     figures = stream_figures(dry_run_profile(), proj, SimpleNamespace(seconds=1.6), warm, warm, stages, overlap)
     steady = next(f for f in figures if f.name.startswith("steady FPS"))
     assert steady.projected == pytest.approx(33 / (0.8 + 0.2))  # not 33 / max(0.8, 0.2) with overlap
+
+
+def test_fp8_rows_are_skipped_with_the_engines_refusal_and_drift_is_relative() -> None:
+    """Where FP8 cannot run, its rows are skips carrying the engine's own reason; the drift figure is the
+    latents' relative distance (zero for equal latents, one for latents against zeros)."""
+    from helios_rt.first_light.fp8 import latent_drift, skipped_rows
+    from helios_rt.first_light.report import SKIP
+
+    checks, figures = skipped_rows("no FP8 here")
+    assert figures == [] and len(checks) == 3 and all(c.status == SKIP and c.detail == "no FP8 here" for c in checks)
+    x = [torch.ones(1, 3), torch.full((2, 3), 2.0)]
+    assert latent_drift(x, x) == 0.0
+    assert latent_drift([torch.zeros(1, 3), torch.zeros(2, 3)], x) == pytest.approx(1.0)
