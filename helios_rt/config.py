@@ -190,7 +190,7 @@ def _check_training_keys(raw: dict[str, Any]) -> None:
 # The released Helios checkpoints (Distilled, Mid, Base) share this architecture.
 HELIOS_14B = ModelConfig(is_amplify_history=True)
 
-# Small presets for tests and the built-in demo model: same structure, tiny sizes.
+# A small preset for tests and plans: same structure, tiny sizes.
 TINY = ModelConfig(
     num_attention_heads=2,
     attention_head_dim=16,

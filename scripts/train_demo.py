@@ -22,7 +22,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -118,8 +118,6 @@ def trajectory(rng: np.random.Generator, recipe: Recipe) -> tuple[list[torch.Ten
 
 
 def _switched(rng: np.random.Generator, recipe: Recipe, scene: scenes.Scene) -> scenes.Scene:
-    from dataclasses import replace
-
     names = list(scenes.COLOURS)
     if rng.random() < recipe.switch_colour:
         scene = replace(scene, obj=str(rng.choice([n for n in names if n not in (scene.obj, scene.background)])))
@@ -239,8 +237,7 @@ class ChunkBatches:
         self.layout = HistoryLayout((16, 2, 1), LATENT_FRAMES, keep_first_frame=True)
         self.text = HashPromptEncoder(TRANSFORMER["text_dim"], positional=True)
         self._embeds: dict[str, torch.Tensor] = {}
-        idx = self.layout.indices()
-        self.indices = {k: v for k, v in idx.items()}
+        self.indices = self.layout.indices()
 
     def embed(self, caption: str) -> torch.Tensor:
         if caption not in self._embeds:
@@ -336,6 +333,13 @@ def save_checkpoint(out: Path, vae, transformer, mean: torch.Tensor, std: torch.
 
 
 PHASES = ("vae", "vae_long", "vae_object", "encode", "transformer", "decoder", "assemble")
+# The autoencoder's phases: (the folder it starts from, None: new; train_vae's options; the folder it writes).
+VAE_PHASES: dict[str, tuple[str | None, dict[str, bool], str]] = {
+    "vae": (None, {}, "vae_short"),
+    "vae_long": ("vae_short", {"long": True}, "vae_long"),
+    "vae_object": ("vae_long", {"weighted": True}, "vae_autoencoder"),
+    "decoder": ("vae_autoencoder", {"decoder_only": True}, "vae"),
+}
 
 
 def run_phase(phase: str, work: Path, out: Path, recipe: Recipe, seed: int, log=print) -> None:
@@ -344,21 +348,12 @@ def run_phase(phase: str, work: Path, out: Path, recipe: Recipe, seed: int, log=
     rng, gen = np.random.default_rng([seed, offset]), torch.Generator().manual_seed(seed * 10 + offset)
     torch.manual_seed(seed * 10 + offset)
     work.mkdir(parents=True, exist_ok=True)
-    if phase == "vae":
-        vae = build_vae()
-        losses = train_vae(vae, recipe, rng, log)
-        vae.save_pretrained(work / "vae_short")
-        _write_losses(work / "vae_losses.json", losses)
-    elif phase == "vae_long":
-        vae = _load_vae(work / "vae_short")
-        losses = train_vae(vae, recipe, rng, log, long=True)
-        vae.save_pretrained(work / "vae_long")
-        _write_losses(work / "vae_long_losses.json", losses)
-    elif phase == "vae_object":
-        vae = _load_vae(work / "vae_long")
-        losses = train_vae(vae, recipe, rng, log, weighted=True)
-        vae.save_pretrained(work / "vae_autoencoder")
-        _write_losses(work / "vae_object_losses.json", losses)
+    if phase in VAE_PHASES:
+        start, options, saved = VAE_PHASES[phase]
+        vae = build_vae() if start is None else _load_vae(work / start)
+        losses = train_vae(vae, recipe, rng, log, **options)
+        vae.save_pretrained(work / saved)
+        _write_losses(work / f"{phase}_losses.json", losses)
     elif phase == "encode":
         vae = _load_vae(work / "vae_autoencoder")
         latents, captions = encode_dataset(vae, recipe, rng, log)
@@ -376,11 +371,6 @@ def run_phase(phase: str, work: Path, out: Path, recipe: Recipe, seed: int, log=
         losses = train_transformer(model, batches, recipe, rng, gen, log, save=snapshot)
         model.save_pretrained(work / "transformer")
         _write_losses(work / "transformer_losses.json", losses)
-    elif phase == "decoder":
-        vae = _load_vae(work / "vae_autoencoder")
-        losses = train_vae(vae, recipe, rng, log, decoder_only=True)
-        vae.save_pretrained(work / "vae")
-        _write_losses(work / "decoder_losses.json", losses)
     else:
         data = torch.load(work / "dataset.pt")
         meta = {
@@ -389,7 +379,7 @@ def run_phase(phase: str, work: Path, out: Path, recipe: Recipe, seed: int, log=
             "torch": torch.__version__,
             "final": {
                 name: float(np.mean(json.loads((work / f"{name}_losses.json").read_text())[-100:]))
-                for name in ("vae", "vae_long", "vae_object", "decoder", "transformer")
+                for name in (*VAE_PHASES, "transformer")
             },
         }
         transformer = _load_transformer(work / "transformer")

@@ -445,12 +445,13 @@ def text_encoder_config(name: str) -> dict | None:
     if name == "helios-14b":
         return UMT5_XXL
     from ..checkpoint import find_component
+    from ..model.text import word_encoder_config
 
+    if word_encoder_config(name) is not None:  # the demo checkpoints' word embedder: no weights to plan
+        return None
     try:
         raw = json.loads((find_component(name, "text_encoder") / "config.json").read_text())
     except (FileNotFoundError, ValueError):
-        return None
-    if raw.get("_class_name") == "HashPromptEncoder":  # the demo checkpoints' word embedder: no weights to plan
         return None
     keys = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
     return {k: raw[k] for k in keys if k in raw}
