@@ -5,7 +5,7 @@ holds one generation's state (history memory, prompt, generator), so an engine c
 streams one after another and a stream never grows: its history is a fixed-size buffer updated in
 place and every chunk's frames are handed to the caller as soon as they are decoded.
 
-A chunk is `compile.chunk_program.chunk_body`, whatever the mode: on a GPU one replay of the engine's
+A chunk is `sampling.chunk.ChunkSampler.run_chunk`, whatever the mode: on a GPU one replay of the engine's
 chunk program (planned, captured), with `graphs="off"` the same body run eagerly (`EagerChunk`). The
 stream runs two lanes (`overlap`): chunk k is decoded on a second CUDA stream while chunk k+1 is
 computed, ordered by events; the host waits only for the decode of the chunk it hands over.

@@ -67,12 +67,12 @@ def test_a_host_read_in_the_body_fails_the_plan(tiny_engine: Engine, monkeypatch
     sampler = ChunkSampler(model, tiny_engine.spec, tiny_engine.history_layout, tiny_engine.latent_hw, META)
     sampler.set_block_factor(block_noise_factor(0.25, model.config.patch_size[1:]))
     program = ChunkProgram(sampler, text=TextShape(16))
-    sample = ChunkSampler.sample  # patched on the class: the program plans on a meta copy of the sampler
+    run_chunk = ChunkSampler.run_chunk  # patched on the class: the program plans on a meta copy of the sampler
 
-    def with_a_host_read(self, *args, **kwargs):
-        latents = sample(self, *args, **kwargs)
-        return latents * float(latents.sum())
+    def with_a_host_read(self, state, kind, batch) -> None:
+        run_chunk(self, state, kind, batch)
+        state.output.mul_(float(state.output.sum()))
 
-    monkeypatch.setattr(ChunkSampler, "sample", with_a_host_read)
+    monkeypatch.setattr(ChunkSampler, "run_chunk", with_a_host_read)
     with pytest.raises(UnplannableOp, match="reads a tensor value on the host"):
         program.plan(ChunkKind(False, False))

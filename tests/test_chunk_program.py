@@ -9,7 +9,7 @@ a CUDA graph captures, on a CPU it runs as it is. These tests pin down what that
   dispatch mode and by the profiler's allocation events);
 - kinds: the first chunk of a distilled model is amplified, a chunk writes the prefix only when the
   history has none yet (one rule, `stream_kinds`); the static noise holds the generator's draws in order;
-- the eager engine runs the same `chunk_body`, not a copy of it;
+- the eager engine runs the same `ChunkSampler.run_chunk`, not a copy of it;
 - streams take turns on one program, `warmup` keeps the owner's state, a prompt of a new shape is
   an explicit re-plan (refused under capture), graphs dropped mid-stream are captured again.
 """
@@ -26,9 +26,9 @@ from support.untrained import untrained_engine
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helios_rt import Engine, EngineConfig
-from helios_rt.compile import chunk_program
 from helios_rt.compile.chunk_program import STEADY, ChunkKind, ChunkProgram, TextShape, stream_kinds
 from helios_rt.compile.workspace import PlanMismatch
+from helios_rt.sampling.chunk import ChunkSampler
 from helios_rt.sampling.noise import GeneratorNoise, StaticNoise
 
 SMALL = EngineConfig(height=64, width=64, device="cpu", dtype="float32", kernels="reference", graphs="chunk")
@@ -230,12 +230,13 @@ def test_the_executor_refuses_a_body_that_departs_from_its_plan(engine: Engine, 
     """A run whose ops differ from the planned ones (here: one more step) fails at once, naming the step."""
     program = engine.chunk_program
     stream_chunks(engine, 1)
-    sample = engine.sampler.sample
+    run_chunk = engine.sampler.run_chunk
 
-    def one_more_op(*args, **kwargs):
-        return sample(*args, **kwargs) * 1.0
+    def one_more_op(state, kind, batch) -> None:
+        run_chunk(state, kind, batch)
+        state.output.mul_(1.0)
 
-    monkeypatch.setattr(engine.sampler, "sample", one_more_op)
+    monkeypatch.setattr(engine.sampler, "run_chunk", one_more_op)
     with pytest.raises(PlanMismatch, match="step"):
         program.run(ChunkKind(True, True), torch.Generator())
 
@@ -298,16 +299,16 @@ def test_stream_kinds_is_the_one_rule() -> None:
 
 
 def test_the_eager_engine_runs_the_one_chunk_body(monkeypatch) -> None:
-    """graphs="off" runs `chunk_body` itself, once per chunk, on the stream's own history, with the
-    kinds `stream_kinds` gives (a second, hand-written chunk would not be seen here)."""
+    """graphs="off" runs `ChunkSampler.run_chunk` itself, once per chunk, on the stream's own history, with
+    the kinds `stream_kinds` gives (a second, hand-written chunk would not be seen here)."""
     calls: list[tuple[ChunkKind, object]] = []
-    body = chunk_program.chunk_body
+    body = ChunkSampler.run_chunk
 
     def recorded(sampler, state, kind, batch) -> None:
         calls.append((kind, state.history))
         body(sampler, state, kind, batch)
 
-    monkeypatch.setattr(chunk_program, "chunk_body", recorded)
+    monkeypatch.setattr(ChunkSampler, "run_chunk", recorded)
     eager = untrained_engine(SMALL.replace(graphs="off"))
     with eager.generate_stream(PROMPT, num_frames=99, seed=3) as stream:
         list(stream)

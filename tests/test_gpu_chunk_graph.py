@@ -25,7 +25,7 @@ import torch
 from support import gpu_checks as gc
 
 from helios_rt import Engine
-from helios_rt.compile.chunk_program import ChunkKind, chunk_body
+from helios_rt.compile.chunk_program import ChunkKind
 from helios_rt.compile.workspace import Executor
 from helios_rt.engine import Stream
 
@@ -104,7 +104,7 @@ def test_a_replayed_chunk_allocates_nothing_and_its_intermediates_live_in_the_ar
 
     plan = program.plan(STEADY)
     with Executor(plan, program.arena, record_ranges=True) as ex:
-        chunk_body(program.sampler, program.state, STEADY, program.batch)
+        program.sampler.run_chunk(program.state, STEADY, program.batch)
     allocated = [(lo, hi) for i, _, lo, hi in ex.ranges if plan.steps[i].allocs]
     assert allocated and gc.outside(allocated, [gc.tensor_range(program.arena)]) == []
 

@@ -92,13 +92,13 @@ def test_host_waits_only_for_decode_marks_and_slots_wait_for_their_decode(tiny_e
     """...and a chunk's compute waits for the slot only right before writing it: after its own sampling,
     for the mark after chunk k-2's decode lane copied the slot out (not for that whole decode)."""
     stream, lanes, _ = recorded_stream(tiny_engine, monkeypatch, overlapped=True, chunks=4)
-    sample = tiny_engine.sampler.sample
+    run_chunk = tiny_engine.sampler.run_chunk
 
     def logged_sample(*args, **kwargs):
         lanes.log.append(("sample",))
-        return sample(*args, **kwargs)
+        return run_chunk(*args, **kwargs)
 
-    monkeypatch.setattr(tiny_engine.sampler, "sample", logged_sample)
+    monkeypatch.setattr(tiny_engine.sampler, "run_chunk", logged_sample)
     list(stream)
     decoded = {e[1]: e[2] for e in lanes.log if e[0] == "decode"}
     launched = {e[1]: e[2] for e in lanes.log if e[0] == "launch"}

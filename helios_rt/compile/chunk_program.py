@@ -1,8 +1,9 @@
-"""The one definition of a chunk (`chunk_body`), and its compiler: plan it into one arena, run it there, capture it.
+"""The compiler of a chunk: plan it into one arena, run it there, capture it.
 
-A chunk is `ChunkSampler.sample` plus what surrounds it (the patch embedding of the history windows,
-the copy of the result into the output, the in-place history update), run with whatever op table the
-engine chose: the PyTorch references, the Triton kernels (registered as `helios_rt::` custom ops with
+A chunk is `ChunkSampler.run_chunk` (sampling/chunk.py, its only definition, with its kinds `ChunkKind`
+and `stream_kinds` and its state `ChunkState`: the patch embedding of the history windows, every stage
+and step, the copy of the result into the output, the in-place history update), run with whatever
+op table the engine chose: the PyTorch references, the Triton kernels (registered as `helios_rt::` custom ops with
 fake implementations, so they trace like any aten op), the flash-attn backends, the FP8 GEMMs. The
 same body runs four ways, per `ChunkKind` (`stream_kinds` says which kinds a stream runs):
 
@@ -63,43 +64,14 @@ from ..model.transformer import HeliosTransformer, TextContext, keeps_fp32
 from ..ops import OpSet
 from ..overlap import device_scope
 from ..profiling import nvtx_range
-from ..sampling.chunk import ChunkSampler, Conditioning
+from ..sampling.chunk import STEADY, ChunkKind, ChunkSampler, ChunkState, stream_kinds
 from ..sampling.history import HistoryMemory
-from ..sampling.noise import GeneratorNoise, NoiseSource, StaticNoise
+from ..sampling.noise import GeneratorNoise, StaticNoise
 from .plan_cache import PlanCache, key_fields, plan_key
 from .workspace import Executor, ProgramPlan, allocate_arena, plan_program
 
 Tensor = torch.Tensor
 META = torch.device("meta")
-
-
-@dataclass(frozen=True)
-class ChunkKind:
-    """What makes one chunk's op sequence differ from another's (one plan and one graph per kind).
-
-    amplified: the distilled first chunk's plan (`amplify_first_chunk`); set_prefix: the history
-    push takes this chunk's first latent frame as the prefix.
-    """
-
-    amplified: bool
-    set_prefix: bool
-
-
-STEADY = ChunkKind(False, False)  # every chunk after the first: a stream's last kind
-
-
-def stream_kinds(
-    amplify_first_chunk: bool, keep_first_frame: bool, prefix_set: bool, first_chunk: bool = True
-) -> tuple[ChunkKind, ...]:
-    """The kinds a stream runs from its next chunk on, in order, each once: the next chunk's, then `STEADY`.
-
-    The first chunk of a distilled model takes the amplified plan (`amplify_first_chunk`); a chunk
-    whose history has no prefix frame yet (text-to-video, `keep_first_frame`) writes one, after which
-    the prefix is set for good. An image or a video sets the prefix before the first chunk
-    (`prefix_set`). The one place these rules live: the engine, the compiler and the plan report ask here.
-    """
-    next_kind = ChunkKind(first_chunk and amplify_first_chunk, keep_first_frame and not prefix_set)
-    return tuple(dict.fromkeys([next_kind, STEADY]))
 
 
 @dataclass(frozen=True)
@@ -137,30 +109,6 @@ class ColdStart:
                 "warmup_s": self.warmup_s, "warmup_runs": self.warmup_runs, "capture_s": self.capture_s}  # fmt: skip
 
 
-@dataclass
-class ChunkState:
-    """The buffers a chunk reads and writes that outlive it (outside the arena)."""
-
-    history: HistoryMemory
-    noise: NoiseSource  # a program's `StaticNoise`; eagerly, the stream's generator (`GeneratorNoise`)
-    output: Tensor
-    text: TextContext
-    history_mod: Tensor
-
-
-def chunk_body(sampler: ChunkSampler, state: ChunkState, kind: ChunkKind, batch: int) -> None:
-    """One chunk: history tokens, every stage and step, the result into `state.output`, the history update.
-
-    The only definition of a chunk: the program plans, runs and captures it on static state, `EagerChunk`
-    runs it on a stream's own state. It reads `state` only and makes no host decision on a tensor value.
-    """
-    tokens = sampler.embed_history(*state.history.windows())
-    cond = Conditioning(state.text, tokens, state.history_mod)
-    latents = sampler.sample(cond, batch, state.noise, first_chunk=kind.amplified)
-    state.output.copy_(latents)
-    state.history.push(state.output, set_prefix=kind.set_prefix)
-
-
 def meta_model(
     config: ModelConfig,
     dtype: torch.dtype,
@@ -194,7 +142,7 @@ def _kinds_of(sampler: ChunkSampler, history: HistoryMemory, first_chunk: bool) 
 
 
 class EagerChunk:
-    """`chunk_body` on the caching allocator (`graphs="off"`): the stream's own history, no arena, no plan.
+    """`ChunkSampler.run_chunk` on the caching allocator (`graphs="off"`): the stream's own history, no arena, no plan.
 
     The same calls as `ChunkProgram` (attach, accepts, set_text, kinds, kind, run), so the stream has
     one way to run a chunk. Nothing is static: the history is the attached stream's (not copied), the
@@ -243,7 +191,7 @@ class EagerChunk:
         shape = (self.batch, sampler.model.config.in_channels, sampler.frames, *sampler.latent_hw)
         output = torch.empty(shape, dtype=torch.float32, device=sampler.device)
         noise = GeneratorNoise(generator, sampler.device)
-        chunk_body(sampler, ChunkState(self.history, noise, output, self._text, self._history_mod), kind, self.batch)
+        sampler.run_chunk(ChunkState(self.history, noise, output, self._text, self._history_mod), kind, self.batch)
         return output
 
 
@@ -361,7 +309,7 @@ class ChunkProgram:
     def _new_plan(self, kind: ChunkKind) -> ProgramPlan:
         """Plan `kind` on the meta copy, and store the plan when there is a cache."""
         sampler, state = self._meta_copy()
-        plan = plan_program(chunk_body, sampler, state, kind, self.batch)
+        plan = plan_program(ChunkSampler.run_chunk, sampler, state, kind, self.batch)
         self.cold.sources[kind] = "planned"
         self.cold.plans_made += 1
         if self.plan_cache is not None and self.sampler.model.parallel is None:
@@ -472,12 +420,12 @@ class ChunkProgram:
         key = self._unverified.pop(kind, None)
         if key is None:
             with Executor(plan, self.arena):
-                chunk_body(self.sampler, self.state, kind, self.batch)
+                self.sampler.run_chunk(self.state, kind, self.batch)
             return
         saved = self._save_state()
         try:
             with Executor(plan, self.arena):
-                chunk_body(self.sampler, self.state, kind, self.batch)
+                self.sampler.run_chunk(self.state, kind, self.batch)
         except RuntimeError as err:  # PlanMismatch above all: the cached plan is not this program's
             self._restore_state(saved)
             self.plan_cache.discard(key, f"{type(err).__name__}: {err}")
@@ -487,7 +435,7 @@ class ChunkProgram:
             self.cold.plan_s += time.perf_counter() - start
             self._grow_arena()
             with Executor(self.plans[kind], self.arena):
-                chunk_body(self.sampler, self.state, kind, self.batch)
+                self.sampler.run_chunk(self.state, kind, self.batch)
 
     def _save_state(self) -> tuple[Tensor, bool, list[Tensor]]:
         """What a chunk writes outside the arena (the history and its prefix flag; the noise, which
@@ -590,5 +538,5 @@ class ChunkProgram:
         return 0 if self.arena is None else self.arena.numel()
 
 
-__all__ = ["STEADY", "ChunkKind", "ChunkProgram", "ChunkState", "ColdStart", "EagerChunk", "TextShape", "chunk_body",
-           "meta_model", "stream_kinds"]
+__all__ = ["STEADY", "ChunkKind", "ChunkProgram", "ChunkState", "ColdStart", "EagerChunk", "TextShape", "meta_model",
+           "stream_kinds"]

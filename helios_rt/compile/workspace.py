@@ -1,6 +1,6 @@
 """Planning and executing the intermediate memory of a static program in one arena.
 
-A static program (one chunk of one kind: `chunk_program.chunk_body`, every stage and step of it)
+A static program (one chunk of one kind: `ChunkSampler.run_chunk`, every stage and step of it)
 always runs the same aten ops on tensors of the same shapes. That lets its memory be planned once:
 
 - **planning** (`plan_program`): the program runs on META tensors (no memory, no arithmetic, so the

@@ -13,11 +13,12 @@ generator), and `cfg_combine` for CFG and CFG-Zero* (a zero-init step is `cond *
 the host). The op references round exactly as the functions of `schedules`/`pyramid`/`guidance`
 they replace. UniPC and Euler steps stay on those PyTorch functions.
 
-The sampler defines the math and knows nothing of compilation: `compile.chunk_program` runs
-`sample` on meta tensors to plan it, then on a planned arena (and under CUDA-graph capture). For that
-the step loop makes no host decision on tensor values and creates no constants while it runs:
-`prepare()` builds every layout, RoPE table, schedule plan, CFG-Zero* flag and the block-noise factor
-first (the lazily filled caches would otherwise be allocated inside a planned run).
+The sampler defines the math of a chunk (`run_chunk`, its only definition) and knows nothing of
+compilation: `compile.chunk_program` runs `run_chunk` on meta tensors to plan it, then on a planned
+arena (and under CUDA-graph capture). For that the step loop makes no host decision on tensor values
+and creates no constants while it runs: `prepare()` builds every layout, RoPE table, schedule plan,
+CFG-Zero* flag and the block-noise factor first (the lazily filled caches would otherwise be
+allocated inside a planned run).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from ..model.transformer import HeliosTransformer, HistoryTokens, TextContext
 from ..ops import OpSet
 from ..profiling import nvtx_range
 from .guidance import zero_init_steps
-from .history import HistoryLayout
-from .noise import GeneratorNoise, NoiseSource
+from .history import HistoryLayout, HistoryMemory
+from .noise import NoiseSource
 from .pyramid import (
     PyramidPlan,
     block_noise_factor,
@@ -144,6 +145,46 @@ def checkpoint_steps(
     return tuple(steps)
 
 
+@dataclass(frozen=True)
+class ChunkKind:
+    """What makes one chunk's op sequence differ from another's (one plan and one graph per kind).
+
+    amplified: the distilled first chunk's plan (`amplify_first_chunk`); set_prefix: the history
+    push takes this chunk's first latent frame as the prefix.
+    """
+
+    amplified: bool
+    set_prefix: bool
+
+
+STEADY = ChunkKind(False, False)  # every chunk after the first: a stream's last kind
+
+
+def stream_kinds(
+    amplify_first_chunk: bool, keep_first_frame: bool, prefix_set: bool, first_chunk: bool = True
+) -> tuple[ChunkKind, ...]:
+    """The kinds a stream runs from its next chunk on, in order, each once: the next chunk's, then `STEADY`.
+
+    The first chunk of a distilled model takes the amplified plan (`amplify_first_chunk`); a chunk
+    whose history has no prefix frame yet (text-to-video, `keep_first_frame`) writes one, after which
+    the prefix is set for good. An image or a video sets the prefix before the first chunk
+    (`prefix_set`). The one place these rules live: the engine, the compiler and the plan report ask here.
+    """
+    next_kind = ChunkKind(first_chunk and amplify_first_chunk, keep_first_frame and not prefix_set)
+    return tuple(dict.fromkeys([next_kind, STEADY]))
+
+
+@dataclass
+class ChunkState:
+    """The buffers a chunk reads and writes that outlive it (outside a program's arena)."""
+
+    history: HistoryMemory
+    noise: NoiseSource  # a program's `StaticNoise`; eagerly, the stream's generator (`GeneratorNoise`)
+    output: Tensor
+    text: TextContext
+    history_mod: Tensor
+
+
 @dataclass
 class Conditioning:
     """Per-chunk inputs of the transformer that stay fixed across its stages and steps."""
@@ -193,7 +234,7 @@ class ChunkSampler:
     # ---- constants -------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Build every constant a chunk reads (both chunk plans, each stage's layout and RoPE tables,
-        CFG-Zero* flags, the block-noise factor), so that `sample` only computes."""
+        CFG-Zero* flags, the block-noise factor), so that `run_chunk` only computes."""
         for first in (False, True):
             for s, stage in enumerate(self._stages(first)):
                 self._zero_flags(s, stage.num_steps)
@@ -284,7 +325,7 @@ class ChunkSampler:
 
     # ---- one chunk -------------------------------------------------------------------------------
     def noise_shapes(self, batch: int) -> list[tuple[int, ...]]:
-        """The shapes of a chunk's standard-normal draws, in the order `sample` takes them.
+        """The shapes of a chunk's standard-normal draws, in the order `run_chunk` takes them.
 
         The start noise `[B, C, frames, H, W]`, then per stage transition its block normals.
         """
@@ -296,32 +337,52 @@ class ChunkSampler:
         return shapes
 
     @torch.no_grad()
-    def sample(self, cond: Conditioning, batch: int, noise: torch.Generator | NoiseSource, first_chunk: bool) -> Tensor:
-        """Clean latents `[B, C, frames, H, W]` float32 of one chunk.
+    def run_chunk(self, state: ChunkState, kind: ChunkKind, batch: int) -> None:
+        """One chunk, its only definition: the history windows' tokens, every stage (the pyramid's, or a
+        base checkpoint's one) and step, the clean latents into `state.output`, the history update.
 
-        noise: a generator (drawn on as the reference pipeline draws) or a `NoiseSource`, e.g. the
-        static buffers of a chunk program.
+        A chunk program plans it on meta tensors, runs it on its arena and captures it; `EagerChunk` runs
+        it on a stream's own state. It reads `state` only and makes no host decision on a tensor value.
+        Stages and steps are one loop here, not a helper per stage, so that a reader goes from
+        `next(stream)` to a kernel launcher in six direct calls (docs/ARCHITECTURE.md).
         """
-        if isinstance(noise, torch.Generator):
-            noise = GeneratorNoise(noise, self.device)
-        start = noise.chunk(self.noise_shapes(batch)[0])
-        if not self.spec.pyramid:
-            with self.section("denoise"):
-                return self._denoise(start, None, cond, self.plan(first_chunk), 0, self.latent_hw)
-        plan = self.plan(first_chunk)
-        # contiguous: it is also stage 0's start point, which the fused flow step reads densely
-        latents = downsample_noise(start, len(plan.stages)).contiguous()
-        for s, stage in enumerate(plan.stages):
+        cond = Conditioning(state.text, self.embed_history(*state.history.windows()), state.history_mod)
+        plan = self.plan(kind.amplified)
+        pyramid = self.spec.pyramid
+        stages, sizes = (plan.stages, plan.hw) if pyramid else ((plan,), (self.latent_hw,))
+        latents = state.noise.chunk(self.noise_shapes(batch)[0])
+        if pyramid:  # contiguous: it is also stage 0's start point, which the fused flow step reads densely
+            latents = downsample_noise(latents, len(stages)).contiguous()
+        for s, stage in enumerate(stages):
             if s > 0:
                 with self.section(f"transition {s}"):
-                    latents = self._transition(latents, plan, s, noise)
-            with self.section(f"stage {s}"):
-                latents = self._denoise(latents, latents, cond, stage, s, plan.hw[s])
+                    latents = self._transition(latents, plan, s, state.noise)
+            start = latents if pyramid else None  # a pyramid stage's steps read its start point
+            with self.section(f"stage {s}" if pyramid else "denoise"):
+                layout, rope = self.layout(sizes[s])
+                zeroed = self._zero_flags(s, stage.num_steps) if self.spec.cfg_zero_star and pyramid else None
+                unipc = self._unipc_state(stage, latents)
+                patch_layout = stage.kind == "dmd"  # flow_step unpatchifies as it loads: keep the patch layout
+                for i in range(stage.num_steps):
+                    with nvtx_range(f"step {i}"):
+                        x = latents.to(self.model.dtype)
+                        x = torch.cat([x, x]) if self.spec.uses_cfg else x
+                        timestep = stage.model_timesteps[i].reshape(1).expand(x.shape[0]).to(self.device)
+                        # the history is batch 1; the transformer expands it over the (CFG) batch without a copy
+                        flow = self.model(x, timestep, cond.text, layout, rope, cond.history, cond.history_mod,
+                                          unpatchify=not patch_layout)  # fmt: skip
+                        if self.spec.uses_cfg and zeroed is not None and zeroed[i]:
+                            # the reference's zero-init step: `cond * 0.0` (signed zeros, NaN kept)
+                            flow = flow[:batch] * 0.0
+                        elif self.spec.uses_cfg:  # [cond; uncond] as stacked (guidance.split_cond_uncond's order)
+                            flow = self.ops.cfg_combine(flow, self.spec.guidance_scale, self.spec.cfg_zero_star)
+                        latents = self._step(stage, i, flow, latents, start, unipc)
                 if stage.kind == "dmd":
                     # the reference's last DMD step returns x0 in the model dtype, and the next stage's
                     # transition and steps run in it (exact cast: x0 was rounded to it in the step)
                     latents = latents.to(self.model.dtype)
-        return latents.float() if latents.dtype != torch.float32 else latents
+        state.output.copy_(latents)
+        state.history.push(state.output, set_prefix=kind.set_prefix)
 
     def _transition(self, latents: Tensor, plan: PyramidPlan, s: int, source: NoiseSource) -> Tensor:
         alpha, beta = plan.alpha_beta[s]
@@ -334,35 +395,11 @@ class ChunkSampler:
         # the reference rounds the block noise to the transformer dtype before mixing it in
         return self.ops.stage_transition(latents, noise.to(self.model.dtype), alpha, beta)
 
-    def _denoise(
-        self, latents: Tensor, start: Tensor | None, cond: Conditioning, stage: StagePlan, s: int, hw: tuple[int, int]
-    ) -> Tensor:
-        """The steps of one stage (a base checkpoint's one stage: `start` None), each a (guided) flow
-        prediction and a solver step. With CFG one batch-2 forward `[cond; uncond]`; the model is called
-        here, not through a helper, so the path from the stream to a kernel stays short."""
-        layout, rope = self.layout(hw)
-        zeroed = self._zero_flags(s, stage.num_steps) if self.spec.cfg_zero_star and start is not None else None
-        unipc = (
-            UniPCState(self.spec.schedule.solver_order, tuple(latents.shape), latents.dtype, self.device)
-            if stage.kind == "unipc"
-            else None
-        )
-        patch_layout = stage.kind == "dmd"  # flow_step unpatchifies as it loads: the model keeps the patch layout
-        b = latents.shape[0]
-        for i in range(stage.num_steps):
-            with nvtx_range(f"step {i}"):
-                x = latents.to(self.model.dtype)
-                x = torch.cat([x, x]) if self.spec.uses_cfg else x
-                timestep = stage.model_timesteps[i].reshape(1).expand(x.shape[0]).to(self.device)
-                # the history is batch 1; the transformer expands it over the (CFG) batch without a copy
-                flow = self.model(x, timestep, cond.text, layout, rope, cond.history, cond.history_mod,
-                                  unpatchify=not patch_layout)  # fmt: skip
-                if self.spec.uses_cfg and self.spec.cfg_zero_star and zeroed[i]:
-                    flow = flow[:b] * 0.0  # the reference's zero-init step: `cond * 0.0` (signed zeros, NaN kept)
-                elif self.spec.uses_cfg:  # [cond; uncond] as stacked above (guidance.split_cond_uncond's order)
-                    flow = self.ops.cfg_combine(flow, self.spec.guidance_scale, self.spec.cfg_zero_star)
-                latents = self._step(stage, i, flow, latents, start, unipc)
-        return latents
+    def _unipc_state(self, stage: StagePlan, latents: Tensor) -> UniPCState | None:
+        """A UniPC stage's multistep memory (None for other solvers)."""
+        if stage.kind != "unipc":
+            return None
+        return UniPCState(self.spec.schedule.solver_order, tuple(latents.shape), latents.dtype, self.device)
 
     def _step(
         self, stage: StagePlan, i: int, flow: Tensor, latents: Tensor, start: Tensor | None, unipc: UniPCState | None
