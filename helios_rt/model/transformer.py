@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..fp8 import PRECISIONS, FP8Activation, FP8Linear, quantize_blocks_
+from ..fp8 import PRECISIONS, FP8Activation, FP8Linear
 from ..ops import OpSet
 from ..ops.sampler import unpatchify as unpatchify_tokens
 from .layout import TokenLayout
@@ -333,11 +333,10 @@ class OutputNorm(nn.Module):
 class HeliosTransformer(nn.Module):
     """Helios' diffusion transformer over `[long | mid | short | noisy]` tokens."""
 
-    def __init__(self, config: ModelConfig, ops: OpSet | None = None, precision: str = "native") -> None:
+    def __init__(self, config: ModelConfig, ops: OpSet | None = None) -> None:
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.config, self.precision = config, precision
+        self.config = config
+        self.precision = "native"  # "fp8" once `quantize_blocks_` made the block linears e4m3: the one way
         self.ops = ops or OpSet("cpu", "reference")
         d, c, p = config.dim, config.in_channels, config.patch_size
         self.patch_embedding = nn.Conv3d(c, d, kernel_size=p, stride=p)
@@ -348,8 +347,6 @@ class HeliosTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
         self.norm_out = OutputNorm(d, config.eps)
         self.proj_out = nn.Linear(d, config.out_dim * math.prod(p))
-        if precision == "fp8":  # the block linears in e4m3 (helios_rt.fp8); everything else keeps its dtype
-            quantize_blocks_(self)
 
     parallel = None  # helios_rt.parallel's hooks (`set_parallel`); None: a one-process model
 
@@ -490,8 +487,10 @@ def load_transformer(
     config = ModelConfig.from_json(folder / "config.json")
     ops = ops or OpSet(device, "auto")
     dtype_of = lambda name: torch.float32 if keeps_fp32(name) else dtype  # noqa: E731
-    build = lambda: HeliosTransformer(config, ops, precision)  # noqa: E731
-    if precision == "fp8":
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    build = lambda: HeliosTransformer(config, ops)  # noqa: E731
+    if precision == "fp8":  # the block linears made e4m3 there (`quantize_blocks_`); the rest keeps its dtype
         return load_fp8_module(build, folder, dtype_of, device)
     stored_quantization(folder, precision)  # an FP8 checkpoint needs precision="fp8": refuse it by name
     return load_module(build, folder, dtype_of, device)
