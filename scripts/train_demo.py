@@ -49,11 +49,11 @@ class Recipe:
     vae_batch: int = 2
     vae_frames: int = 13  # 1 + 4 * 3: the first latent frame and three compressed ones
     vae_lr: float = 3e-4
-    vae_long_steps: int = 2500  # then whole chunks: the causal caches of a chunk's later latent frames
+    vae_long_steps: int = 1200  # then whole chunks: the causal caches of a chunk's later latent frames
     vae_long_frames: int = 33  # never learn from shorter clips, and decode garbage past what they saw
     vae_long_batch: int = 1
     object_weight: float = 20.0
-    decoder_steps: int = 1500
+    decoder_steps: int = 1900
     decoder_frames: int = 33  # whole chunks, as the runtime decodes them
     decoder_batch: int = 1
     trajectories: int = 500
@@ -177,7 +177,7 @@ def train_vae(
             z = z + 0.05 * posterior.mean.std() * torch.randn_like(z)
         recon = vae.decode(z).sample
         mse = F.mse_loss(recon, batch)
-        fit = (object_weights(batch, recipe.object_weight) * (recon - batch) ** 2).mean()
+        fit = (object_weights(batch, recipe.object_weight) * frame_weights(frames) * (recon - batch) ** 2).mean()
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
         loss = fit + (0.0 if decoder_only else 1e-5) * kl
         opt.zero_grad(set_to_none=True)
@@ -189,6 +189,15 @@ def train_vae(
         if step % 50 == 0 or step == steps - 1:
             log(f"{phase} step {step} loss {np.mean(losses[-50:]):.5f} (pixel mse {float(mse):.5f})")
     return losses
+
+
+def frame_weights(frames: int) -> torch.Tensor:
+    """Per-frame loss weights `[T, 1, 1]`: the first frame counts 4 times. It alone makes the first latent
+    frame (each later one is made of 4 frames), which starts every chunk the runtime decodes; counted
+    once, it is the frame the autoencoder learns last and draws in the wrong colours."""
+    weights = torch.ones(frames, 1, 1)
+    weights[0] = 4.0
+    return weights
 
 
 def object_weights(clips: torch.Tensor, weight: float) -> torch.Tensor:
