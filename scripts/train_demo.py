@@ -177,7 +177,8 @@ def train_vae(
             z = z + 0.05 * posterior.mean.std() * torch.randn_like(z)
         recon = vae.decode(z).sample
         mse = F.mse_loss(recon, batch)
-        fit = (object_weights(batch, recipe.object_weight) * frame_weights(frames) * (recon - batch) ** 2).mean()
+        weights = object_weights(batch, recipe.object_weight) * (frame_weights(frames) if decoder_only else 1.0)
+        fit = (weights * (recon - batch) ** 2).mean()
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
         loss = fit + (0.0 if decoder_only else 1e-5) * kl
         opt.zero_grad(set_to_none=True)
@@ -192,9 +193,9 @@ def train_vae(
 
 
 def frame_weights(frames: int) -> torch.Tensor:
-    """Per-frame loss weights `[T, 1, 1]`: the first frame counts 4 times. It alone makes the first latent
-    frame (each later one is made of 4 frames), which starts every chunk the runtime decodes; counted
-    once, it is the frame the autoencoder learns last and draws in the wrong colours."""
+    """Per-frame loss weights `[T, 1, 1]` of the decoder phase: the first frame counts 4 times. It alone
+    makes the first latent frame (each later one is made of 4 frames), which starts every chunk the
+    runtime decodes; counted once (as in the autoencoder phases), it was drawn in the wrong colours."""
     weights = torch.ones(frames, 1, 1)
     weights[0] = 4.0
     return weights
