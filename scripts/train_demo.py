@@ -2,15 +2,13 @@
 
     cd scripts && python train_demo.py all --work /tmp/demo-work --out ../helios_rt/demo/checkpoint
 
-Three steps, deterministic from `--seed` on a given machine and thread count:
-1. the Wan VAE at the demo's size (two down-sampling stages, see `VAE`), as an autoencoder with the
-   object's pixels weighted, on short clips and then on whole chunks (phases vae, vae_long);
+Three phases, deterministic from `--seed` on a given machine and thread count:
+1. the Wan VAE at the demo's size, as an autoencoder on short clips (pixel MSE, a small KL);
 2. a dataset of trajectories cut into 33-frame chunks, each encoded on its own as the runtime decodes
    it, with the caption of every chunk (colours or shape may switch at a chunk boundary, so the model
    learns that the prompt, not the history, decides what the object looks like);
 3. the Helios transformer, flow matching on a chunk given its history windows (long/mid/short, built by
-   the runtime's own `HistoryMemory`) and its caption, dropped 10% of the time for guidance; at the
-   same time (phase decoder) the VAE's decoder goes on learning on whole chunks, the encoder frozen.
+   the runtime's own `HistoryMemory`) and its caption, dropped 10% of the time for guidance.
 
 The models are diffusers' `AutoencoderKLWan` and `HeliosTransformer3DModel` (a test dependency, used
 here as a trainer; the runtime never imports it), saved in the diffusers layout the runtime loads.
@@ -45,20 +43,21 @@ class Recipe:
 
     height: int = 64
     width: int = 64
-    vae_steps: int = 700  # objects weighted from the start: plain MSE learns the background only
-    vae_batch: int = 2
-    vae_frames: int = 13  # 1 + 4 * 3: the first latent frame and three compressed ones
-    vae_lr: float = 3e-4
-    vae_long_steps: int = 1200  # then whole chunks: the causal caches of a chunk's later latent frames
-    vae_long_frames: int = 33  # never learn from shorter clips, and decode garbage past what they saw
-    vae_long_batch: int = 1
+    vae_steps: int = 1400
+    vae_batch: int = 4
+    vae_clip_frames: int = 5  # 1 + 4: the first latent frame and one compressed one
+    vae_lr: float = 1e-4  # the Wan VAE's RMS norms diverge from scratch at 3e-4 and above
+    vae_long_steps: int = 600  # then on longer clips, so the causal caches of later latent frames learn too
+    vae_long_frames: int = 13  # 1 + 4 * 3: two latent frames past the first compressed one
+    vae_long_batch: int = 2
+    object_steps: int = 900  # then with the object's pixels weighted: plain MSE learns the background only
     object_weight: float = 20.0
-    decoder_steps: int = 1900
-    decoder_frames: int = 33  # whole chunks, as the runtime decodes them
+    decoder_steps: int = 1000
+    decoder_frames: int = 33  # whole chunks: the runtime decodes 9 latent frames at once
     decoder_batch: int = 1
-    trajectories: int = 500
+    trajectories: int = 600
     chunks_per_trajectory: int = 4
-    dit_steps: int = 6000
+    dit_steps: int = 4000
     dit_batch: int = 8
     dit_lr: float = 6e-4
     caption_dropout: float = 0.1
@@ -69,7 +68,7 @@ class Recipe:
 
 
 TRANSFORMER = dict(
-    patch_size=(1, 4, 4),  # 4x4 latent pixels (16x16 frame pixels) a token: 16 tokens a latent frame
+    patch_size=(1, 2, 2),
     num_attention_heads=4,
     attention_head_dim=32,
     in_channels=16,
@@ -81,16 +80,7 @@ TRANSFORMER = dict(
     rope_dim=(12, 10, 10),
     is_amplify_history=True,
 )
-# Two down-sampling stages (4x in space and time), not Wan's three: at 8x a 64x64 frame is 8x8 latent
-# pixels and this small autoencoder blurs the 16-pixel object away; at 4x it keeps its colour and place.
-VAE = dict(
-    base_dim=8,
-    z_dim=16,
-    dim_mult=[1, 2, 4],
-    num_res_blocks=1,
-    temperal_downsample=[True, True],
-    scale_factor_spatial=4,
-)
+VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True])
 SCHEDULER = {
     "_class_name": "HeliosScheduler",
     "num_train_timesteps": 1000,
@@ -148,25 +138,40 @@ def build_vae():
 
 
 def train_vae(
-    vae, recipe: Recipe, rng: np.random.Generator, log=print, phase: str = "vae", fixed_batch: bool = False
+    vae,
+    recipe: Recipe,
+    rng: np.random.Generator,
+    log=print,
+    fixed_batch: bool = False,
+    decoder_only: bool = False,
+    long: bool = False,
+    weighted: bool = False,
 ) -> list[float]:
-    """Autoencoder training on random clips, the object's pixels weighted; returns every step's loss.
+    """Autoencoder training on random clips; returns the loss of every step (the weighted one when weighted).
 
-    phase: which of the recipe's `<phase>_steps`, `<phase>_frames`, `<phase>_batch` to train with:
-    "vae" (short clips, a fast start), "vae_long" (whole chunks: a chunk is 9 latent frames decoded
-    with causal caches, and clips of 13 frames never show the decoder the caches of the later ones),
-    "decoder" (the encoder frozen, since its latent space is what the transformer was trained in; the
-    decoder goes on learning on latents with a little noise, so it forgives the sampler's errors).
-    The object is 5% of a frame: unweighted, the autoencoder reaches its plateau by drawing the
-    background alone (`object_weights`).
+    long: clips of `vae_long_frames`. A chunk is 9 latent frames decoded with causal caches; clips of
+    one compressed latent frame never show the decoder a cache that came from a compressed one.
+    decoder_only: the encoder is frozen (its latent space is what the transformer was trained in) and
+    the decoder goes on learning, on whole chunks (`decoder_frames`: the later latent frames of a chunk
+    decode through caches even 13-frame clips never build), on latents with a little noise so it
+    forgives the sampler's errors.
+    weighted: the object's pixels count `object_weight` times in the loss (`object_weights`); the object
+    is 5% of a frame, and unweighted the autoencoder reaches its plateau by drawing the background alone.
     """
-    decoder_only = phase == "decoder"
-    steps, frames, size = (getattr(recipe, f"{phase}_{what}") for what in ("steps", "frames", "batch"))
+    long = long or decoder_only or weighted
+    weighted = weighted or decoder_only
+    if decoder_only:
+        steps = recipe.decoder_steps
+    else:
+        steps = recipe.object_steps if weighted else recipe.vae_long_steps if long else recipe.vae_steps
+    frames = recipe.decoder_frames if decoder_only else recipe.vae_long_frames if long else recipe.vae_clip_frames
+    size = recipe.decoder_batch if decoder_only else recipe.vae_long_batch if long else recipe.vae_batch
     params = [p for n, p in vae.named_parameters() if not decoder_only or not n.startswith(("encoder.", "quant_conv."))]
     opt = torch.optim.AdamW(params, lr=recipe.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.vae_lr, total_steps=max(steps, 2), pct_start=0.05)
     losses, batch = [], None
     vae.train()
+    what = "decoder" if decoder_only else "vae, objects weighted" if weighted else "vae, long clips" if long else "vae"
     for step in range(steps):
         if batch is None or not fixed_batch:
             batch = torch.stack([random_clip(rng, recipe, frames) for _ in range(size)])
@@ -177,8 +182,7 @@ def train_vae(
             z = z + 0.05 * posterior.mean.std() * torch.randn_like(z)
         recon = vae.decode(z).sample
         mse = F.mse_loss(recon, batch)
-        weights = object_weights(batch, recipe.object_weight) * (frame_weights(frames) if decoder_only else 1.0)
-        fit = (weights * (recon - batch) ** 2).mean()
+        fit = (object_weights(batch, recipe.object_weight) * (recon - batch) ** 2).mean() if weighted else mse
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
         loss = fit + (0.0 if decoder_only else 1e-5) * kl
         opt.zero_grad(set_to_none=True)
@@ -188,17 +192,8 @@ def train_vae(
         sched.step()
         losses.append(float(fit.detach()))
         if step % 50 == 0 or step == steps - 1:
-            log(f"{phase} step {step} loss {np.mean(losses[-50:]):.5f} (pixel mse {float(mse):.5f})")
+            log(f"{what} step {step} loss {np.mean(losses[-50:]):.5f} (pixel mse {float(mse):.5f})")
     return losses
-
-
-def frame_weights(frames: int) -> torch.Tensor:
-    """Per-frame loss weights `[T, 1, 1]` of the decoder phase: the first frame counts 4 times. It alone
-    makes the first latent frame (each later one is made of 4 frames), which starts every chunk the
-    runtime decodes; counted once (as in the autoencoder phases), it was drawn in the wrong colours."""
-    weights = torch.ones(frames, 1, 1)
-    weights[0] = 4.0
-    return weights
 
 
 def object_weights(clips: torch.Tensor, weight: float) -> torch.Tensor:
@@ -337,12 +332,13 @@ def save_checkpoint(out: Path, vae, transformer, mean: torch.Tensor, std: torch.
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-PHASES = ("vae", "vae_long", "encode", "transformer", "decoder", "assemble")
-# The autoencoder's phases: the folder each starts from (None: a new model) and the one it writes.
-VAE_PHASES: dict[str, tuple[str | None, str]] = {
-    "vae": (None, "vae_short"),
-    "vae_long": ("vae_short", "vae_autoencoder"),
-    "decoder": ("vae_autoencoder", "vae"),
+PHASES = ("vae", "vae_long", "vae_object", "encode", "transformer", "decoder", "assemble")
+# The autoencoder's phases: (the folder it starts from, None: new; train_vae's options; the folder it writes).
+VAE_PHASES: dict[str, tuple[str | None, dict[str, bool], str]] = {
+    "vae": (None, {}, "vae_short"),
+    "vae_long": ("vae_short", {"long": True}, "vae_long"),
+    "vae_object": ("vae_long", {"weighted": True}, "vae_autoencoder"),
+    "decoder": ("vae_autoencoder", {"decoder_only": True}, "vae"),
 }
 
 
@@ -353,9 +349,9 @@ def run_phase(phase: str, work: Path, out: Path, recipe: Recipe, seed: int, log=
     torch.manual_seed(seed * 10 + offset)
     work.mkdir(parents=True, exist_ok=True)
     if phase in VAE_PHASES:
-        start, saved = VAE_PHASES[phase]
+        start, options, saved = VAE_PHASES[phase]
         vae = build_vae() if start is None else _load_vae(work / start)
-        losses = train_vae(vae, recipe, rng, log, phase)
+        losses = train_vae(vae, recipe, rng, log, **options)
         vae.save_pretrained(work / saved)
         _write_losses(work / f"{phase}_losses.json", losses)
     elif phase == "encode":
