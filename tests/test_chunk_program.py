@@ -298,7 +298,7 @@ def test_stream_kinds_is_the_one_rule() -> None:
     assert stream_kinds(yes, yes, prefix_set=yes, first_chunk=no) == (STEADY,)
 
 
-def test_the_eager_engine_runs_the_one_chunk_body(monkeypatch) -> None:
+def test_the_eager_engine_runs_the_one_chunk(monkeypatch) -> None:
     """graphs="off" runs `ChunkSampler.run_chunk` itself, once per chunk, on the stream's own history, with
     the kinds `stream_kinds` gives (a second, hand-written chunk would not be seen here)."""
     calls: list[tuple[ChunkKind, object]] = []

@@ -94,11 +94,11 @@ def test_host_waits_only_for_decode_marks_and_slots_wait_for_their_decode(tiny_e
     stream, lanes, _ = recorded_stream(tiny_engine, monkeypatch, overlapped=True, chunks=4)
     run_chunk = tiny_engine.sampler.run_chunk
 
-    def logged_sample(*args, **kwargs):
+    def logged_chunk(*args, **kwargs):
         lanes.log.append(("sample",))
         return run_chunk(*args, **kwargs)
 
-    monkeypatch.setattr(tiny_engine.sampler, "run_chunk", logged_sample)
+    monkeypatch.setattr(tiny_engine.sampler, "run_chunk", logged_chunk)
     list(stream)
     decoded = {e[1]: e[2] for e in lanes.log if e[0] == "decode"}
     launched = {e[1]: e[2] for e in lanes.log if e[0] == "launch"}

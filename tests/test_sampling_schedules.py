@@ -285,3 +285,18 @@ def test_plan_to_moves_every_table():
         tensors += [step.sigma, *step.cp, *step.r_p, *step.r_c]
         tensors += [t for t in (*step.cc, step.rho_c, step.rho_p) if t is not None]
     assert len(tensors) > 20 and all(t.device.type == "meta" for t in tensors)
+
+
+def test_cfg_zero_star_is_a_pyramid_option() -> None:
+    """diffusers' base HeliosPipeline has no CFG-Zero*: a base checkpoint that names it guides with plain CFG."""
+    from helios_rt import EngineConfig
+    from helios_rt.sampling.chunk import SamplingSpec
+
+    scheduler = {"_class_name": "HeliosScheduler", "num_train_timesteps": 1000, "shift": 1.0, "stages": 1}
+    index = {"is_cfg_zero_star": True, "is_distilled": False}
+    base = SamplingSpec.from_checkpoint({**index, "_class_name": "HeliosPipeline"}, scheduler, EngineConfig())
+    assert not base.cfg_zero_star
+    pyramid = SamplingSpec.from_checkpoint(
+        {**index, "_class_name": "HeliosPyramidPipeline"}, {**scheduler, "stages": 3}, EngineConfig()
+    )
+    assert pyramid.cfg_zero_star

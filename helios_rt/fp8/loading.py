@@ -67,7 +67,7 @@ def load_fp8_module(
     """Build the module on meta and make its block linears FP8 (`quantize_blocks_`, the one way FP8 is
     chosen), validate `folder` against it (before any read), then load it.
 
-    build: the float module (one already FP8 is kept as it is)."""
+    build: makes the float module."""
     with torch.device("meta"):
         module = quantize_blocks_(build())
     linears = block_linear_names(module)

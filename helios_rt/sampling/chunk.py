@@ -101,7 +101,8 @@ class SamplingSpec:
             schedule,
             pyramid,
             distilled,
-            bool(model_index.get("is_cfg_zero_star", False)),
+            # a pyramid pipeline's option: diffusers' base HeliosPipeline has no CFG-Zero* and ignores the key
+            bool(model_index.get("is_cfg_zero_star", False)) and pyramid,
             tuple(steps),
             float(guidance),
             bool(amplify and distilled and pyramid),
