@@ -3,9 +3,9 @@
 A chunk is `ChunkSampler.run_chunk` (sampling/chunk.py, its only definition, with its kinds `ChunkKind`
 and `stream_kinds` and its state `ChunkState`: the patch embedding of the history windows, every stage
 and step, the copy of the result into the output, the in-place history update), run with whatever
-op table the engine chose: the PyTorch references, the Triton kernels (registered as `helios_rt::` custom ops with
-fake implementations, so they trace like any aten op), the flash-attn backends, the FP8 GEMMs. The
-same body runs four ways, per `ChunkKind` (`stream_kinds` says which kinds a stream runs):
+op table the engine chose: the PyTorch references, the Triton kernels (registered as `helios_rt::`
+custom ops with fake implementations, so they trace like any aten op), the flash-attn backends, the
+FP8 GEMMs. The same body runs four ways, per `ChunkKind` (`stream_kinds` says which kinds a stream runs):
 
 1. **eager** (`EagerChunk`, `graphs="off"`): the body on the stream's own history, its noise drawn when
    the sampler asks, every intermediate from the caching allocator: debugging and per-op profiles.
@@ -142,7 +142,8 @@ def _kinds_of(sampler: ChunkSampler, history: HistoryMemory, first_chunk: bool) 
 
 
 class EagerChunk:
-    """`ChunkSampler.run_chunk` on the caching allocator (`graphs="off"`): the stream's own history, no arena, no plan.
+    """`ChunkSampler.run_chunk` on the caching allocator (`graphs="off"`): the stream's own history, no
+    arena, no plan.
 
     The same calls as `ChunkProgram` (attach, accepts, set_text, kinds, kind, run), so the stream has
     one way to run a chunk. Nothing is static: the history is the attached stream's (not copied), the
