@@ -2,10 +2,8 @@
 
 These run the trained weights (`helios_rt/demo/checkpoint`) on the CPU at their own size and defaults.
 They measure pixels with the scenes' own palette (`helios_rt.demo.scenes`): the background is the
-palette colour most pixels are nearest to. The shipped weights draw the background the prompt names,
-through every chunk and across a prompt switch; their objects are still blurred blobs whose colour
-does not follow the prompt (the training run was cut short: see scripts/train_demo.py), so the
-object's colour and motion are not asserted here yet.
+palette colour most pixels are nearest to; the object is every pixel nearest to another palette colour,
+its colour the one most of those pixels are nearest to, its place their centroid.
 """
 
 from __future__ import annotations
@@ -22,6 +20,8 @@ pytestmark = pytest.mark.skipif(
 
 PALETTE = np.array([scenes.COLOURS[name] for name in scenes.COLOURS], np.float64)
 NAMES = list(scenes.COLOURS)
+BLEND_CHUNKS = 3  # generate_stream's default prompt blend
+MIN_OBJECT_PIXELS = 12  # fewer: no object drawn in that frame (the scenes' object covers ~200)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,15 @@ def background_of(frame: np.ndarray) -> str:
     return NAMES[int(np.bincount(_nearest(frame).ravel(), minlength=len(NAMES)).argmax())]
 
 
-BLEND_CHUNKS = 3  # generate_stream's default prompt blend
+def object_of(frame: np.ndarray, background: str) -> tuple[str | None, np.ndarray | None]:
+    """(colour, centroid (x, y)) of what is not background in `frame`; (None, None) where nothing is."""
+    nearest = _nearest(frame)
+    mask = nearest != NAMES.index(background)
+    if mask.sum() < MIN_OBJECT_PIXELS:
+        return None, None
+    ys, xs = np.nonzero(mask)
+    colour = NAMES[int(np.bincount(nearest[mask], minlength=len(NAMES)).argmax())]
+    return colour, np.array([xs.mean(), ys.mean()])
 
 
 def chunks(engine: Engine, prompt: str, n: int, seed: int, switch: dict[int, str] | None = None) -> list[np.ndarray]:
@@ -54,23 +62,53 @@ def chunks(engine: Engine, prompt: str, n: int, seed: int, switch: dict[int, str
     return out
 
 
-@pytest.mark.parametrize(
-    "obj,shape,background",
-    [
-        ("red", "circle", "blue"),
-        ("yellow", "square", "black"),
-        ("green", "triangle", "white"),
-        ("blue", "circle", "yellow"),
-        ("white", "square", "red"),
-        ("black", "triangle", "green"),
-    ],
-)
-def test_the_background_is_the_colour_the_prompt_names(engine, obj, shape, background):
-    """In nine of ten frames or more, over two chunks: the blob drawn for the object can outgrow a dark
-    background for a frame (1 of 18 in one of these), never for long."""
+CAPTIONS = [
+    ("red", "circle", "blue"),
+    ("yellow", "square", "black"),
+    ("green", "triangle", "white"),
+    ("blue", "circle", "yellow"),
+    ("white", "square", "red"),
+    ("black", "triangle", "green"),
+]
+
+
+@pytest.mark.parametrize("obj,shape,background", CAPTIONS)
+def test_object_and_background_are_the_colours_the_prompt_names(engine, obj, shape, background):
+    """Every other frame of two chunks: the background in nine of ten frames or more, the object in
+    FRAMES_OBJECT of them (a frame where the object is drawn in another colour, or not at all, counts
+    against it)."""
     video = chunks(engine, scenes.caption(obj, shape, background), 2, seed=3)
-    seen = [background_of(frame) for frames in video for frame in frames[::2]]
-    assert seen.count(background) >= 0.9 * len(seen), seen
+    frames = [frame for frames in video for frame in frames[::2]]
+    backgrounds = [background_of(frame) for frame in frames]
+    objects = [object_of(frame, background)[0] for frame in frames]
+    assert backgrounds.count(background) >= 0.9 * len(frames), backgrounds
+    assert objects.count(obj) >= OBJECT_SHARE * len(frames), objects
+
+
+@pytest.mark.parametrize("obj,shape,background,seed", [(*c, s) for c, s in zip(CAPTIONS, (3, 4, 5, 6, 7, 8))])
+def test_motion_continues_across_chunk_boundaries(engine, obj, shape, background, seed):
+    """The object's centroid in the first frame of chunk k+1 is within JUMP_PX pixels of where the last
+    frames of chunk k put it, moving on at their velocity (4 frames: a latent frame's worth)."""
+    video = chunks(engine, scenes.caption(obj, shape, background), 3, seed=seed)
+    for k in range(len(video) - 1):
+        last = [object_of(frame, background)[1] for frame in video[k][-5:]]
+        _, first = object_of(video[k + 1][0], background)
+        assert all(c is not None for c in last) and first is not None, f"no object at the boundary of chunk {k}"
+        expected = last[-1] + (last[-1] - last[0]) / 4
+        jump = float(np.linalg.norm(first - expected))
+        assert jump <= JUMP_PX, f"chunk {k} -> {k + 1}: the object jumps {jump:.1f} px from {expected} to {first}"
+
+
+def test_a_prompt_switch_changes_the_object_colour_within_the_blend_window(engine):
+    video = chunks(
+        engine,
+        scenes.caption("red", "circle", "blue"),
+        2 + BLEND_CHUNKS,
+        seed=5,
+        switch={2: scenes.caption("yellow", "circle", "blue")},
+    )
+    assert object_of(video[1][-1], "blue")[0] == "red"
+    assert object_of(video[-1][-1], "blue")[0] == "yellow"
 
 
 def test_a_prompt_switch_changes_the_background_within_the_blend_window(engine):

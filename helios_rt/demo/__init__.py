@@ -2,8 +2,8 @@
 
 `Engine.from_pretrained("demo")` and `helios-rt generate --model demo` load `DEMO_CHECKPOINT`, a
 diffusers-layout folder like any Helios checkpoint (no download): a 4-block Helios transformer and a
-Wan VAE at 64x64, trained by `scripts/train_demo.py` on the scenes of `helios_rt.demo.scenes`. Its
-prompts are captions such as "a red circle on a blue background" (`scenes.caption`): it draws the
+Wan VAE with two down-sampling stages (4x in space and time) at 64x64, trained by
+`scripts/train_demo.py` on the scenes of `helios_rt.demo.scenes`. Its prompts are captions such as "a red circle on a blue background" (`scenes.caption`): it draws the
 shape in those colours, continues its motion from one chunk to the next through the history, and
 changes colour when the prompt does.
 

@@ -27,7 +27,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle")
-RADIUS = 8.0  # pixels: half the square's side, the circle's radius, the triangle's circumradius
+RADIUS = 10.0  # pixels: half the square's side, the circle's radius, the triangle's circumradius
 SPEED = (0.5, 1.5)  # pixels per frame
 
 
