@@ -63,7 +63,7 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], int, str]]:
                            "prompt_embeds hold NaN or Inf (1 of 320 values)"),
         "not a checkpoint": (["--model", str(tmp), "--prompt", "x"], EXIT_CHECKPOINT, "not a Helios checkpoint"),
         "resolution off the grid": (["--model", "demo", "--prompt", "x", "--height", "100", "--device", "cpu"],
-                                    EXIT_USAGE, "height=100 is not a multiple of 16"),  # the demo: Base, no pyramid
+                                    EXIT_USAGE, "height=100 is not a multiple of 8"),  # the demo: VAE x4, patch x2, Base
     }  # fmt: skip
 
 
