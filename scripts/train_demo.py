@@ -175,9 +175,8 @@ def per_frame_(vae):
         if isinstance(module, WanResample) and hasattr(module, "time_conv"):
             weight, bias = module.time_conv.weight, module.time_conv.bias  # [out, in, 3, 1, 1]
             weight.zero_(), bias.zero_()
-            eye = torch.eye(weight.shape[1])
-            for group in range(weight.shape[0] // weight.shape[1]):  # upsampling makes 2 frames from 1
-                weight[group * eye.shape[0] : (group + 1) * eye.shape[0], :, -1, 0, 0] = eye
+            frames_out = weight.shape[0] // weight.shape[1]  # upsampling makes 2 frames from 1
+            weight[:, :, -1, 0, 0] = torch.eye(weight.shape[1]).repeat(frames_out, 1)
         elif isinstance(module, WanCausalConv3d) and module.kernel_size[0] > 1:
             module.weight[:, :, :-1] = 0
     return vae
@@ -236,13 +235,15 @@ def _cropped(rng: np.random.Generator, clip: torch.Tensor, size: int) -> torch.T
 
 
 def object_weights(clips: torch.Tensor, weight: float) -> torch.Tensor:
-    """Per-pixel loss weights `[B, 1, T, H, W]`: `weight` where a pixel differs from its clip's background.
+    """Per-pixel loss weights `[B, 1, T, H, W]`: `weight` on the object's pixels (`object_mask`), else 1."""
+    return 1 + (weight - 1) * object_mask(clips).float()
 
-    The background is each clip's per-channel median (most of every frame is background).
-    """
+
+def object_mask(clips: torch.Tensor) -> torch.Tensor:
+    """`[B, 1, T, H, W]`: True where a pixel differs from its clip's background, the clip's per-channel
+    median (most of every frame is background)."""
     background = clips.flatten(2).median(dim=2).values[:, :, None, None, None]
-    differs = (clips - background).abs().sum(dim=1, keepdim=True) > 0.1
-    return 1 + (weight - 1) * differs.float()
+    return (clips - background).abs().sum(dim=1, keepdim=True) > 0.1
 
 
 @torch.no_grad()
@@ -255,7 +256,7 @@ def encode_dataset(vae, recipe: Recipe, rng: np.random.Generator, log=print):
         chunks, caps = trajectory(rng, recipe)
         pixels = torch.stack(chunks)
         latents.append(vae.encode(pixels).latent_dist.mean)
-        masks.append(object_latents(object_weights(pixels, 2.0) > 1))
+        masks.append(object_latents(object_mask(pixels)))
         captions.append(caps)
         if i % 100 == 0:
             log(f"encoded {i}/{recipe.trajectories} trajectories")

@@ -121,25 +121,18 @@ def _object_colour(frames: np.ndarray, background: str) -> str | None:
     return max(set(colours), key=colours.count) if colours else None
 
 
+def _switched(engine: Engine, to: str) -> list[np.ndarray]:
+    """A red circle on blue for 2 chunks, then `to`, run until the blend window has passed."""
+    return chunks(engine, scenes.caption("red", "circle", "blue"), 2 + BLEND_CHUNKS, seed=5, switch={2: to})
+
+
 def test_a_prompt_switch_changes_the_object_colour_within_the_blend_window(engine):
-    video = chunks(
-        engine,
-        scenes.caption("red", "circle", "blue"),
-        2 + BLEND_CHUNKS,
-        seed=5,
-        switch={2: scenes.caption("yellow", "circle", "blue")},
-    )
+    video = _switched(engine, scenes.caption("yellow", "circle", "blue"))
     assert _object_colour(video[1], "blue") == "red"
     assert _object_colour(video[-1], "blue") == "yellow"
 
 
 def test_a_prompt_switch_changes_the_background_within_the_blend_window(engine):
-    video = chunks(
-        engine,
-        scenes.caption("red", "circle", "blue"),
-        2 + BLEND_CHUNKS,
-        seed=5,
-        switch={2: scenes.caption("red", "circle", "yellow")},
-    )
+    video = _switched(engine, scenes.caption("red", "circle", "yellow"))
     assert background_of(video[1][-1]) == "blue"
     assert background_of(video[-1][-1]) == "yellow"
