@@ -64,7 +64,7 @@ class Recipe:
     object_weight: float = 20.0  # the object is a few % of a frame: unweighted, only the background is learned
     trajectories: int = 500
     chunks_per_trajectory: int = 4
-    dit_steps: int = 4500
+    dit_steps: int = 6000
     dit_batch: int = 8
     dit_lr: float = 6e-4
     dit_object_weight: float = 4.0  # latent pixels the object touches count 4 times in flow matching
@@ -73,6 +73,11 @@ class Recipe:
     switch_background: float = 0.1
     switch_shape: float = 0.1
     sigma_shift: float = 3.0
+    # Helios' frame-aware corruption, mild: each history frame that exists is, with this chance, mixed toward
+    # noise by a sigma drawn from [0, history_sigma]. The runtime's history is what it generated, not what the
+    # encoder made; a model that trusts its history exactly jumps at a boundary when that history is off.
+    history_corrupt: float = 0.5
+    history_sigma: float = 0.15
 
 
 TRANSFORMER = dict(
@@ -317,8 +322,23 @@ class ChunkBatches:
             for _ in range(batch)
         ]
         x0, weight, text, short, mid, long = (torch.stack(parts) for parts in zip(*items, strict=True))
+        short, mid, long = (corrupted(window, rng, self.recipe) for window in (short, mid, long))
         indices = {k: v.expand(batch, -1) for k, v in self.indices.items()}
         return x0, weight, text, short, mid, long, indices
+
+
+def corrupted(window: torch.Tensor, rng: np.random.Generator, recipe: Recipe) -> torch.Tensor:
+    """History windows `[B, C, T, H, W]` with some frames mixed toward noise, `(1 - s) x + s noise`, s per frame.
+
+    Frames of zeros are history that does not exist yet (the runtime's marker); they stay zero.
+    """
+    b, _, t = window.shape[:3]
+    exists = window.abs().amax(dim=(1, 3, 4)) > 0
+    hit = torch.from_numpy(rng.random((b, t)) < recipe.history_corrupt) & exists
+    sigma = torch.from_numpy(rng.uniform(0.0, recipe.history_sigma, (b, t)).astype(np.float32)) * hit
+    noise = torch.from_numpy(rng.standard_normal(window.shape).astype(np.float32))
+    sigma = sigma.view(b, 1, t, 1, 1)
+    return (1 - sigma) * window + sigma * noise
 
 
 def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:

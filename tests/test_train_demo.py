@@ -137,3 +137,22 @@ def test_the_autoencoder_starts_per_frame(train_demo):
     assert torch.equal(a[:, :, 5:], b[:, :, 5:])
     assert torch.equal(a[:, :, 0], b[:, :, 0])
     assert all(torch.equal(a[:, :, 5], a[:, :, t]) for t in (6, 7, 8))
+
+
+def test_history_corruption_mixes_existing_frames_toward_noise(train_demo):
+    """Frame-aware corruption touches whole frames that exist, by at most history_sigma; zero frames (history
+    not yet made) stay zero, and history_corrupt 0 leaves the windows as the runtime holds them."""
+    window = torch.ones(32, 16, 6, 16, 16)
+    window[:, :, :2] = 0  # the first two frames do not exist yet
+    recipe = train_demo.Recipe(history_corrupt=0.5, history_sigma=0.15)
+    out = train_demo.corrupted(window, np.random.default_rng(0), recipe)
+    assert not out[:, :, :2].any()
+    changed = (out != window).transpose(1, 2).flatten(2)  # [B, T, values]
+    assert torch.equal(changed.any(dim=2), changed.all(dim=2))  # a frame is corrupted whole or not at all
+    share = changed[:, 2:].any(dim=2).float().mean()
+    assert 0.35 < share < 0.65
+    # (1 - s) * 1 + s * noise averages to 1 - s over a frame's 4096 values (noise's mean is within 0.01 of 0)
+    kept = out[:, :, 2:].mean(dim=(1, 3, 4))
+    assert kept.min() > 1 - recipe.history_sigma - 0.01 and kept.max() < 1 + 0.01
+    untouched = train_demo.corrupted(window, np.random.default_rng(0), train_demo.Recipe(history_corrupt=0.0))
+    assert torch.equal(untouched, window)
