@@ -83,13 +83,23 @@ def test_transformer_phase_lowers_the_flow_matching_loss(train_demo):
 
 
 def test_object_latents_weigh_more_in_flow_matching(train_demo):
-    recipe = train_demo.Recipe(trajectories=1, dit_object_weight=4.0)
+    recipe = train_demo.Recipe(trajectories=1, dit_object_weight=4.0, dit_first_frame_weight=1.0)
     latents = torch.zeros(1, 4, 16, 9, 2, 2)
     masks = torch.zeros(1, 4, 1, 9, 2, 2, dtype=torch.bool)
     masks[0, 1, 0, 3, 1, 0] = True
     _, weight, *_ = train_demo.ChunkBatches(latents, masks, [["a"] * 4], recipe).example(0, 1, drop=False)
     assert weight.shape == (1, 9, 2, 2)
     assert weight[0, 3, 1, 0] == 4.0 and weight.sum() == 4.0 + 35
+
+
+def test_a_chunks_first_latent_frame_weighs_more_in_flow_matching(train_demo):
+    """The first latent frame's weight multiplies the object's: 3 x 4 where the object is, 3 elsewhere."""
+    recipe = train_demo.Recipe(trajectories=1, dit_object_weight=4.0, dit_first_frame_weight=3.0)
+    masks = torch.zeros(1, 4, 1, 9, 2, 2, dtype=torch.bool)
+    masks[0, 2, 0, 0, 0, 1] = True
+    _, weight, *_ = train_demo.ChunkBatches(torch.zeros(1, 4, 16, 9, 2, 2), masks, [["a"] * 4], recipe).example(0, 2, drop=False)
+    assert weight[0, 0, 0, 1] == 12.0 and weight[0, 0].sum() == 12.0 + 3 * 3
+    assert torch.equal(weight[0, 1:], torch.ones(8, 2, 2))
 
 
 def test_history_of_an_example_is_the_chunks_before_it(train_demo):
