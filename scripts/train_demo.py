@@ -10,8 +10,9 @@ Three steps, deterministic from `--seed` on a given machine and thread count:
    it, with the caption of every chunk (colours or shape may switch at a chunk boundary, so the model
    learns that the prompt, not the history, decides what the object looks like);
 3. the Helios transformer, flow matching on a chunk given its history windows (long/mid/short, built by
-   the runtime's own `HistoryMemory`) and its caption, dropped 10% of the time for guidance, the
-   latent pixels the object touches weighted.
+   the runtime's own `HistoryMemory`, half their frames mixed a little toward noise) and its caption,
+   dropped 10% of the time for guidance, the latent pixels the object touches and the chunk's first
+   latent frame weighted.
 
 The models are diffusers' `AutoencoderKLWan` and `HeliosTransformer3DModel` (a test dependency, used
 here as a trainer; the runtime never imports it), saved in the diffusers layout the runtime loads.
