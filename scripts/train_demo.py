@@ -10,8 +10,9 @@ Three steps, deterministic from `--seed` on a given machine and thread count:
    it, with the caption of every chunk (colours or shape may switch at a chunk boundary, so the model
    learns that the prompt, not the history, decides what the object looks like);
 3. the Helios transformer, flow matching on a chunk given its history windows (long/mid/short, built by
-   the runtime's own `HistoryMemory`) and its caption, dropped 10% of the time for guidance, the
-   latent pixels the object touches weighted.
+   the runtime's own `HistoryMemory`, half their frames mixed a little toward noise) and its caption,
+   dropped 10% of the time for guidance, the latent pixels the object touches and the chunk's first
+   latent frame weighted.
 
 The models are diffusers' `AutoencoderKLWan` and `HeliosTransformer3DModel` (a test dependency, used
 here as a trainer; the runtime never imports it), saved in the diffusers layout the runtime loads.
@@ -64,15 +65,24 @@ class Recipe:
     object_weight: float = 20.0  # the object is a few % of a frame: unweighted, only the background is learned
     trajectories: int = 500
     chunks_per_trajectory: int = 4
-    dit_steps: int = 4500
+    dit_steps: int = 5500
     dit_batch: int = 8
     dit_lr: float = 6e-4
     dit_object_weight: float = 4.0  # latent pixels the object touches count 4 times in flow matching
+    # A chunk's first latent frame encodes one pixel frame alone: its normalised latents have 0.67 the spread of
+    # the rest (1.07), so at one sigma it is the noisiest to predict, and it is the frame a boundary shows.
+    # Unweighted, the generated first frame of a chunk was textured noise or a moved object.
+    dit_first_frame_weight: float = 3.0
     caption_dropout: float = 0.1
     switch_colour: float = 0.3  # chance the object's colour changes at a chunk boundary
     switch_background: float = 0.1
     switch_shape: float = 0.1
     sigma_shift: float = 3.0
+    # Helios' frame-aware corruption, mild: each history frame that exists is, with this chance, mixed toward
+    # noise by a sigma drawn from [0, history_sigma]. The runtime's history is what it generated, not what the
+    # encoder made; a model that trusts its history exactly jumps at a boundary when that history is off.
+    history_corrupt: float = 0.5
+    history_sigma: float = 0.15
 
 
 TRANSFORMER = dict(
@@ -305,6 +315,7 @@ class ChunkBatches:
         short, mid, long = (x[0].clone() for x in memory.windows())
         text = self.embed("" if drop else self.captions[n][k])
         weight = 1 + (self.recipe.dit_object_weight - 1) * self.masks[n, k].float()
+        weight[:, 0] *= self.recipe.dit_first_frame_weight
         return self.latents[n, k], weight, text, short, mid, long
 
     def sample(self, rng: np.random.Generator, batch: int):
@@ -317,8 +328,23 @@ class ChunkBatches:
             for _ in range(batch)
         ]
         x0, weight, text, short, mid, long = (torch.stack(parts) for parts in zip(*items, strict=True))
+        short, mid, long = (corrupted(window, rng, self.recipe) for window in (short, mid, long))
         indices = {k: v.expand(batch, -1) for k, v in self.indices.items()}
         return x0, weight, text, short, mid, long, indices
+
+
+def corrupted(window: torch.Tensor, rng: np.random.Generator, recipe: Recipe) -> torch.Tensor:
+    """History windows `[B, C, T, H, W]` with some frames mixed toward noise, `(1 - s) x + s noise`, s per frame.
+
+    Frames of zeros are history that does not exist yet (the runtime's marker); they stay zero.
+    """
+    b, _, t = window.shape[:3]
+    exists = window.abs().amax(dim=(1, 3, 4)) > 0
+    hit = torch.from_numpy(rng.random((b, t)) < recipe.history_corrupt) & exists
+    sigma = torch.from_numpy(rng.uniform(0.0, recipe.history_sigma, (b, t)).astype(np.float32)) * hit
+    noise = torch.from_numpy(rng.standard_normal(window.shape).astype(np.float32))
+    sigma = sigma.view(b, 1, t, 1, 1)
+    return (1 - sigma) * window + sigma * noise
 
 
 def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:

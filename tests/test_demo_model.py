@@ -23,6 +23,7 @@ NAMES = list(scenes.COLOURS)
 BLEND_CHUNKS = 3  # generate_stream's default prompt blend
 OBJECT_SHARE = 0.7  # the object is drawn, in the named colour, in 7 of 10 frames or more
 JUMP_PX = 8.0  # two latent pixels (the VAE is 4x): the object goes on near where it was going
+MISSING_SHARE = 0.25  # boundaries where the object is not drawn on both sides: at most one in four
 MIN_OBJECT_PIXELS = 12  # fewer: no object drawn in that frame (the scenes' object covers 130 to 400)
 
 
@@ -74,14 +75,14 @@ CAPTIONS = [
 ]
 
 
-# The shipped weights draw a green triangle on white in 14 of 34 frames (it is often missing or blue):
+# The shipped weights draw a black triangle on green in 22 of 34 frames (it fades out for a few frames):
 # known, reported in the training note; strict, so the test says when a retrained demo fixes it.
-WEAK = pytest.mark.xfail(strict=True, reason="the demo draws a green triangle on white in under half the frames")
+WEAK = pytest.mark.xfail(strict=True, reason="the demo draws a black triangle on green in under 7 of 10 frames")
 
 
 @pytest.mark.parametrize(
     "obj,shape,background",
-    [pytest.param(*c, marks=WEAK) if c == ("green", "triangle", "white") else c for c in CAPTIONS],
+    [pytest.param(*c, marks=WEAK) if c == ("black", "triangle", "green") else c for c in CAPTIONS],
 )
 def test_object_and_background_are_the_colours_the_prompt_names(engine, obj, shape, background):
     """Every other frame of two chunks: the background in nine of ten frames or more, the object in
@@ -98,21 +99,23 @@ def test_object_and_background_are_the_colours_the_prompt_names(engine, obj, sha
 def test_motion_continues_across_chunk_boundaries(engine):
     """At the boundaries of 3 chunks of each caption (12 in all), the distance from where the last frames
     of chunk k put the object, moving on at their velocity (4 frames: a latent frame's worth), to its
-    centroid in the first frame of chunk k+1: the median is within JUMP_PX (a boundary with no object
-    on either side counts as a miss). Per boundary the shipped weights are not there yet (the largest
-    jump is about 30 px): the median says the history carries the motion at most boundaries."""
-    jumps = []
+    centroid in the first frame of chunk k+1 is within JUMP_PX at every boundary where the object is drawn
+    on both sides. Where it is not (missing from one of those frames), the boundary says nothing of motion:
+    the colour test counts such frames; here at most MISSING_SHARE of the boundaries may be such, so that a
+    model that draws nothing cannot pass."""
+    jumps, missing = [], 0
     for (obj, shape, background), seed in zip(CAPTIONS, (3, 4, 5, 6, 7, 8), strict=True):
         video = chunks(engine, scenes.caption(obj, shape, background), 3, seed=seed)
         for k in range(len(video) - 1):
             last = [object_of(frame, background)[1] for frame in video[k][-5:]]
             _, first = object_of(video[k + 1][0], background)
             if any(c is None for c in last) or first is None:
-                jumps.append(float("inf"))
+                missing += 1
                 continue
             expected = last[-1] + (last[-1] - last[0]) / 4
             jumps.append(float(np.linalg.norm(first - expected)))
-    assert float(np.median(jumps)) <= JUMP_PX, [round(j, 1) for j in jumps]
+    assert missing <= MISSING_SHARE * (len(jumps) + missing), missing
+    assert max(jumps) <= JUMP_PX, [round(j, 1) for j in jumps]
 
 
 def _object_colour(frames: np.ndarray, background: str) -> str | None:

@@ -83,13 +83,23 @@ def test_transformer_phase_lowers_the_flow_matching_loss(train_demo):
 
 
 def test_object_latents_weigh_more_in_flow_matching(train_demo):
-    recipe = train_demo.Recipe(trajectories=1, dit_object_weight=4.0)
+    recipe = train_demo.Recipe(trajectories=1, dit_object_weight=4.0, dit_first_frame_weight=1.0)
     latents = torch.zeros(1, 4, 16, 9, 2, 2)
     masks = torch.zeros(1, 4, 1, 9, 2, 2, dtype=torch.bool)
     masks[0, 1, 0, 3, 1, 0] = True
     _, weight, *_ = train_demo.ChunkBatches(latents, masks, [["a"] * 4], recipe).example(0, 1, drop=False)
     assert weight.shape == (1, 9, 2, 2)
     assert weight[0, 3, 1, 0] == 4.0 and weight.sum() == 4.0 + 35
+
+
+def test_a_chunks_first_latent_frame_weighs_more_in_flow_matching(train_demo):
+    """The first latent frame's weight multiplies the object's: 3 x 4 where the object is, 3 elsewhere."""
+    recipe = train_demo.Recipe(trajectories=1, dit_object_weight=4.0, dit_first_frame_weight=3.0)
+    masks = torch.zeros(1, 4, 1, 9, 2, 2, dtype=torch.bool)
+    masks[0, 2, 0, 0, 0, 1] = True
+    _, weight, *_ = train_demo.ChunkBatches(torch.zeros(1, 4, 16, 9, 2, 2), masks, [["a"] * 4], recipe).example(0, 2, drop=False)
+    assert weight[0, 0, 0, 1] == 12.0 and weight[0, 0].sum() == 12.0 + 3 * 3
+    assert torch.equal(weight[0, 1:], torch.ones(8, 2, 2))
 
 
 def test_history_of_an_example_is_the_chunks_before_it(train_demo):
@@ -137,3 +147,22 @@ def test_the_autoencoder_starts_per_frame(train_demo):
     assert torch.equal(a[:, :, 5:], b[:, :, 5:])
     assert torch.equal(a[:, :, 0], b[:, :, 0])
     assert all(torch.equal(a[:, :, 5], a[:, :, t]) for t in (6, 7, 8))
+
+
+def test_history_corruption_mixes_existing_frames_toward_noise(train_demo):
+    """Frame-aware corruption touches whole frames that exist, by at most history_sigma; zero frames (history
+    not yet made) stay zero, and history_corrupt 0 leaves the windows as the runtime holds them."""
+    window = torch.ones(32, 16, 6, 16, 16)
+    window[:, :, :2] = 0  # the first two frames do not exist yet
+    recipe = train_demo.Recipe(history_corrupt=0.5, history_sigma=0.15)
+    out = train_demo.corrupted(window, np.random.default_rng(0), recipe)
+    assert not out[:, :, :2].any()
+    changed = (out != window).transpose(1, 2).flatten(2)  # [B, T, values]
+    assert torch.equal(changed.any(dim=2), changed.all(dim=2))  # a frame is corrupted whole or not at all
+    share = changed[:, 2:].any(dim=2).float().mean()
+    assert 0.35 < share < 0.65
+    # (1 - s) * 1 + s * noise averages to 1 - s over a frame's 4096 values (noise's mean is within 0.01 of 0)
+    kept = out[:, :, 2:].mean(dim=(1, 3, 4))
+    assert kept.min() > 1 - recipe.history_sigma - 0.01 and kept.max() < 1 + 0.01
+    untouched = train_demo.corrupted(window, np.random.default_rng(0), train_demo.Recipe(history_corrupt=0.0))
+    assert torch.equal(untouched, window)
