@@ -65,10 +65,12 @@ class Recipe:
     object_weight: float = 20.0  # the object is a few % of a frame: unweighted, only the background is learned
     trajectories: int = 500
     chunks_per_trajectory: int = 4
-    dit_steps: int = 5500
+    dit_steps: int = 6000
     dit_batch: int = 8
     dit_lr: float = 6e-4
-    dit_object_weight: float = 4.0  # latent pixels the object touches count 4 times in flow matching
+    # Latent pixels the object touches count 8 times in flow matching: at 4 the object faded out mid-chunk in a
+    # third of a wider sample's boundaries (the background is most of every frame, so most of the loss).
+    dit_object_weight: float = 8.0
     # A chunk's first latent frame encodes one pixel frame alone: its normalised latents have 0.67 the spread of
     # the rest (1.07), so at one sigma it is the noisiest to predict, and it is the frame a boundary shows.
     # Unweighted, the generated first frame of a chunk was textured noise or a moved object.

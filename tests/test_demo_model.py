@@ -75,15 +75,7 @@ CAPTIONS = [
 ]
 
 
-# The shipped weights draw a black triangle on green in 22 of 34 frames (it fades out for a few frames):
-# known, reported in the training note; strict, so the test says when a retrained demo fixes it.
-WEAK = pytest.mark.xfail(strict=True, reason="the demo draws a black triangle on green in under 7 of 10 frames")
-
-
-@pytest.mark.parametrize(
-    "obj,shape,background",
-    [pytest.param(*c, marks=WEAK) if c == ("black", "triangle", "green") else c for c in CAPTIONS],
-)
+@pytest.mark.parametrize("obj,shape,background", CAPTIONS)
 def test_object_and_background_are_the_colours_the_prompt_names(engine, obj, shape, background):
     """Every other frame of two chunks: the background in nine of ten frames or more, the object in
     OBJECT_SHARE of them (a frame where the object is drawn in another colour, or not at all, counts
