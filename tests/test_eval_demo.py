@@ -62,7 +62,11 @@ def test_a_missing_object_is_a_missing_boundary(eval_demo, measures):
     jumps = eval_demo.jumps(measures, video, "blue")
     assert jumps[0] is None and jumps[1] is not None
     assert eval_demo.summary(jumps + [9.0], 8.0) == {
-        "boundaries": 3, "within": 1, "missing": 1, "farther": 1, "max": 9.0
+        "boundaries": 3,
+        "within": 1,
+        "missing": 1,
+        "farther": 1,
+        "max": 9.0,
     }
 
 
