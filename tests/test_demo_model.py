@@ -88,24 +88,33 @@ def test_object_and_background_are_the_colours_the_prompt_names(engine, obj, sha
     assert objects.count(obj) >= OBJECT_SHARE * len(frames), objects
 
 
+def boundary_jumps(video: list[np.ndarray], background: str) -> list[float | None]:
+    """At each boundary of `video`, the distance from where the last 5 frames of chunk k put the object,
+    moving on at their velocity (4 frames: a latent frame's worth), to its centroid in the first frame of
+    chunk k+1; None where the object is missing from one of those frames (the boundary says nothing of
+    motion)."""
+    out: list[float | None] = []
+    for k in range(len(video) - 1):
+        last = [object_of(frame, background)[1] for frame in video[k][-5:]]
+        _, first = object_of(video[k + 1][0], background)
+        if any(c is None for c in last) or first is None:
+            out.append(None)
+            continue
+        expected = last[-1] + (last[-1] - last[0]) / 4
+        out.append(float(np.linalg.norm(first - expected)))
+    return out
+
+
 def test_motion_continues_across_chunk_boundaries(engine):
-    """At the boundaries of 3 chunks of each caption (12 in all), the distance from where the last frames
-    of chunk k put the object, moving on at their velocity (4 frames: a latent frame's worth), to its
-    centroid in the first frame of chunk k+1 is within JUMP_PX at every boundary where the object is drawn
-    on both sides. Where it is not (missing from one of those frames), the boundary says nothing of motion:
-    the colour test counts such frames; here at most MISSING_SHARE of the boundaries may be such, so that a
-    model that draws nothing cannot pass."""
+    """At the boundaries of 3 chunks of each caption (12 in all), `boundary_jumps` is within JUMP_PX at
+    every boundary where the object is drawn on both sides. The colour test counts frames where it is not;
+    here at most MISSING_SHARE of the boundaries may lack it, so that a model that draws nothing cannot
+    pass."""
     jumps, missing = [], 0
     for (obj, shape, background), seed in zip(CAPTIONS, (3, 4, 5, 6, 7, 8), strict=True):
-        video = chunks(engine, scenes.caption(obj, shape, background), 3, seed=seed)
-        for k in range(len(video) - 1):
-            last = [object_of(frame, background)[1] for frame in video[k][-5:]]
-            _, first = object_of(video[k + 1][0], background)
-            if any(c is None for c in last) or first is None:
-                missing += 1
-                continue
-            expected = last[-1] + (last[-1] - last[0]) / 4
-            jumps.append(float(np.linalg.norm(first - expected)))
+        found = boundary_jumps(chunks(engine, scenes.caption(obj, shape, background), 3, seed=seed), background)
+        jumps += [j for j in found if j is not None]
+        missing += found.count(None)
     assert missing <= MISSING_SHARE * (len(jumps) + missing), missing
     assert max(jumps) <= JUMP_PX, [round(j, 1) for j in jumps]
 

@@ -1,4 +1,5 @@
-"""scripts/eval_demo.py measures what the motion test measures: on true scenes, no jump; a moved chunk, its move."""
+"""The motion test's measure, as scripts/eval_demo.py reports it: a true scene does not jump, a moved chunk jumps
+by its move, a missing object is a missing boundary; and the script's summary and wider sample."""
 
 from __future__ import annotations
 
