@@ -75,17 +75,20 @@ CAPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("obj,shape,background", CAPTIONS)
-def test_object_and_background_are_the_colours_the_prompt_names(engine, obj, shape, background):
-    """Every other frame of two chunks: the background in nine of ten frames or more, the object in
-    OBJECT_SHARE of them (a frame where the object is drawn in another colour, or not at all, counts
-    against it)."""
+def colours_seen(engine: Engine, obj: str, shape: str, background: str) -> tuple[list[str], list[str | None]]:
+    """(background, object colour) of every other frame of two chunks of the caption, seed 3."""
     video = chunks(engine, scenes.caption(obj, shape, background), 2, seed=3)
     frames = [frame for frames in video for frame in frames[::2]]
-    backgrounds = [background_of(frame) for frame in frames]
-    objects = [object_of(frame, background)[0] for frame in frames]
-    assert backgrounds.count(background) >= 0.9 * len(frames), backgrounds
-    assert objects.count(obj) >= OBJECT_SHARE * len(frames), objects
+    return [background_of(frame) for frame in frames], [object_of(frame, background)[0] for frame in frames]
+
+
+@pytest.mark.parametrize("obj,shape,background", CAPTIONS)
+def test_object_and_background_are_the_colours_the_prompt_names(engine, obj, shape, background):
+    """`colours_seen`: the background in nine of ten frames or more, the object in OBJECT_SHARE of them (a
+    frame where the object is drawn in another colour, or not at all, counts against it)."""
+    backgrounds, objects = colours_seen(engine, obj, shape, background)
+    assert backgrounds.count(background) >= 0.9 * len(backgrounds), backgrounds
+    assert objects.count(obj) >= OBJECT_SHARE * len(objects), objects
 
 
 def boundary_jumps(video: list[np.ndarray], background: str) -> list[float | None]:

@@ -22,8 +22,8 @@ from ..config import EngineConfig
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 DEMO_HEIGHT, DEMO_WIDTH = 64, 64  # the size it was trained at
-DEMO_STEPS = 12  # UniPC steps per chunk: a wider sample keeps the object within 8 px at 28 of 36 boundaries (10: 26)
-DEMO_GUIDANCE = 3.0  # measured best of 1.5, 2, 3, 4 at 12 steps (at 4 the green triangle fades and jumps grow)
+DEMO_STEPS = 12  # UniPC steps per chunk: at 10 (guidance 2) one test boundary jumps 9.4 px (scripts/eval_demo.py)
+DEMO_GUIDANCE = 2.0  # of 1.5, 2, 3, 4 at 12 steps: 58 of 72 wider-sample boundaries within 8 px (3: 54; 4 and 1.5 jump)
 DEMO_PROMPT = "a red circle on a blue background"
 
 
