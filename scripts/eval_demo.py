@@ -84,7 +84,7 @@ def evaluate(engine: Engine, m: ModuleType, wide: int) -> dict:
             "frames": len(objects),
             "background": backgrounds.count(background),
             "object": objects.count(obj),
-            "test_would_pass": backgrounds.count(background) >= 0.9 * len(backgrounds)
+            "test_would_pass": backgrounds.count(background) >= m.BACKGROUND_SHARE * len(backgrounds)
             and objects.count(obj) >= m.OBJECT_SHARE * len(objects),
         }
     test: list[float | None] = []
